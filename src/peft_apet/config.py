@@ -1,0 +1,419 @@
+"""`APETConfig`: what to train, where, and how many parameters.
+
+An APET adapter is a list of *parts*. Each part is one of the paper's operations (eqs. 14-17) applied to a
+set of modules, optionally masked down to an exact number of trainable entries:
+
+| operation | formula                         | classic special case |
+|-----------|---------------------------------|----------------------|
+| `bias`    | `f(h) + W~1`                    | BitFit               |
+| `delta`   | `f(h; W + W~)`                  | diff pruning / SHiRA |
+| `prompt`  | `f([W~2; X])`                   | Prompt tuning        |
+| `lora`    | `f(h) + a·h·W~3·W~4`            | LoRA                 |
+| `adapter` | `f(h) + σ(f(h)·W~5)·W~6`        | Houlsby Adapter      |
+
+Every `W~ = W ⊙ m`: `mask=None` trains the whole tensor, `"adjacent"` whole lines (rows or columns) and
+`"discrete"` scattered entries. See `peft_apet.budget` for how a budget is split.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from peft import PeftConfig
+from peft.utils import TaskType
+
+OPERATIONS = ("prompt", "lora", "adapter", "bias", "delta")
+MASKS = ("adjacent", "discrete")
+ACTIVATIONS = ("relu", "gelu", "silu", "tanh", "sigmoid", "identity")
+PROMPT_INITS = ("random", "text")
+MERGEABLE_OPERATIONS = ("lora", "bias", "delta")
+
+# Fields that only make sense for one operation, with the default filled in when that operation is used.
+_OPERATION_FIELDS: dict[str, dict[str, Any]] = {
+    "lora": {"r": 8, "lora_alpha": 8.0, "lora_dropout": 0.0},
+    "adapter": {"bottleneck": 24, "activation": "relu"},
+    "prompt": {"num_virtual_tokens": 20, "prompt_init": "random", "prompt_init_text": None,
+               "tokenizer_name_or_path": None},
+}
+
+
+class APETPeftType(str, enum.Enum):
+    """PEFT type of APET adapters. A `str` enum, so `"APET"` read back from `adapter_config.json` finds it."""
+
+    APET = "APET"
+
+
+def _check_choice(name: str, value: Any, allowed: tuple, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if value not in allowed:
+        extra = " or None" if allow_none else ""
+        raise ValueError(f"`{name}` must be one of {list(allowed)}{extra}, got {value!r}.")
+
+
+def _check_budget(owner: str, num_trainable_params: Any, density: Any) -> None:
+    if num_trainable_params is not None and density is not None:
+        raise ValueError(f"{owner}: give `num_trainable_params` or `density`, not both.")
+    if num_trainable_params is not None:
+        if isinstance(num_trainable_params, bool) or not isinstance(num_trainable_params, int):
+            raise ValueError(
+                f"{owner}: `num_trainable_params` must be a positive int, got {num_trainable_params!r}."
+            )
+        if num_trainable_params < 1:
+            raise ValueError(f"{owner}: `num_trainable_params` must be >= 1, got {num_trainable_params}.")
+    if density is not None:
+        if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0.0 < density <= 1.0:
+            raise ValueError(f"{owner}: `density` must be a float in (0, 1], got {density!r}.")
+
+
+def _check_positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
+
+
+def _check_target_modules(name: str, value: Any) -> None:
+    if value is None or isinstance(value, str) and value:
+        return
+    if isinstance(value, (list, tuple, set)) and value and all(isinstance(v, str) and v for v in value):
+        return
+    raise ValueError(
+        f"`{name}` must be None (the model type's default), a non-empty regex string or a non-empty list of "
+        f"module-name suffixes, got {value!r}."
+    )
+
+
+@dataclass
+class APETPart:
+    """One operation of an APET adapter, applied to a set of modules, optionally masked.
+
+    Fields that belong to another operation (for example `r` on a `bias` part) must be left `None`.
+    """
+
+    operation: str = field(default="lora", metadata={"help": f"One of {list(OPERATIONS)}."})
+    target_modules: list[str] | str | None = field(
+        default=None,
+        metadata={
+            "help": "Modules this part acts on: a list of name suffixes, a regex (full match) or 'all-linear'. "
+            "None uses the default for the model type (see `peft_apet.targets`). Ignored by `prompt`, which "
+            "always acts on the input embedding."
+        },
+    )
+    exclude_modules: list[str] | str | None = field(
+        default=None, metadata={"help": "Modules to leave out, same syntax as `target_modules`."}
+    )
+    mask: str | None = field(
+        default=None,
+        metadata={"help": "None trains whole tensors; 'adjacent' trains whole lines; 'discrete' scattered entries."},
+    )
+    mask_axis: int = field(
+        default=0,
+        metadata={
+            "help": "For 'adjacent' masks: 0 trains rows (output features of a weight, tokens of a prompt), "
+            "1 trains columns (input features, embedding dimensions)."
+        },
+    )
+    num_trainable_params: int | None = field(
+        default=None, metadata={"help": "Exact number of trainable entries of this part (needs a mask)."}
+    )
+    density: float | None = field(
+        default=None, metadata={"help": "Fraction in (0, 1] of this part's entries to train (needs a mask)."}
+    )
+    r: int | None = field(default=None, metadata={"help": "lora: rank of the low-rank path (default 8)."})
+    lora_alpha: float | None = field(
+        default=None, metadata={"help": "lora: the path is scaled by lora_alpha / r, as in PEFT (default 8)."}
+    )
+    lora_dropout: float | None = field(
+        default=None, metadata={"help": "lora: dropout on the input of the low-rank path (default 0.0)."}
+    )
+    bottleneck: int | None = field(
+        default=None, metadata={"help": "adapter: bottleneck width of the plug-in (default 24)."}
+    )
+    activation: str | None = field(
+        default=None, metadata={"help": f"adapter: the non-linearity σ, one of {list(ACTIVATIONS)} (default relu)."}
+    )
+    num_virtual_tokens: int | None = field(
+        default=None, metadata={"help": "prompt: number of soft tokens prepended to the input (default 20)."}
+    )
+    prompt_init: str | None = field(
+        default=None,
+        metadata={"help": "prompt: 'random' (N(0, 1), as PEFT) or 'text' (embeddings of `prompt_init_text`)."},
+    )
+    prompt_init_text: str | None = field(
+        default=None, metadata={"help": "prompt: text whose token embeddings initialise the prompt."}
+    )
+    tokenizer_name_or_path: str | None = field(
+        default=None, metadata={"help": "prompt: tokenizer used to encode `prompt_init_text`."}
+    )
+
+    def __post_init__(self) -> None:
+        _check_choice("operation", self.operation, OPERATIONS)
+        owner = f"part '{self.operation}'"
+        for op, defaults in _OPERATION_FIELDS.items():
+            for name, default in defaults.items():
+                if op == self.operation:
+                    if getattr(self, name) is None:
+                        setattr(self, name, default)
+                elif getattr(self, name) is not None:
+                    raise ValueError(
+                        f"{owner}: `{name}` is only used by operation '{op}'; leave it None for '{self.operation}'."
+                    )
+        _check_choice("mask", self.mask, MASKS, allow_none=True)
+        _check_choice("mask_axis", self.mask_axis, (0, 1))
+        _check_budget(owner, self.num_trainable_params, self.density)
+        has_budget = self.num_trainable_params is not None or self.density is not None
+        if has_budget and self.mask is None:
+            raise ValueError(f"{owner}: a budget needs `mask` set to one of {list(MASKS)}.")
+        _check_target_modules("target_modules", self.target_modules)
+        if self.exclude_modules is not None:
+            _check_target_modules("exclude_modules", self.exclude_modules)
+        if isinstance(self.target_modules, (set, tuple)):
+            self.target_modules = sorted(self.target_modules)
+        if isinstance(self.exclude_modules, (set, tuple)):
+            self.exclude_modules = sorted(self.exclude_modules)
+        if self.operation == "prompt" and self.target_modules is not None:
+            raise ValueError("part 'prompt': `target_modules` must be None; prompts act on the input embedding.")
+        if self.operation == "lora":
+            _check_positive_int("r", self.r)
+            if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)):
+                raise ValueError(f"`lora_alpha` must be a number, got {self.lora_alpha!r}.")
+            if not isinstance(self.lora_dropout, (int, float)) or not 0.0 <= self.lora_dropout < 1.0:
+                raise ValueError(f"`lora_dropout` must be a float in [0, 1), got {self.lora_dropout!r}.")
+        if self.operation == "adapter":
+            _check_positive_int("bottleneck", self.bottleneck)
+            _check_choice("activation", self.activation, ACTIVATIONS)
+        if self.operation == "prompt":
+            _check_positive_int("num_virtual_tokens", self.num_virtual_tokens)
+            _check_choice("prompt_init", self.prompt_init, PROMPT_INITS)
+            if self.prompt_init == "text" and not (self.prompt_init_text and self.tokenizer_name_or_path):
+                raise ValueError(
+                    "part 'prompt': prompt_init='text' needs `prompt_init_text` and `tokenizer_name_or_path`."
+                )
+
+    @property
+    def mergeable(self) -> bool:
+        """Whether this part can be folded into the base weights (`lora`, `bias`, `delta`)."""
+        return self.operation in MERGEABLE_OPERATIONS
+
+
+@dataclass
+class APETConfig(PeftConfig):
+    """Configuration of an APET adapter: one or more `APETPart`s and an optional exact total budget.
+
+    Budget rule (`peft_apet.budget.split_config_budget`): parts without a mask train all their entries; parts
+    with their own `num_trainable_params`/`density` take exactly that; a config-level budget is the exact
+    total of all parts, and what the other parts leave of it is split across the remaining masked parts in
+    proportion to their capacity (largest remainders, ties in model order).
+
+    Build configs with the presets: `APETConfig.prompt`, `.lora`, `.adapter`, `.bitfit`, `.delta`, and
+    `APETConfig.combine(...)` for several parts in one adapter.
+    """
+
+    parts: list[APETPart] = field(
+        default_factory=list, metadata={"help": "The parts of the adapter (at most one per operation)."}
+    )
+    num_trainable_params: int | None = field(
+        default=None, metadata={"help": "Exact total number of trainable adapter entries (not modules_to_save)."}
+    )
+    density: float | None = field(
+        default=None, metadata={"help": "Total budget as a fraction in (0, 1] of the masked parts' capacity."}
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of mask sampling and initialisation (per module)."})
+    init_weights: bool = field(
+        default=True,
+        metadata={"help": "True: identity at init (zero deltas/up-projections). False: random, for testing."},
+    )
+    modules_to_save: list[str] | None = field(
+        default=None, metadata={"help": "Modules trained in full and saved besides the adapter (e.g. a new head)."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = APETPeftType.APET
+        if not isinstance(self.parts, (list, tuple)) or not self.parts:
+            raise ValueError("`parts` must be a non-empty list of APETPart (or dicts); use a preset such as "
+                             "APETConfig.lora(...).")
+        parts = []
+        for part in self.parts:
+            if isinstance(part, dict):
+                unknown = set(part) - {f.name for f in fields(APETPart)}
+                if unknown:
+                    raise ValueError(f"`parts` entry has unknown fields {sorted(unknown)}; allowed: "
+                                     f"{[f.name for f in fields(APETPart)]}.")
+                part = APETPart(**part)
+            if not isinstance(part, APETPart):
+                raise ValueError(f"`parts` entries must be APETPart or dict, got {type(part).__name__}.")
+            parts.append(part)
+        self.parts = parts
+        operations = [p.operation for p in parts]
+        duplicated = sorted({op for op in operations if operations.count(op) > 1})
+        if duplicated:
+            raise ValueError(f"`parts` has duplicated operations {duplicated}; each operation may appear once.")
+        _check_budget("APETConfig", self.num_trainable_params, self.density)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"`seed` must be a non-negative int, got {self.seed!r}.")
+        if not isinstance(self.init_weights, bool):
+            raise ValueError(f"`init_weights` must be a bool, got {self.init_weights!r}.")
+        if self.modules_to_save is not None:
+            if isinstance(self.modules_to_save, str) or not all(isinstance(m, str) for m in self.modules_to_save):
+                raise ValueError(f"`modules_to_save` must be a list of module names, got {self.modules_to_save!r}.")
+            self.modules_to_save = list(self.modules_to_save)
+        if self.task_type is not None and self.task_type not in list(TaskType):
+            raise ValueError(f"`task_type` must be one of {[t.value for t in TaskType]}, got {self.task_type!r}.")
+        if self.part("prompt") is not None and self.task_type is None:
+            raise ValueError(
+                "A 'prompt' part needs `task_type` (e.g. 'SEQ_CLS', 'CAUSAL_LM', 'SEQ_2_SEQ_LM'): without it PEFT "
+                "calls the base model directly and the prompt would silently do nothing."
+            )
+
+    # PEFT's injection code reads `target_modules`; APET resolves targets per part (see `peft_apet.plan`).
+    @property
+    def target_modules(self) -> None:
+        return None
+
+    @property
+    def operations(self) -> list[str]:
+        """The operations of the parts, in order."""
+        return [p.operation for p in self.parts]
+
+    def part(self, operation: str) -> APETPart | None:
+        """The part with this operation, or None."""
+        return next((p for p in self.parts if p.operation == operation), None)
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["peft_type"] = APETPeftType.APET.value
+        return out
+
+    @classmethod
+    def check_kwargs(cls, **kwargs):
+        """Refuse fields this version does not know (a config from a newer peft-apet) instead of dropping them."""
+        known = {f.name for f in fields(cls)} | {"auto_mapping", "peft_version", "runtime_config"}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise ValueError(
+                f"adapter_config.json has fields {unknown} that this peft-apet version does not know; it was "
+                "probably saved by a newer version. Upgrade with `pip install -U peft-apet` rather than load it "
+                "with those settings silently ignored."
+            )
+        return kwargs
+
+    # ----------------------------------------------------------------- presets
+    @classmethod
+    def _single(cls, part_kwargs: dict, config_kwargs: dict) -> APETConfig:
+        return cls(parts=[APETPart(**part_kwargs)], **config_kwargs)
+
+    @classmethod
+    def prompt(
+        cls,
+        num_virtual_tokens: int = 20,
+        prompt_init: str = "random",
+        prompt_init_text: str | None = None,
+        tokenizer_name_or_path: str | None = None,
+        mask: str | None = None,
+        mask_axis: int = 0,
+        num_trainable_params: int | None = None,
+        density: float | None = None,
+        **config_kwargs: Any,
+    ) -> APETConfig:
+        """Prompt tuning (Lester et al.): `num_virtual_tokens` soft tokens prepended to the input sequence.
+
+        The prompt table has shape `(num_virtual_tokens, embedding_dim)`; a mask trains a subset of it.
+        Needs `task_type=` ("SEQ_CLS", "CAUSAL_LM", "SEQ_2_SEQ_LM", ...).
+        """
+        part = dict(operation="prompt", num_virtual_tokens=num_virtual_tokens, prompt_init=prompt_init,
+                    prompt_init_text=prompt_init_text, tokenizer_name_or_path=tokenizer_name_or_path, mask=mask,
+                    mask_axis=mask_axis, num_trainable_params=num_trainable_params, density=density)
+        return cls._single(part, config_kwargs)
+
+    @classmethod
+    def lora(
+        cls,
+        r: int = 8,
+        lora_alpha: float = 8.0,
+        lora_dropout: float = 0.0,
+        target_modules: list[str] | str | None = None,
+        mask: str | None = None,
+        mask_axis: int = 0,
+        num_trainable_params: int | None = None,
+        density: float | None = None,
+        exclude_modules: list[str] | str | None = None,
+        **config_kwargs: Any,
+    ) -> APETConfig:
+        """LoRA (Hu et al.): `h + (lora_alpha / r) · dropout(h) A^T B^T` with A `(r, in)`, B `(out, r)`."""
+        part = dict(operation="lora", r=r, lora_alpha=float(lora_alpha), lora_dropout=float(lora_dropout),
+                    target_modules=target_modules, exclude_modules=exclude_modules, mask=mask, mask_axis=mask_axis,
+                    num_trainable_params=num_trainable_params, density=density)
+        return cls._single(part, config_kwargs)
+
+    @classmethod
+    def adapter(
+        cls,
+        bottleneck: int = 24,
+        activation: str = "relu",
+        target_modules: list[str] | str | None = None,
+        mask: str | None = None,
+        mask_axis: int = 0,
+        num_trainable_params: int | None = None,
+        density: float | None = None,
+        exclude_modules: list[str] | str | None = None,
+        **config_kwargs: Any,
+    ) -> APETConfig:
+        """Houlsby adapter: `y + σ(y W_down^T) W_up^T` after each targeted module's output `y`.
+
+        W_down is `(bottleneck, d)`, W_up `(d, bottleneck)`; defaults place it after the attention output
+        projection and the feed-forward output projection of every block.
+        """
+        part = dict(operation="adapter", bottleneck=bottleneck, activation=activation, target_modules=target_modules,
+                    exclude_modules=exclude_modules, mask=mask, mask_axis=mask_axis,
+                    num_trainable_params=num_trainable_params, density=density)
+        return cls._single(part, config_kwargs)
+
+    @classmethod
+    def bitfit(
+        cls,
+        target_modules: list[str] | str | None = None,
+        mask: str | None = None,
+        num_trainable_params: int | None = None,
+        density: float | None = None,
+        exclude_modules: list[str] | str | None = None,
+        **config_kwargs: Any,
+    ) -> APETConfig:
+        """BitFit (Ben Zaken et al.): a trainable vector added to the output of every module that has a bias.
+
+        Trains a delta on each existing bias (mergeable into it). On bias-free models (T5, Llama) the default
+        targets are the attention and feed-forward projections, which get new bias vectors (the Add operation).
+        """
+        part = dict(operation="bias", target_modules=target_modules, exclude_modules=exclude_modules, mask=mask,
+                    num_trainable_params=num_trainable_params, density=density)
+        return cls._single(part, config_kwargs)
+
+    @classmethod
+    def delta(
+        cls,
+        target_modules: list[str] | str | None = None,
+        mask: str | None = "discrete",
+        mask_axis: int = 0,
+        num_trainable_params: int | None = None,
+        density: float | None = None,
+        exclude_modules: list[str] | str | None = None,
+        **config_kwargs: Any,
+    ) -> APETConfig:
+        """Sparse fine-tuning of the base weights themselves: `f(h; W + W~)` (diff pruning, Fu et al., SHiRA).
+
+        Needs a budget (`num_trainable_params` or `density`, here or on the config) unless `mask=None`.
+        """
+        part = dict(operation="delta", target_modules=target_modules, exclude_modules=exclude_modules, mask=mask,
+                    mask_axis=mask_axis, num_trainable_params=num_trainable_params, density=density)
+        return cls._single(part, config_kwargs)
+
+    @classmethod
+    def combine(cls, *configs: APETConfig, **config_kwargs: Any) -> APETConfig:
+        """One adapter made of the parts of several (single-part) configs, e.g. the unified form of eq. 17.
+
+        Config-level settings (`num_trainable_params`, `task_type`, `seed`, ...) come from `config_kwargs`,
+        not from the combined configs.
+        """
+        parts = [APETPart(**asdict(p)) for c in configs for p in c.parts]
+        return cls(parts=parts, **config_kwargs)

@@ -1,0 +1,277 @@
+"""APET tuner layers: where masked tensors enter a module's forward pass.
+
+- `Linear` wraps `nn.Linear` / transformers `Conv1D` and hosts every operation on it:
+  `y = x (W + W~delta)^T + b  +  lora(x)  +  W~bias`, then `y + σ(y D~^T) U~^T` (the plug-in sees the
+  adapted output, as a Houlsby adapter placed after the projection does).
+- `OutputLayer` wraps any other module with a feature output (LayerNorm, RMSNorm) for `bias` and `adapter`.
+- `PromptEmbedding` wraps the input embedding: ids at and above the vocabulary size are virtual tokens,
+  looked up in the prompt table (the tuner prepends them, see `peft_apet.prompt`).
+
+Each layer keeps per-adapter state in `apet_weights[adapter][role]` (`MaskedWeight`s) and
+`apet_settings[adapter]` (scalars from the plan).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from torch import nn
+
+from .masked_weight import MaskedWeight
+from .ops import adapter_output, adjacent_delta_output, lora_output, masked_delta_linear
+from .plan import ModulePlan, is_conv1d
+
+ROLE_OPERATION = {"delta": "delta", "bias": "bias", "lora_A": "lora", "lora_B": "lora",
+                  "adapter_down": "adapter", "adapter_up": "adapter", "prompt": "prompt"}
+UNMERGEABLE = ("adapter", "prompt")
+
+
+class APETLayer(BaseTunerLayer):
+    """State and lifecycle shared by all APET layers."""
+
+    adapter_layer_names = ("apet_weights",)
+    other_param_names = ("apet_settings", "apet_dropout")
+
+    def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
+        self.base_layer = base_layer
+        self.apet_weights = nn.ModuleDict({})
+        self.apet_settings: dict[str, dict[str, Any]] = {}
+        self.apet_dropout = nn.ModuleDict({})
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        self._created_bias = False
+
+    def update_layer(self, adapter_name: str, plan: ModulePlan, init_weights: bool = True,
+                     init_values: dict[str, torch.Tensor] | None = None, inference_mode: bool = False) -> None:
+        """Create the tensors of `plan` for `adapter_name` (on the base layer's device and dtype)."""
+        init_values = init_values or {}
+        self.apet_weights[adapter_name] = nn.ModuleDict(
+            {role: MaskedWeight(t, init_weights, init_values.get(role)) for role, t in plan.tensors.items()}
+        )
+        self.apet_settings[adapter_name] = dict(plan.settings)
+        if "lora_A" in plan.tensors:
+            p = float(plan.settings["lora_dropout"])
+            self.apet_dropout[adapter_name] = nn.Dropout(p) if p > 0 else nn.Identity()
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    def operations(self, adapter_name: str) -> list[str]:
+        """Operations `adapter_name` has on this layer, e.g. `["delta", "lora"]`."""
+        roles = self.apet_weights[adapter_name] if adapter_name in self.apet_weights else {}
+        return list(dict.fromkeys(ROLE_OPERATION[r] for r in roles))
+
+    def _active_weights(self) -> list[tuple[str, nn.ModuleDict]]:
+        return [(a, self.apet_weights[a]) for a in self.active_adapters if a in self.apet_weights]
+
+    def _check_mergeable(self, adapter_names: list[str]) -> None:
+        for name in adapter_names:
+            blocked = [op for op in self.operations(name) if op in UNMERGEABLE]
+            if blocked:
+                raise ValueError(
+                    f"APET adapter '{name}' has parts {blocked} that cannot be merged into the base weights "
+                    f"(they are non-linear or change the input sequence); mergeable parts are lora, bias and delta."
+                )
+
+    def _apply_output_ops(self, x: torch.Tensor, result: torch.Tensor,
+                          active: list[tuple[str, nn.ModuleDict]]) -> torch.Tensor:
+        for name, weights in active:
+            if "lora_A" in weights:
+                settings = self.apet_settings[name]
+                result = result + lora_output(x, weights["lora_A"], weights["lora_B"], settings["lora_scaling"],
+                                              self.apet_dropout[name]).to(result.dtype)
+            if "bias" in weights:
+                result = result + weights["bias"].dense().to(result.dtype)
+            if "adapter_down" in weights:
+                result = adapter_output(result, weights["adapter_down"], weights["adapter_up"],
+                                        self.apet_settings[name]["adapter_activation"])
+        return result
+
+    # ------------------------------------------------------------------ merging
+    def _bias_target(self, create: bool) -> torch.Tensor | None:
+        base = self.get_base_layer()
+        if getattr(base, "bias", None) is None:
+            if not create:
+                return None
+            if not hasattr(base, "bias") or not isinstance(self, Linear):
+                raise ValueError(f"cannot merge an APET bias into {type(base).__name__}, which has no bias.")
+            weight = self.get_base_weight()
+            base.bias = nn.Parameter(torch.zeros(self.out_features, dtype=weight.dtype, device=weight.device),
+                                     requires_grad=False)
+            self._created_bias = True
+        return base.bias.data
+
+    def _merge_one(self, name: str, sign: float, safe_merge: bool) -> None:
+        weights = self.apet_weights[name]
+        targets = {}
+        if "delta" in weights or "lora_A" in weights:
+            targets["weight"] = self.weight_out_in().data
+        if "bias" in weights:
+            targets["bias"] = self._bias_target(create=sign > 0)
+        updated = {key: (t.clone() if safe_merge else t) for key, t in targets.items() if t is not None}
+        if "delta" in weights:
+            weights["delta"].add_to_(updated["weight"], alpha=sign)
+        if "lora_A" in weights:
+            delta = self.apet_settings[name]["lora_scaling"] * (weights["lora_B"].dense() @ weights["lora_A"].dense())
+            updated["weight"] += sign * delta.to(updated["weight"].dtype)
+        if "bias" in weights and "bias" in updated:
+            weights["bias"].add_to_(updated["bias"], alpha=sign)
+        if safe_merge:
+            broken = [key for key, t in updated.items() if not torch.isfinite(t).all()]
+            if broken:
+                if self._created_bias and sign > 0:
+                    self.get_base_layer().bias = None
+                    self._created_bias = False
+                raise ValueError(f"NaNs or infs detected while merging APET adapter '{name}' into the base "
+                                 f"{broken}; the adapter seems broken. The base weights were left unchanged.")
+            for key, t in updated.items():
+                targets[key].copy_(t)
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """Fold the active (or given) adapters' lora, bias and delta parts into the base weights."""
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        if not adapter_names:
+            return
+        self._check_mergeable(adapter_names)
+        for name in adapter_names:
+            if name in self.apet_weights:
+                self._merge_one(name, 1.0, safe_merge)
+                self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
+            return
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            if name in self.apet_weights:
+                self._merge_one(name, -1.0, safe_merge=False)
+        if self._created_bias:
+            self.get_base_layer().bias = None
+            self._created_bias = False
+
+    def weight_out_in(self) -> torch.Tensor:
+        raise ValueError(f"{type(self).__name__} has no linear weight")
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """Dense `(out, in)` change of the base weight made by the adapter's lora and delta parts."""
+        weights = self.apet_weights[adapter_name]
+        delta = torch.zeros_like(self.weight_out_in(), dtype=torch.float32)
+        if "delta" in weights:
+            weights["delta"].add_to_(delta)
+        if "lora_A" in weights:
+            delta += self.apet_settings[adapter_name]["lora_scaling"] * (
+                weights["lora_B"].dense() @ weights["lora_A"].dense()).detach().float()
+        return delta
+
+
+class Linear(nn.Module, APETLayer):
+    """APET on `nn.Linear` or transformers `Conv1D` (weights handled in the logical `(out, in)` layout)."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, plan: ModulePlan, **kwargs: Any) -> None:
+        super().__init__()
+        APETLayer.__init__(self, base_layer)
+        weight = self.weight_out_in()
+        self.out_features, self.in_features = weight.shape
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, plan, **kwargs)
+
+    def weight_out_in(self) -> torch.Tensor:
+        base = self.get_base_layer()
+        return base.weight.T if is_conv1d(base) else base.weight
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        active = self._active_weights()
+        if self.merged or not active:
+            return self.base_layer(x, *args, **kwargs)
+        sparse = [w["delta"] for _, w in active if "delta" in w and w["delta"].mask != "adjacent"]
+        if sparse:
+            # Composes the weight and calls F.linear: hooks on the base layer do not run on this path.
+            result = masked_delta_linear(x, self.weight_out_in(), self.get_base_layer().bias, sparse)
+        else:
+            result = self.base_layer(x, *args, **kwargs)
+        for _, weights in active:
+            if "delta" in weights and weights["delta"].mask == "adjacent":
+                result = adjacent_delta_output(x, weights["delta"], result)
+        return self._apply_output_ops(x, result, active)
+
+    def __repr__(self) -> str:
+        return "apet." + super().__repr__()
+
+
+class OutputLayer(nn.Module, APETLayer):
+    """APET `bias` and `adapter` parts on a module that is not linear (LayerNorm, RMSNorm, ...)."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, plan: ModulePlan, **kwargs: Any) -> None:
+        super().__init__()
+        APETLayer.__init__(self, base_layer)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, plan, **kwargs)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        active = self._active_weights()
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged or not active:
+            return result
+        return self._apply_output_ops(x, result, active)
+
+    def __repr__(self) -> str:
+        return "apet." + super().__repr__()
+
+
+class PromptEmbedding(nn.Module, APETLayer):
+    """The input embedding, extended by virtual tokens: id `vocab_size + j` embeds to row `j` of the prompt."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, plan: ModulePlan, **kwargs: Any) -> None:
+        super().__init__()
+        APETLayer.__init__(self, base_layer)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, plan, **kwargs)
+
+    @property
+    def num_embeddings(self) -> int:
+        return self.get_base_layer().num_embeddings
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.get_base_layer().embedding_dim
+
+    def active_prompt(self) -> str | None:
+        """The adapter whose prompt is used now, or None (adapters disabled or no active prompt)."""
+        if self.disable_adapters:
+            return None
+        names = [a for a, w in self._active_weights() if "prompt" in w]
+        if len(names) > 1:
+            raise ValueError(f"adapters {names} both have a prompt; activate one of them at a time.")
+        return names[0] if names else None
+
+    def prompt_table(self, adapter_name: str) -> torch.Tensor:
+        """The `(num_virtual_tokens, embedding_dim)` prompt of `adapter_name`."""
+        return self.apet_weights[adapter_name]["prompt"].dense()
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        self._check_mergeable(check_adapters_to_merge(self, adapter_names))
+
+    def forward(self, input_ids: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        name = self.active_prompt()
+        vocab_size = self.num_embeddings
+        if name is None:
+            return self.base_layer(input_ids, *args, **kwargs)
+        virtual = input_ids >= vocab_size
+        embeds = self.base_layer(input_ids.masked_fill(virtual, 0), *args, **kwargs)
+        prompt = self.prompt_table(name)
+        position = (input_ids - vocab_size).clamp(0, prompt.shape[0] - 1)
+        return torch.where(virtual.unsqueeze(-1), prompt[position].to(embeds.dtype), embeds)
+
+    def __repr__(self) -> str:
+        return "apet." + super().__repr__()

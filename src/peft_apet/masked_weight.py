@@ -1,0 +1,97 @@
+"""`MaskedWeight`: a trainable tensor `W~ = W ⊙ m` that stores only its `k` trainable entries.
+
+State (both saved in `adapter_model.safetensors`):
+- `values`: 1-D `nn.Parameter` of length `k` (the only trainable state: gradients and optimizer state are O(k));
+- `index`: int32 buffer, the compact mask of `peft_apet.masks` (empty when unmasked).
+
+`dense()` rebuilds the full tensor (zeros off the mask) for the small tensors of LoRA, adapters, biases and
+prompts; masked deltas on large base weights never go through it (see `peft_apet.ops`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .masks import build_mask, flat_indices
+from .plan import TensorPlan
+
+# How a tensor is initialised, by role: "zeros" keeps the adapter an identity at init.
+INIT_BY_ROLE = {
+    "delta": "zeros",
+    "bias": "zeros",
+    "lora_A": "kaiming_uniform",
+    "lora_B": "zeros",
+    "adapter_down": "kaiming_uniform",
+    "adapter_up": "zeros",
+    "prompt": "normal",
+}
+
+
+class MaskedWeight(nn.Module):
+    """A masked trainable tensor of logical shape `plan.shape` with `plan.num_entries` trainable entries."""
+
+    def __init__(self, plan: TensorPlan, init_weights: bool = True, init_values: torch.Tensor | None = None):
+        super().__init__()
+        self.shape = tuple(plan.shape)
+        self.mask = plan.mask
+        self.axis = plan.axis
+        self.register_buffer("index", build_mask(self.shape, plan.mask, plan.num_entries, plan.axis, plan.seed))
+        values = self._initial_values(plan, init_weights, init_values)
+        self.values = nn.Parameter(values)
+
+    def _initial_values(self, plan: TensorPlan, init_weights: bool, init_values: torch.Tensor | None):
+        k = plan.num_entries
+        if init_values is not None:  # a dense tensor of `shape`, e.g. prompt embeddings of a text
+            return init_values.reshape(-1)[self.flat_indices()].detach().clone().float()
+        generator = torch.Generator().manual_seed(plan.seed + 1)
+        scheme = INIT_BY_ROLE[plan.role]
+        if scheme == "zeros" and not init_weights:
+            scheme = "kaiming_uniform"  # non-identity init for tests, like PEFT's init_lora_weights=False
+        if scheme == "zeros":
+            return torch.zeros(k)
+        if scheme == "normal":
+            return torch.randn(k, generator=generator)
+        # kaiming_uniform_(a=sqrt(5)) of nn.Linear / PEFT LoRA A: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+        fan_in = self.shape[-1]
+        bound = 1.0 / math.sqrt(fan_in)
+        return (torch.rand(k, generator=generator) * 2 - 1) * bound
+
+    @property
+    def num_entries(self) -> int:
+        return self.values.numel()
+
+    def flat_indices(self) -> torch.Tensor:
+        """int64 row-major positions of the stored values in the dense tensor."""
+        return flat_indices(self.shape, self.mask, self.index, self.num_entries, self.axis)
+
+    def dense(self) -> torch.Tensor:
+        """The full tensor `W ⊙ m` (differentiable with respect to `values`)."""
+        if self.mask is None:
+            return self.values.view(self.shape)
+        flat = self.values.new_zeros(math.prod(self.shape))
+        return flat.index_add(0, self.flat_indices(), self.values).view(self.shape)
+
+    def dense_mask(self) -> torch.Tensor:
+        """The boolean mask `m` (for inspection)."""
+        out = torch.zeros(math.prod(self.shape), dtype=torch.bool, device=self.index.device)
+        out[self.flat_indices()] = True
+        return out.view(self.shape)
+
+    @torch.no_grad()
+    def add_to_(self, target: torch.Tensor, alpha: float = 1.0) -> None:
+        """`target += alpha * (W ⊙ m)` in place; `target` is any (possibly strided) view of logical shape."""
+        if tuple(target.shape) != self.shape:
+            raise ValueError(f"cannot add a masked tensor of shape {self.shape} to one of shape {tuple(target.shape)}")
+        flat = self.flat_indices().to(target.device)
+        values = (alpha * self.values).to(target.dtype).to(target.device)
+        rows, cols = (flat // self.shape[-1], flat % self.shape[-1]) if len(self.shape) == 2 else (None, flat)
+        if rows is None:
+            target.index_put_((cols,), values, accumulate=True)
+        else:
+            target.index_put_((rows, cols), values, accumulate=True)
+
+    def extra_repr(self) -> str:
+        return f"shape={self.shape}, mask={self.mask}, axis={self.axis}, trainable={self.num_entries}"

@@ -1,0 +1,134 @@
+"""Binary masks `m` of `W~ = W ⊙ m`, stored compactly.
+
+A mask over a tensor of shape `shape` with `k` trainable entries is stored as an int32 index tensor:
+
+- `discrete`: the `k` sorted flat (row-major) indices of the trainable entries.
+- `adjacent`: the ids of the `ceil(k / line_length)` trainable lines, in order; a line is a row
+  (`axis=0`, length `shape[1]`) or a column (`axis=1`, length `shape[0]`) of the 2-D view. Every line is
+  whole except the last, which holds the first `k mod line_length` entries of its line.
+- full (no mask): an empty index; all entries are trainable.
+
+Sampling never materialises a permutation of all entries when `k` is small: `discrete_mask` draws candidate
+indices with replacement and keeps distinct ones, so its cost is O(k log k) time and O(k) memory.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+
+import torch
+
+INDEX_DTYPE = torch.int32
+
+
+def stable_seed(*parts: object) -> int:
+    """A seed derived from `parts` that is the same in every process (unlike the salted `hash()`)."""
+    return zlib.crc32("/".join(str(p) for p in parts).encode())
+
+
+def as_2d(shape: tuple[int, ...]) -> tuple[int, int]:
+    """The 2-D view `(rows, columns)` masks use: 1-D tensors are one row."""
+    if len(shape) == 1:
+        return 1, shape[0]
+    if len(shape) != 2:
+        raise ValueError(f"masks support 1-D and 2-D tensors, got shape {tuple(shape)}")
+    return shape[0], shape[1]
+
+
+def line_length(shape: tuple[int, ...], axis: int) -> int:
+    """Number of entries in one adjacent line of a tensor of `shape`."""
+    rows, cols = as_2d(shape)
+    if len(shape) == 1:
+        return cols  # a vector is one line whatever the axis
+    return cols if axis == 0 else rows
+
+
+def num_lines(shape: tuple[int, ...], axis: int) -> int:
+    rows, cols = as_2d(shape)
+    if len(shape) == 1:
+        return 1
+    return rows if axis == 0 else cols
+
+
+def _sample_distinct(population: int, k: int, generator: torch.Generator) -> torch.Tensor:
+    """`k` distinct integers drawn uniformly from `range(population)`, sorted (int64)."""
+    if k == 0:
+        return torch.empty(0, dtype=torch.int64)
+    if 2 * k > population:
+        # Dense regime: a permutation is O(population) = O(k) here.
+        return torch.randperm(population, generator=generator)[:k].sort().values
+    chosen = torch.empty(0, dtype=torch.int64)
+    while chosen.numel() < k:
+        need = k - chosen.numel()
+        # Oversample so that one round almost always suffices (collisions are rare when k << population).
+        draw = torch.randint(0, population, (need + need // 4 + 16,), generator=generator)
+        chosen = torch.cat([chosen, draw]).unique()
+    if chosen.numel() > k:
+        keep = torch.randperm(chosen.numel(), generator=generator)[:k]
+        chosen = chosen[keep].sort().values
+    return chosen
+
+
+def discrete_mask(shape: tuple[int, ...], k: int, seed: int) -> torch.Tensor:
+    """Sorted int32 flat indices of `k` entries of a tensor of `shape`, uniform without replacement."""
+    numel = math.prod(shape)
+    if not 0 <= k <= numel:
+        raise ValueError(f"cannot choose k={k} entries of a tensor with {numel} entries")
+    if numel >= 2**31:
+        raise ValueError(f"tensor with {numel} entries is too large for int32 indices")
+    generator = torch.Generator().manual_seed(seed)
+    return _sample_distinct(numel, k, generator).to(INDEX_DTYPE)
+
+
+def adjacent_mask(shape: tuple[int, ...], k: int, axis: int, seed: int) -> torch.Tensor:
+    """int32 ids of the `ceil(k / line_length)` trainable lines; the last one is partial if needed.
+
+    The lines are chosen uniformly at random (seeded) and sorted, except that the partial line, when there
+    is one, is the last chosen line in sorted order.
+    """
+    length = line_length(shape, axis)
+    lines = num_lines(shape, axis)
+    if not 0 <= k <= length * lines:
+        raise ValueError(f"cannot choose k={k} entries of a tensor of shape {tuple(shape)}")
+    generator = torch.Generator().manual_seed(seed)
+    return _sample_distinct(lines, math.ceil(k / length), generator).to(INDEX_DTYPE)
+
+
+def flat_indices(shape: tuple[int, ...], mask: str | None, index: torch.Tensor, k: int, axis: int) -> torch.Tensor:
+    """Row-major flat indices (int64, length k) of the trainable entries, in the order values are stored."""
+    if mask is None:
+        return torch.arange(k, device=index.device)
+    if mask == "discrete":
+        return index.long()
+    rows, cols = as_2d(shape)
+    length = line_length(shape, axis)
+    offsets = torch.arange(length, device=index.device)
+    lines = index.long()
+    if len(shape) == 1:
+        return offsets[:k]
+    if axis == 0:  # line j = row lines[j]: entries lines[j] * cols + t
+        flat = lines[:, None] * cols + offsets[None, :]
+    else:  # line j = column lines[j]: entries t * cols + lines[j]
+        flat = offsets[None, :] * cols + lines[:, None]
+    return flat.reshape(-1)[:k]
+
+
+def mask_to_dense(shape: tuple[int, ...], mask: str | None, index: torch.Tensor, k: int, axis: int) -> torch.Tensor:
+    """The dense boolean mask `m` (for inspection and tests; never used in the forward pass)."""
+    dense = torch.zeros(math.prod(shape), dtype=torch.bool)
+    dense[flat_indices(shape, mask, index.cpu(), k, axis)] = True
+    return dense.view(shape)
+
+
+def build_mask(shape: tuple[int, ...], mask: str | None, k: int, axis: int, seed: int) -> torch.Tensor:
+    """The compact index for a mask kind (see module docstring)."""
+    if mask is None:
+        if k != math.prod(shape):
+            raise ValueError(f"an unmasked tensor of shape {tuple(shape)} trains all its entries, not {k}")
+        return torch.empty(0, dtype=INDEX_DTYPE)
+    if mask == "discrete":
+        return discrete_mask(shape, k, seed)
+    if mask == "adjacent":
+        return adjacent_mask(shape, k, axis, seed)
+    raise ValueError(f"`mask` must be one of ['adjacent', 'discrete'] or None, got {mask!r}")

@@ -1,0 +1,157 @@
+"""`APETModel`: the PEFT tuner that places APET layers into a model.
+
+Injection follows PEFT's `BaseTuner.inject_adapter`; APET adds one step before any module is touched:
+`peft_apet.plan.plan_adapter` resolves every part's targets and splits the exact budget (raising
+`ValueError` on bad targets or budgets), and each matched module is then wrapped according to the plan.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner
+from torch import nn
+
+from .config import APETConfig
+from .layer import APETLayer, Linear, OutputLayer, PromptEmbedding
+from .plan import AdapterPlan, ModulePlan, plan_adapter, summary_table
+from .prompt import prepend_prompt
+
+LAYER_CLASSES = {"linear": Linear, "output": OutputLayer, "embedding": PromptEmbedding}
+
+
+class APETModel(BaseTuner):
+    """Arbitrary Parameter-Efficient Tuning (APET) tuner.
+
+    Created by `peft.get_peft_model(model, APETConfig(...))` once `peft_apet` is imported; see `APETConfig`.
+
+    Example:
+        ```py
+        >>> import peft_apet
+        >>> from peft import get_peft_model
+        >>> config = peft_apet.APETConfig.lora(r=8, mask="discrete", num_trainable_params=10_000)
+        >>> model = get_peft_model(base_model, config)
+        >>> model.print_trainable_parameters()  # trainable params: 10,000 || ...
+        ```
+    """
+
+    prefix: str = "apet_"
+    tuner_layer_cls = APETLayer
+    target_module_mapping: dict[str, list[str]] = {}  # APET resolves defaults per part: peft_apet.targets
+
+    # ------------------------------------------------------------------ injection
+    def _prepare_adapter_config(self, peft_config: APETConfig, model_config: dict) -> APETConfig:
+        return peft_config
+
+    def _prepare_model(self, peft_config: APETConfig, model: nn.Module) -> None:
+        # Runs before PEFT matches or replaces any module: every target and budget error surfaces here.
+        self.__dict__["_pending_plan"] = plan_adapter(model, peft_config)
+
+    @property
+    def pending_plan(self) -> AdapterPlan:
+        return self.__dict__["_pending_plan"]
+
+    def _check_target_module_exists(self, peft_config: APETConfig, key: str) -> bool:
+        return key in self.pending_plan.modules
+
+    def _create_and_replace(self, peft_config: APETConfig, adapter_name: str, target: nn.Module, target_name: str,
+                            parent: nn.Module, current_key: str, **optional_kwargs: Any) -> None:
+        plan = self.pending_plan.modules.get(current_key)
+        if plan is None:
+            raise ValueError(f"module {current_key} is not part of the APET adapter '{adapter_name}' planned for "
+                             "this model (does the checkpoint belong to another base model?).")
+        kwargs = dict(init_weights=peft_config.init_weights, inference_mode=peft_config.inference_mode,
+                      init_values=self._prompt_init_values(peft_config, target, plan))
+        if isinstance(target, APETLayer):
+            target.update_layer(adapter_name, plan, **kwargs)
+            return
+        new_module = LAYER_CLASSES[plan.kind](target, adapter_name, plan, **kwargs)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    @staticmethod
+    def _prompt_init_values(config: APETConfig, target: nn.Module, plan: ModulePlan) -> dict | None:
+        """Prompt rows from the embeddings of `prompt_init_text` (repeated or cut to length), as PEFT does."""
+        part = config.part("prompt")
+        if "prompt" not in plan.tensors or part.prompt_init != "text":
+            return None
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(part.tokenizer_name_or_path)
+        ids = tokenizer(part.prompt_init_text, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise ValueError("part 'prompt': `prompt_init_text` encodes to no tokens.")
+        n = part.num_virtual_tokens
+        ids = (ids * (n // len(ids) + 1))[:n]
+        embedding = target.get_base_layer() if isinstance(target, APETLayer) else target
+        with torch.no_grad():
+            rows = embedding(torch.tensor(ids, device=embedding.weight.device)).detach().float().cpu()
+        return {"prompt": rows}
+
+    # ------------------------------------------------------------------ merging
+    def _check_merge_allowed(self) -> None:
+        super()._check_merge_allowed()
+        for name in self.active_adapters:
+            blocked = [p.operation for p in self.peft_config[name].parts if not p.mergeable]
+            if blocked:
+                raise ValueError(
+                    f"cannot merge APET adapter '{name}': its parts {blocked} are not mergeable (an adapter plug-in "
+                    "is non-linear and a prompt changes the input sequence). Only lora, bias and delta parts merge; "
+                    "keep the adapter unmerged for inference instead."
+                )
+
+    # ------------------------------------------------------------------ prompts
+    def _active_prompt(self) -> tuple[PromptEmbedding | None, str | None]:
+        for module in self.model.modules():
+            if isinstance(module, PromptEmbedding):
+                name = module.active_prompt()
+                if name is not None:
+                    return module, name
+        return None, None
+
+    def _with_prompt(self, args: tuple, kwargs: dict, for_generate: bool) -> tuple[dict, int, bool]:
+        embedding, name = self._active_prompt()
+        if name is None:
+            return None, 0, False
+        if args:
+            if len(args) > 1 or "input_ids" in kwargs:
+                raise ValueError("with an APET prompt, pass model inputs as keyword arguments (input_ids=...).")
+            kwargs = {"input_ids": args[0], **kwargs}
+        task_type = self.peft_config[name].task_type
+        kwargs = prepend_prompt(kwargs, embedding, name, pad_labels=(task_type == "CAUSAL_LM" and not for_generate))
+        strip = for_generate and kwargs.get("input_ids") is not None and not getattr(
+            self.model.config, "is_encoder_decoder", False)
+        return kwargs, embedding.prompt_table(name).shape[0], strip
+
+    def forward(self, *args: Any, **kwargs: Any):
+        prompted, _, _ = self._with_prompt(args, kwargs, for_generate=False)
+        if prompted is None:
+            return self.model(*args, **kwargs)
+        return self.model(**prompted)
+
+    def generate(self, *args: Any, **kwargs: Any):
+        """`generate` of the base model, with the active prompt prepended once and stripped from the output."""
+        prompted, n, strip = self._with_prompt(args, kwargs, for_generate=True)
+        if prompted is None:
+            return self.model.generate(*args, **kwargs)
+        output = self.model.generate(**prompted)
+        if not strip:
+            return output
+        if isinstance(output, torch.Tensor):
+            return output[:, n:]
+        output.sequences = output.sequences[:, n:]
+        return output
+
+    # ------------------------------------------------------------------ inspection
+    def adapter_summary(self, adapter_name: str | None = None) -> str:
+        """A table of every APET tensor of an adapter: module, role, shape, mask and trainable entries."""
+        adapter_name = adapter_name or self.active_adapters[0]
+        rows = [
+            (module_name, role, weight.shape, weight.mask, weight.num_entries)
+            for module_name, module in self.model.named_modules()
+            if isinstance(module, APETLayer) and adapter_name in module.apet_weights
+            for role, weight in module.apet_weights[adapter_name].items()
+        ]
+        return summary_table(rows)

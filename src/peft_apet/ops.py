@@ -1,0 +1,133 @@
+"""How masked tensors enter the forward pass of a linear layer `y = x W^T + b`, with `W` of shape `(out, in)`.
+
+The three operations of the paper reduce to:
+- `masked_delta_linear`: `x (W + W~)^T + b` for a masked delta on the base weight (Add, "arbitrary
+  positions in the PLM");
+- `lora_output`: `scaling · dropout(x) A~^T B~^T` (Concatenate, low-rank path);
+- `adapter_output`: `y + σ(y D~^T) U~^T` (Plugin).
+
+Discrete deltas use a custom autograd function so that no dense `(out, in)` tensor is kept between forward
+and backward: the forward adds the `k` values into a transient copy of `W` (freed after the matmul), and the
+backward computes the `k` value gradients as `k` dot products of length `tokens` instead of a dense weight
+gradient. Adjacent deltas are dense blocks of whole lines, so they run as one small matmul per layer.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .masked_weight import MaskedWeight
+
+# Above this density a dense weight-gradient matmul followed by a gather beats k gathered dot products.
+_DENSE_GRAD_DENSITY = 0.125
+# Elements per temporary `(chunk, tokens)` block in the gathered dot products (64 MiB in fp32).
+_CHUNK_ELEMENTS = 1 << 24
+
+
+def _values_grad(grad_out: torch.Tensor, x: torch.Tensor, flat: torch.Tensor, in_features: int) -> torch.Tensor:
+    """`d loss / d values[j] = sum_tokens grad_out[:, rows[j]] * x[:, cols[j]]`, shape `(k,)`, fp32."""
+    g = grad_out.reshape(-1, grad_out.shape[-1])
+    xs = x.reshape(-1, x.shape[-1])
+    k = flat.numel()
+    if k == 0:
+        return grad_out.new_zeros(0, dtype=torch.float32)
+    if k >= _DENSE_GRAD_DENSITY * g.shape[1] * xs.shape[1]:
+        return (g.t().float() @ xs.float()).reshape(-1)[flat]
+    rows, cols = flat // in_features, flat % in_features
+    g_t, x_t = g.t().contiguous(), xs.t().contiguous()  # (out, tokens), (in, tokens): rows are contiguous
+    chunk = max(1, _CHUNK_ELEMENTS // max(1, g.shape[0]))
+    parts = [
+        (g_t[rows[i:i + chunk]].float() * x_t[cols[i:i + chunk]].float()).sum(1) for i in range(0, k, chunk)
+    ]
+    return torch.cat(parts)
+
+
+class _DiscreteDeltaLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, flat, values):
+        # weight: (out, in) view of the frozen base weight (may be strided, e.g. transposed Conv1D weights)
+        effective = weight.clone(memory_format=torch.contiguous_format)
+        effective.view(-1).index_add_(0, flat, values.to(effective.dtype))
+        out = F.linear(x, effective, bias)
+        ctx.save_for_backward(x, weight, flat, values)
+        ctx.has_bias = bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, flat, values = ctx.saved_tensors
+        grad_x = grad_bias = grad_values = None
+        if ctx.needs_input_grad[0]:
+            effective = weight.clone(memory_format=torch.contiguous_format)
+            effective.view(-1).index_add_(0, flat, values.to(effective.dtype))
+            grad_x = grad_out @ effective
+            del effective
+        if ctx.needs_input_grad[1]:
+            raise RuntimeError("APET masked deltas expect a frozen base weight (requires_grad=False).")
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+        if ctx.needs_input_grad[4]:
+            grad_values = _values_grad(grad_out, x, flat, weight.shape[1]).to(values.dtype)
+        return grad_x, None, grad_bias, None, grad_values
+
+
+def masked_delta_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, deltas: list[MaskedWeight]
+) -> torch.Tensor:
+    """`x (W + sum_i W~_i)^T + b` for discrete or unmasked deltas; `weight` is `(out, in)`, `x` is `(..., in)`."""
+    flat = torch.cat([d.flat_indices() for d in deltas]) if len(deltas) > 1 else deltas[0].flat_indices()
+    values = torch.cat([d.values for d in deltas]) if len(deltas) > 1 else deltas[0].values
+    return _DiscreteDeltaLinear.apply(x, weight, bias, flat.to(weight.device), values)
+
+
+def adjacent_delta_output(x: torch.Tensor, delta: MaskedWeight, result: torch.Tensor) -> torch.Tensor:
+    """`result + x W~^T` for an adjacent mask of whole rows (`axis=0`) or columns (`axis=1`) of W~ `(out, in)`.
+
+    Costs one `(tokens, in) x (in, lines)` matmul: proportional to the number of trainable entries.
+    """
+    out_f, in_f = delta.shape
+    k = delta.num_entries
+    length = in_f if delta.axis == 0 else out_f
+    lines = delta.index.long()
+    full, rem = divmod(k, length)
+    values = delta.values
+    x = x.to(values.dtype)
+    if delta.axis == 0:  # trainable rows: output features lines[j] get x . V[j]
+        if full:
+            result = result.index_add(-1, lines[:full], F.linear(x, values[: full * length].view(full, length))
+                                      .to(result.dtype))
+        if rem:
+            partial = (x[..., :rem] @ values[full * length:]).unsqueeze(-1)
+            result = result.index_add(-1, lines[full:full + 1], partial.to(result.dtype))
+        return result
+    # trainable columns: input feature lines[j] contributes x[..., lines[j]] * V[j] to every output
+    if full:
+        result = result + (x[..., lines[:full]] @ values[: full * length].view(full, length)).to(result.dtype)
+    if rem:
+        partial = x[..., lines[full]].unsqueeze(-1) * values[full * length:]
+        result = result + F.pad(partial, (0, out_f - rem)).to(result.dtype)
+    return result
+
+
+def lora_output(x: torch.Tensor, lora_a: MaskedWeight, lora_b: MaskedWeight, scaling: float,
+                dropout: torch.nn.Module) -> torch.Tensor:
+    """`scaling · dropout(x) A^T B^T` with A `(r, in)` and B `(out, r)`, in the adapter's dtype."""
+    a, b = lora_a.dense(), lora_b.dense()
+    return F.linear(F.linear(dropout(x.to(a.dtype)), a), b) * scaling
+
+
+ACTIVATION_FUNCTIONS = {
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "silu": F.silu,
+    "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid,
+    "identity": lambda t: t,
+}
+
+
+def adapter_output(y: torch.Tensor, down: MaskedWeight, up: MaskedWeight, activation: str) -> torch.Tensor:
+    """Houlsby plug-in `y + σ(y D^T) U^T` with D `(bottleneck, d)` and U `(d, bottleneck)`."""
+    d, u = down.dense(), up.dense()
+    return y + F.linear(ACTIVATION_FUNCTIONS[activation](F.linear(y.to(d.dtype), d)), u).to(y.dtype)

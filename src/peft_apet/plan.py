@@ -1,0 +1,312 @@
+"""Planning: which modules get which tensors, of which shape, with how many trainable entries.
+
+`plan_adapter(model, config)` reads the model without changing it and returns an `AdapterPlan`; the tuner
+builds its layers from the plan, and `count_trainable_parameters` reports the plan's total so users can
+match budgets across methods before touching the model. All errors about targets and budgets are raised
+here, before any module is replaced.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+from peft.tuners.tuners_utils import BaseTunerLayer, _ExcludedModule, check_target_module_exists
+from peft.utils.other import AuxiliaryTrainingWrapper
+from torch import nn
+
+from .budget import allocate_budget, density_to_count, split_config_budget
+from .config import APETConfig, APETPart
+from .masks import stable_seed
+from .targets import ALL_LINEAR, ALL_WITH_BIAS, default_target_modules
+
+# Tensors each operation owns, in allocation order. For two-matrix parts the zero-initialised matrix comes
+# last; see `_split_within_module`.
+OPERATION_ROLES = {
+    "delta": ("delta",),
+    "bias": ("bias",),
+    "lora": ("lora_A", "lora_B"),
+    "adapter": ("adapter_down", "adapter_up"),
+    "prompt": ("prompt",),
+}
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    """One trainable tensor `W~ = W ⊙ m`: its logical shape, mask and number of trainable entries."""
+
+    role: str
+    shape: tuple[int, ...]
+    mask: str | None
+    axis: int
+    num_entries: int
+    seed: int
+
+    @property
+    def capacity(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass
+class ModulePlan:
+    """What one module of the model gets: its kind of wrapper and its tensors, by role."""
+
+    name: str
+    kind: str  # "linear" (nn.Linear / Conv1D), "embedding" (prompt) or "output" (any module with a feature output)
+    features: int  # size of the module's output features (last dim)
+    tensors: dict[str, TensorPlan] = field(default_factory=dict)
+    settings: dict[str, object] = field(default_factory=dict)  # per-operation scalars (scaling, activation, ...)
+
+    @property
+    def operations(self) -> list[str]:
+        return [op for op, roles in OPERATION_ROLES.items() if any(r in self.tensors for r in roles)]
+
+
+@dataclass
+class AdapterPlan:
+    modules: dict[str, ModulePlan]
+    part_counts: dict[str, int]
+
+    @property
+    def num_trainable_params(self) -> int:
+        return sum(t.num_entries for m in self.modules.values() for t in m.tensors.values())
+
+    def summary(self) -> str:
+        """A table: module, tensor, shape, mask and trainable entries."""
+        rows = [(m.name, t.role, t.shape, t.mask, t.num_entries)
+                for m in self.modules.values() for t in m.tensors.values()]
+        return summary_table(rows)
+
+
+def summary_table(rows: list[tuple[str, str, tuple, str | None, int]]) -> str:
+    """Format `(module, tensor, shape, mask, trainable)` rows with a total line."""
+    lines = [f"{'module':<60} {'tensor':<13} {'shape':<14} {'mask':<9} {'trainable':>10}"]
+    lines += [f"{m:<60} {role:<13} {str(shape):<14} {str(mask):<9} {k:>10}" for m, role, shape, mask, k in rows]
+    lines.append(f"{'total':<99} {sum(r[-1] for r in rows):>10}")
+    return "\n".join(lines)
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' `Conv1D` (GPT-2): a linear layer whose weight is stored `(in, out)`."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int]:
+    """`(out_features, in_features)` of a linear-like module."""
+    if is_conv1d(module):
+        return module.weight.shape[1], module.weight.shape[0]
+    return module.out_features, module.in_features
+
+
+def output_features(module: nn.Module) -> int | None:
+    """Size of the last dimension of the module's output, where it can be read off the module."""
+    if is_linear(module):
+        return linear_shape(module)[0]
+    bias = getattr(module, "bias", None)
+    if isinstance(bias, nn.Parameter) and bias.dim() == 1:
+        return bias.numel()
+    if isinstance(module, nn.LayerNorm) and module.normalized_shape:
+        return module.normalized_shape[-1]
+    weight = getattr(module, "weight", None)  # norms without bias (RMSNorm, T5LayerNorm)
+    if isinstance(weight, nn.Parameter) and weight.dim() == 1 and "norm" in type(module).__name__.lower():
+        return weight.numel()
+    return None
+
+
+def has_bias(module: nn.Module) -> bool:
+    bias = getattr(module, "bias", None)
+    return isinstance(bias, nn.Parameter) and bias.dim() == 1
+
+
+def candidate_modules(model: nn.Module, modules_to_save: list[str] | None) -> list[tuple[str, nn.Module]]:
+    """`(name, base module)` of every module an APET part may target, in model order.
+
+    Skips the insides of tuner layers and of `modules_to_save` wrappers (so planning on a model that already
+    has adapters sees the original modules) and modules listed in `modules_to_save`.
+    """
+    skip_prefixes: list[str] = []
+    out = []
+    for name, module in model.named_modules():
+        if not name or any(name.startswith(p) for p in skip_prefixes):
+            continue
+        if isinstance(module, (BaseTunerLayer, AuxiliaryTrainingWrapper)):
+            skip_prefixes.append(name + ".")
+        if isinstance(module, AuxiliaryTrainingWrapper):
+            continue
+        if modules_to_save and any(name == m or name.endswith("." + m) for m in modules_to_save):
+            skip_prefixes.append(name + ".")
+            continue
+        base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+        out.append((name, base))
+    return out
+
+
+def _output_head_names(model: nn.Module, candidates: list[tuple[str, nn.Module]]) -> set[str]:
+    try:
+        head = model.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        head = None
+    if head is None:
+        return set()
+    head = head.get_base_layer() if isinstance(head, BaseTunerLayer) else head
+    return {name for name, module in candidates if module is head}
+
+
+def prompt_embedding_name(model: nn.Module, candidates: list[tuple[str, nn.Module]]) -> str:
+    """Name of the input embedding that soft prompts go through (the encoder's, for encoder-decoders)."""
+    embedding = None
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False) and hasattr(model, "get_encoder"):
+        embedding = model.get_encoder().get_input_embeddings()
+    elif hasattr(model, "get_input_embeddings"):
+        embedding = model.get_input_embeddings()
+    if isinstance(embedding, BaseTunerLayer):
+        embedding = embedding.get_base_layer()
+    for name, module in candidates:
+        if module is embedding:
+            return name
+    raise ValueError("part 'prompt': the model exposes no input embedding (`get_input_embeddings()`).")
+
+
+def resolve_targets(
+    model: nn.Module, part: APETPart, candidates: list[tuple[str, nn.Module]], modules_to_save: list[str] | None
+) -> list[tuple[str, nn.Module]]:
+    """The modules a part acts on, checked to be of a kind the operation supports."""
+    if part.operation == "prompt":
+        name = prompt_embedding_name(model, candidates)
+        module = dict(candidates)[name]
+        if not isinstance(module, nn.Embedding):
+            raise ValueError(f"part 'prompt': the input embedding {name} is a {type(module).__name__}, "
+                             "not an nn.Embedding.")
+        return [(name, module)]
+
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    targets = part.target_modules if part.target_modules is not None else default_target_modules(
+        model_type, part.operation)
+    heads = _output_head_names(model, candidates)
+    matcher = SimpleNamespace(target_modules=targets, exclude_modules=part.exclude_modules,
+                              modules_to_save=modules_to_save, target_parameters=None)
+    chosen = []
+    for name, module in candidates:
+        if targets == ALL_LINEAR:
+            hit = is_linear(module) and name not in heads
+        elif targets == ALL_WITH_BIAS:
+            hit = has_bias(module) and (is_linear(module) or isinstance(module, nn.LayerNorm)) and name not in heads
+        else:
+            hit = check_target_module_exists(matcher, name)
+        if part.exclude_modules and isinstance(check_target_module_exists(matcher, name), _ExcludedModule):
+            hit = False
+        if hit and not isinstance(hit, _ExcludedModule):
+            chosen.append((name, module))
+    if not chosen:
+        raise ValueError(
+            f"part '{part.operation}': `target_modules`={targets!r} matched no module of the model "
+            f"(model_type={model_type!r}). Example module names: {[n for n, _ in candidates[:8]]}."
+        )
+    for name, module in chosen:
+        needs_linear = part.operation in ("lora", "delta")
+        if needs_linear and not is_linear(module):
+            raise ValueError(f"part '{part.operation}' needs nn.Linear or Conv1D modules, but target {name} is a "
+                             f"{type(module).__name__}.")
+        if output_features(module) is None:
+            raise ValueError(f"part '{part.operation}': cannot tell the output size of target {name} "
+                             f"({type(module).__name__}); target linear layers or norms.")
+    return chosen
+
+
+def _tensor_shapes(part: APETPart, module: nn.Module, kind: str) -> dict[str, tuple[int, ...]]:
+    if part.operation == "prompt":
+        return {"prompt": (part.num_virtual_tokens, module.embedding_dim)}
+    features = output_features(module)
+    if part.operation == "bias":
+        return {"bias": (features,)}
+    if part.operation == "adapter":
+        return {"adapter_down": (part.bottleneck, features), "adapter_up": (features, part.bottleneck)}
+    out_f, in_f = linear_shape(module)
+    if part.operation == "delta":
+        return {"delta": (out_f, in_f)}
+    return {"lora_A": (part.r, in_f), "lora_B": (out_f, part.r)}
+
+
+def _split_within_module(shapes: dict[str, tuple[int, ...]], count: int) -> dict[str, int]:
+    """Split a module's entries across its tensors, proportionally; for two-matrix parts (lora, adapter)
+    the second, zero-initialised matrix is given at least one entry so the path can start learning."""
+    roles = list(shapes)
+    shares = allocate_budget([math.prod(shapes[r]) for r in roles], count)
+    if len(roles) == 2 and count >= 2 and shares[1] == 0:
+        shares = [shares[0] - 1, 1]
+    if len(roles) == 2 and count >= 2 and shares[0] == 0:
+        shares = [1, shares[1] - 1]
+    return dict(zip(roles, shares))
+
+
+def plan_adapter(model: nn.Module, config: APETConfig, adapter_name: str = "default") -> AdapterPlan:
+    """Plan an adapter on `model` without modifying it; raises ValueError for bad targets or budgets."""
+    modules_to_save = config.modules_to_save
+    candidates = candidate_modules(model, modules_to_save)
+    per_part: dict[str, list[tuple[str, nn.Module, dict[str, tuple[int, ...]]]]] = {}
+    kinds: dict[str, str] = {}
+    for part in config.parts:
+        entries = []
+        for name, module in resolve_targets(model, part, candidates, modules_to_save):
+            kind = "embedding" if part.operation == "prompt" else ("linear" if is_linear(module) else "output")
+            if kinds.setdefault(name, kind) != kind:
+                raise ValueError(f"module {name} is targeted as {kinds[name]} and as {kind} by different parts.")
+            entries.append((name, module, _tensor_shapes(part, module, kind)))
+        per_part[part.operation] = entries
+
+    capacities = {op: sum(math.prod(s) for _, _, shapes in e for s in shapes.values()) for op, e in per_part.items()}
+    fixed = {}
+    for part in config.parts:
+        cap = capacities[part.operation]
+        owner = f"part '{part.operation}'.num_trainable_params"
+        if part.mask is None:
+            fixed[part.operation] = cap
+        elif part.num_trainable_params is not None:
+            if part.num_trainable_params > cap:
+                raise ValueError(f"`{owner}` must be in [1, {cap}] (what its targets can hold), "
+                                 f"got {part.num_trainable_params}.")
+            fixed[part.operation] = part.num_trainable_params
+        elif part.density is not None:
+            fixed[part.operation] = density_to_count(part.density, cap)
+    part_counts = split_config_budget(capacities, fixed, config.num_trainable_params, config.density)
+
+    modules: dict[str, ModulePlan] = {}
+    for part in config.parts:
+        entries = per_part[part.operation]
+        module_caps = [sum(math.prod(s) for s in shapes.values()) for _, _, shapes in entries]
+        module_counts = allocate_budget(module_caps, part_counts[part.operation])
+        for (name, module, shapes), count in zip(entries, module_counts):
+            plan = modules.setdefault(name, ModulePlan(name, kinds[name], output_features(module) or 0))
+            if part.operation == "prompt":
+                plan.features = module.embedding_dim
+            for role, k in _split_within_module(shapes, count).items():
+                plan.tensors[role] = TensorPlan(
+                    role=role, shape=shapes[role], mask=part.mask, axis=part.mask_axis, num_entries=k,
+                    seed=stable_seed(config.seed, name, role))
+            plan.settings.update(_operation_settings(part, module))
+    ordered = {name: modules[name] for name, _ in candidates if name in modules}
+    return AdapterPlan(ordered, part_counts)
+
+
+def _operation_settings(part: APETPart, module: nn.Module) -> dict[str, object]:
+    if part.operation == "lora":
+        return {"lora_scaling": part.lora_alpha / part.r, "lora_dropout": part.lora_dropout}
+    if part.operation == "adapter":
+        return {"adapter_activation": part.activation}
+    if part.operation == "prompt":
+        return {"num_virtual_tokens": part.num_virtual_tokens, "vocab_size": module.num_embeddings}
+    return {}
+
+
+def count_trainable_parameters(model: nn.Module, config: APETConfig) -> int:
+    """How many parameters `config` would train on `model` (adapter entries, not `modules_to_save`).
+
+    The model is not modified. Use it to give an APET variant the budget of another method, e.g.
+    `APETConfig.lora(mask="discrete", num_trainable_params=count_trainable_parameters(model, APETConfig.bitfit()))`.
+    """
+    return plan_adapter(model, config).num_trainable_params
