@@ -18,6 +18,7 @@ Every `W~ = W ⊙ m`: `mask=None` trains the whole tensor, `"adjacent"` whole li
 from __future__ import annotations
 
 import enum
+import functools
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -229,6 +230,8 @@ class APETConfig(PeftConfig):
     )
 
     def __post_init__(self) -> None:
+        if self.task_type is not None and self.task_type not in list(TaskType):
+            raise ValueError(f"`task_type` must be one of {[t.value for t in TaskType]}, got {self.task_type!r}.")
         super().__post_init__()
         self.peft_type = APETPeftType.APET
         if not isinstance(self.parts, (list, tuple)) or not self.parts:
@@ -259,8 +262,6 @@ class APETConfig(PeftConfig):
             if isinstance(self.modules_to_save, str) or not all(isinstance(m, str) for m in self.modules_to_save):
                 raise ValueError(f"`modules_to_save` must be a list of module names, got {self.modules_to_save!r}.")
             self.modules_to_save = list(self.modules_to_save)
-        if self.task_type is not None and self.task_type not in list(TaskType):
-            raise ValueError(f"`task_type` must be one of {[t.value for t in TaskType]}, got {self.task_type!r}.")
         if self.part("prompt") is not None and self.task_type is None:
             raise ValueError(
                 "A 'prompt' part needs `task_type` (e.g. 'SEQ_CLS', 'CAUSAL_LM', 'SEQ_2_SEQ_LM'): without it PEFT "
@@ -417,3 +418,17 @@ class APETConfig(PeftConfig):
         """
         parts = [APETPart(**asdict(p)) for c in configs for p in c.parts]
         return cls(parts=parts, **config_kwargs)
+
+
+def _refuse_unknown_fields(init):
+    # PEFT's loader catches TypeError for unknown config keys, warns and drops them; a ValueError stops that, so
+    # an adapter saved by a newer peft-apet is never loaded with some of its settings silently ignored.
+    @functools.wraps(init)
+    def checked_init(self, *args, **kwargs):
+        type(self).check_kwargs(**kwargs)
+        init(self, *args, **kwargs)
+
+    return checked_init
+
+
+APETConfig.__init__ = _refuse_unknown_fields(APETConfig.__init__)

@@ -30,6 +30,10 @@ INIT_BY_ROLE = {
 }
 
 
+# First matrices of two-matrix paths (see `peft_apet.masks.build_mask`).
+FIRST_OF_PAIR = ("lora_A", "adapter_down")
+
+
 class MaskedWeight(nn.Module):
     """A masked trainable tensor of logical shape `plan.shape` with `plan.num_entries` trainable entries."""
 
@@ -38,7 +42,9 @@ class MaskedWeight(nn.Module):
         self.shape = tuple(plan.shape)
         self.mask = plan.mask
         self.axis = plan.axis
-        self.register_buffer("index", build_mask(self.shape, plan.mask, plan.num_entries, plan.axis, plan.seed))
+        ordered = plan.role in FIRST_OF_PAIR and plan.axis == 0
+        index = build_mask(self.shape, plan.mask, plan.num_entries, plan.axis, plan.seed, ordered)
+        self.register_buffer("index", index)
         values = self._initial_values(plan, init_weights, init_values)
         self.values = nn.Parameter(values)
 

@@ -81,16 +81,18 @@ def discrete_mask(shape: tuple[int, ...], k: int, seed: int) -> torch.Tensor:
     return _sample_distinct(numel, k, generator).to(INDEX_DTYPE)
 
 
-def adjacent_mask(shape: tuple[int, ...], k: int, axis: int, seed: int) -> torch.Tensor:
+def adjacent_mask(shape: tuple[int, ...], k: int, axis: int, seed: int, ordered: bool = False) -> torch.Tensor:
     """int32 ids of the `ceil(k / line_length)` trainable lines; the last one is partial if needed.
 
-    The lines are chosen uniformly at random (seeded) and sorted, except that the partial line, when there
-    is one, is the last chosen line in sorted order.
+    The lines are chosen uniformly at random (seeded) and sorted; the partial line, when there is one, is the
+    last chosen line in sorted order. `ordered=True` takes lines `0, 1, 2, ...` instead (see `build_mask`).
     """
     length = line_length(shape, axis)
     lines = num_lines(shape, axis)
     if not 0 <= k <= length * lines:
         raise ValueError(f"cannot choose k={k} entries of a tensor of shape {tuple(shape)}")
+    if ordered:
+        return torch.arange(math.ceil(k / length), dtype=INDEX_DTYPE)
     generator = torch.Generator().manual_seed(seed)
     return _sample_distinct(lines, math.ceil(k / length), generator).to(INDEX_DTYPE)
 
@@ -121,8 +123,14 @@ def mask_to_dense(shape: tuple[int, ...], mask: str | None, index: torch.Tensor,
     return dense.view(shape)
 
 
-def build_mask(shape: tuple[int, ...], mask: str | None, k: int, axis: int, seed: int) -> torch.Tensor:
-    """The compact index for a mask kind (see module docstring)."""
+def build_mask(shape: tuple[int, ...], mask: str | None, k: int, axis: int, seed: int,
+               ordered: bool = False) -> torch.Tensor:
+    """The compact index for a mask kind (see module docstring).
+
+    `ordered` (adjacent only) is used for the first matrix of a two-matrix path (LoRA A, adapter down,
+    `axis=0`): its trainable rows are the first rank units, which the partial row of the second matrix (its
+    first `rem` columns) always meets; independently random rows could leave the path with no live unit.
+    """
     if mask is None:
         if k != math.prod(shape):
             raise ValueError(f"an unmasked tensor of shape {tuple(shape)} trains all its entries, not {k}")
@@ -130,5 +138,5 @@ def build_mask(shape: tuple[int, ...], mask: str | None, k: int, axis: int, seed
     if mask == "discrete":
         return discrete_mask(shape, k, seed)
     if mask == "adjacent":
-        return adjacent_mask(shape, k, axis, seed)
+        return adjacent_mask(shape, k, axis, seed, ordered)
     raise ValueError(f"`mask` must be one of ['adjacent', 'discrete'] or None, got {mask!r}")

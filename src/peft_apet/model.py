@@ -71,6 +71,12 @@ class APETModel(BaseTuner):
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
 
+    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
+        # APET layers put their tensors on the base layer's device in `update_layer`; PEFT's generic version also
+        # copies `weight`/`bias` onto modules without `base_layer`, which breaks unloading wrapped heads without a
+        # weight (e.g. RoBERTa's classification head in modules_to_save).
+        setattr(parent, child_name, new_module)
+
     @staticmethod
     def _prompt_init_values(config: APETConfig, target: nn.Module, plan: ModulePlan) -> dict | None:
         """Prompt rows from the embeddings of `prompt_init_text` (repeated or cut to length), as PEFT does."""

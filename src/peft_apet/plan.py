@@ -32,6 +32,9 @@ OPERATION_ROLES = {
 }
 
 
+SEQ_CLS_HEADS = ("classifier", "score")  # as in peft.PeftModelForSequenceClassification
+
+
 @dataclass(frozen=True)
 class TensorPlan:
     """One trainable tensor `W~ = W ⊙ m`: its logical shape, mask and number of trainable entries."""
@@ -246,7 +249,9 @@ def _split_within_module(shapes: dict[str, tuple[int, ...]], count: int) -> dict
 
 def plan_adapter(model: nn.Module, config: APETConfig, adapter_name: str = "default") -> AdapterPlan:
     """Plan an adapter on `model` without modifying it; raises ValueError for bad targets or budgets."""
-    modules_to_save = config.modules_to_save
+    modules_to_save = list(config.modules_to_save or [])
+    if config.task_type == "SEQ_CLS":  # PeftModelForSequenceClassification trains these heads in full
+        modules_to_save += [m for m in SEQ_CLS_HEADS if m not in modules_to_save]
     candidates = candidate_modules(model, modules_to_save)
     per_part: dict[str, list[tuple[str, nn.Module, dict[str, tuple[int, ...]]]]] = {}
     kinds: dict[str, str] = {}
