@@ -71,6 +71,16 @@ class APETModel(BaseTuner):
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
 
+    @classmethod
+    def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
+        # APET keys hold the adapter name before the role: `<module>.apet_weights.<adapter>.<role>.values`;
+        # checkpoints store `<module>.apet_weights.<role>.values`, whatever the adapter is called.
+        marker = f".apet_weights.{adapter_name}."
+        head, found, tail = key.rpartition(marker)
+        if found:
+            return f"{head}.apet_weights.{tail}"
+        return super()._remove_adapter_name_from_key(key, adapter_name)
+
     def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
         # APET layers put their tensors on the base layer's device in `update_layer`; PEFT's generic version also
         # copies `weight`/`bias` onto modules without `base_layer`, which breaks unloading wrapped heads without a
