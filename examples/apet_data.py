@@ -56,7 +56,7 @@ class TaskSpec:
     source: str
     licence: str
     loader: Callable[[], dict[str, Split]] = field(repr=False)
-    text_column: str = "text"
+    text_column: str = "text"  # the field of the source that becomes ``text``, for reference
     test_size: int | None = None  # None: the source's own test split, uncapped
     validation_size: int = 500
     train_size: int | None = None  # None: everything left after test and validation
@@ -70,7 +70,7 @@ def _require(module: str, install: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def _dedupe(split: Split, exclude: set[str] = frozenset()) -> Split:
+def _dedupe(split: Split, exclude: frozenset[str] | set[str] = frozenset()) -> Split:
     """Drop repeated texts (keeping the first) and texts in ``exclude``, so that splits never share a text."""
     seen = set(exclude)
     texts, labels = [], []
@@ -145,6 +145,7 @@ def _newsgroup_body(post: str) -> str:
     """Keep the subject and the body of a Usenet post; the other headers (``Newsgroups:``) would leak the label."""
     header, _, body = post.partition("\n\n")
     subject = re.search(r"^Subject: *(.*)$", header, flags=re.MULTILINE)
+    body = re.sub(r"^Newsgroups:.*\n?", "", body, flags=re.MULTILINE)  # a few posts quote a second header block
     return ((subject.group(1) + "\n") if subject else "") + body.strip()
 
 
@@ -331,16 +332,18 @@ def _external_splits(
     if "train" not in data:
         raise ValueError(f"The dataset has no 'train' split; its splits are {sorted(data)}")
     wanted = [c for c in (text_column, text_pair_column, label_column) if c]
-    for split_name in ("train", "validation", "test"):
-        if split_name in data:
-            missing = [c for c in wanted if c not in data[split_name].column_names]
-            if missing:
-                raise ValueError(
-                    f"Column(s) {missing} not found in split {split_name!r}; available columns: "
-                    f"{data[split_name].column_names}. Pass text_column= / label_column= / text_pair_column=."
-                )
+    present = [name for name in ("train", "validation", "test") if name in data]
+    if "test" in present and label_column not in data["test"].column_names:
+        present.remove("test")  # an unlabelled test split is no use for evaluation
+    for split_name in present:
+        missing = [c for c in wanted if c not in data[split_name].column_names]
+        if missing:
+            raise ValueError(
+                f"Column(s) {missing} not found in split {split_name!r}; available columns: "
+                f"{data[split_name].column_names}. Pass text_column= / label_column= / text_pair_column=."
+            )
     feature = data["train"].features[label_column]
-    columns = {name: data[name].to_dict() for name in ("train", "validation", "test") if name in data}
+    columns = {name: data[name].select_columns(wanted).to_dict() for name in present}
     if isinstance(feature, ClassLabel):
         names = list(feature.names)
         to_int = int
@@ -362,6 +365,8 @@ def _external_splits(
         kept = [(x, to_int(y)) for x, y in zip(inputs, table[label_column]) if y is not None and y != -1]
         if kept:
             splits[name] = ([x for x, _ in kept], [y for _, y in kept])
+    if "train" not in splits:
+        raise ValueError(f"The 'train' split has no labelled rows in column {label_column!r}")
     return splits, names
 
 
@@ -388,7 +393,8 @@ def load_task(
     labelled test split uses its validation split as test, and one without validation gets it carved from train.
 
     Sizes left as None take the task's defaults (external data: validation min(500, 10%), test min(1000, 20%)).
-    Splits are disjoint, stratified by label and fixed by ``seed``; ``max_examples`` caps every split.
+    Splits are disjoint, stratified by label and fixed by ``seed``; ``max_examples`` caps every split. Registry
+    tasks are also de-duplicated, so no text occurs twice; external data is used as it is.
     """
     if name in TASKS:
         spec = TASKS[name]

@@ -136,7 +136,7 @@ def load_metric(name: str) -> Metric:
         import evaluate
 
         module = evaluate.load(hub_name)
-    except Exception as error:  # noqa: BLE001 - no Hub, no evaluate, a broken cache: all mean "use the offline one"
+    except Exception as error:  # no Hub, no evaluate, a broken cache: all mean "use the offline one"
         warnings.warn(
             f"evaluate.load({hub_name!r}) failed ({type(error).__name__}); using the offline {canonical}", stacklevel=2
         )

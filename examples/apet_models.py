@@ -77,6 +77,7 @@ def smollm2_path() -> str:
     work = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
     try:
         _convert_smollm2(source, work)
+        work.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
         try:
             os.replace(work, target)
         except OSError:

