@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import enum
 import functools
+import math
+import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -49,7 +51,8 @@ class APETPeftType(str, enum.Enum):
 def _check_choice(name: str, value: Any, allowed: tuple, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
-    if value not in allowed:
+    # `True in (0, 1)` and `1.0 in (0, 1)` hold in Python: compare types as well as values.
+    if not any(type(value) is type(a) and value == a for a in allowed):
         extra = " or None" if allow_none else ""
         raise ValueError(f"`{name}` must be one of {list(allowed)}{extra}, got {value!r}.")
 
@@ -72,6 +75,11 @@ def _check_budget(owner: str, num_trainable_params: Any, density: Any) -> None:
 def _check_positive_int(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
+
+
+def _check_optional_str(name: str, value: Any) -> None:
+    if value is not None and not isinstance(value, str):
+        raise ValueError(f"`{name}` must be a str or None, got {value!r}.")
 
 
 def _check_target_modules(name: str, value: Any) -> None:
@@ -177,9 +185,11 @@ class APETPart:
             raise ValueError("part 'prompt': `target_modules` must be None; prompts act on the input embedding.")
         if self.operation == "lora":
             _check_positive_int("r", self.r)
-            if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)):
-                raise ValueError(f"`lora_alpha` must be a number, got {self.lora_alpha!r}.")
-            if not isinstance(self.lora_dropout, (int, float)) or not 0.0 <= self.lora_dropout < 1.0:
+            if (isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float))
+                    or not math.isfinite(self.lora_alpha)):
+                raise ValueError(f"`lora_alpha` must be a finite number, got {self.lora_alpha!r}.")
+            if (isinstance(self.lora_dropout, bool) or not isinstance(self.lora_dropout, (int, float))
+                    or not 0.0 <= self.lora_dropout < 1.0):
                 raise ValueError(f"`lora_dropout` must be a float in [0, 1), got {self.lora_dropout!r}.")
         if self.operation == "adapter":
             _check_positive_int("bottleneck", self.bottleneck)
@@ -187,10 +197,20 @@ class APETPart:
         if self.operation == "prompt":
             _check_positive_int("num_virtual_tokens", self.num_virtual_tokens)
             _check_choice("prompt_init", self.prompt_init, PROMPT_INITS)
+            _check_optional_str("prompt_init_text", self.prompt_init_text)
+            _check_optional_str("tokenizer_name_or_path", self.tokenizer_name_or_path)
             if self.prompt_init == "text" and not (self.prompt_init_text and self.tokenizer_name_or_path):
                 raise ValueError(
                     "part 'prompt': prompt_init='text' needs `prompt_init_text` and `tokenizer_name_or_path`."
                 )
+
+    @classmethod
+    def check_kwargs(cls, **kwargs: Any) -> dict:
+        """Refuse unknown fields with a ValueError listing the allowed ones (not the dataclass's TypeError)."""
+        unknown = sorted(set(kwargs) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"APETPart has no fields {unknown}; allowed: {[f.name for f in fields(cls)]}.")
+        return kwargs
 
     @property
     def mergeable(self) -> bool:
@@ -240,11 +260,7 @@ class APETConfig(PeftConfig):
         parts = []
         for part in self.parts:
             if isinstance(part, dict):
-                unknown = set(part) - {f.name for f in fields(APETPart)}
-                if unknown:
-                    raise ValueError(f"`parts` entry has unknown fields {sorted(unknown)}; allowed: "
-                                     f"{[f.name for f in fields(APETPart)]}.")
-                part = APETPart(**part)
+                part = APETPart(**part)  # raises ValueError for unknown fields
             if not isinstance(part, APETPart):
                 raise ValueError(f"`parts` entries must be APETPart or dict, got {type(part).__name__}.")
             parts.append(part)
@@ -256,10 +272,14 @@ class APETConfig(PeftConfig):
         _check_budget("APETConfig", self.num_trainable_params, self.density)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"`seed` must be a non-negative int, got {self.seed!r}.")
-        if not isinstance(self.init_weights, bool):
-            raise ValueError(f"`init_weights` must be a bool, got {self.init_weights!r}.")
+        for name in ("init_weights", "inference_mode"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"`{name}` must be a bool, got {getattr(self, name)!r}.")
+        _check_optional_str("base_model_name_or_path", self.base_model_name_or_path)
+        _check_optional_str("revision", self.revision)
         if self.modules_to_save is not None:
-            if isinstance(self.modules_to_save, str) or not all(isinstance(m, str) for m in self.modules_to_save):
+            if not isinstance(self.modules_to_save, (list, tuple)) or not all(
+                    isinstance(m, str) for m in self.modules_to_save):
                 raise ValueError(f"`modules_to_save` must be a list of module names, got {self.modules_to_save!r}.")
             self.modules_to_save = list(self.modules_to_save)
         if self.part("prompt") is not None and self.task_type is None:
@@ -285,7 +305,26 @@ class APETConfig(PeftConfig):
     def to_dict(self) -> dict:
         out = asdict(self)
         out["peft_type"] = APETPeftType.APET.value
+        if out["modules_to_save"] is not None:
+            # PeftModelForSequenceClassification appends its head names on every load: save each name once, so
+            # that save -> load -> save writes the same adapter_config.json.
+            out["modules_to_save"] = list(dict.fromkeys(out["modules_to_save"]))
         return out
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None,
+                        **kwargs: Any) -> APETConfig:
+        """PEFT's `from_pretrained`, with errors that name the file. A config read from a local folder remembers
+        it, so that the tuner checks the folder's weights fit the model before injecting the adapter
+        (`peft_apet.checks.check_checkpoint_fits_plan`)."""
+        folder = os.path.join(pretrained_model_name_or_path, subfolder) if subfolder else pretrained_model_name_or_path
+        try:
+            config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        except ValueError as e:
+            raise ValueError(f"{os.path.join(folder, 'adapter_config.json')}: {e}") from e
+        if os.path.isdir(folder):
+            config._loaded_from = str(folder)
+        return config
 
     @classmethod
     def check_kwargs(cls, **kwargs):
@@ -294,9 +333,9 @@ class APETConfig(PeftConfig):
         unknown = sorted(set(kwargs) - known)
         if unknown:
             raise ValueError(
-                f"adapter_config.json has fields {unknown} that this peft-apet version does not know; it was "
-                "probably saved by a newer version. Upgrade with `pip install -U peft-apet` rather than load it "
-                "with those settings silently ignored."
+                f"APETConfig has no fields {unknown}; allowed: {sorted(known)}. If they come from an "
+                "adapter_config.json, it was probably saved by a newer peft-apet: upgrade with "
+                "`pip install -U peft-apet` rather than load it with those settings silently ignored."
             )
         return kwargs
 
@@ -431,4 +470,5 @@ def _refuse_unknown_fields(init):
     return checked_init
 
 
+APETPart.__init__ = _refuse_unknown_fields(APETPart.__init__)
 APETConfig.__init__ = _refuse_unknown_fields(APETConfig.__init__)

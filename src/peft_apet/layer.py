@@ -93,41 +93,57 @@ class APETLayer(BaseTunerLayer):
     def _bias_target(self, create: bool) -> torch.Tensor | None:
         base = self.get_base_layer()
         if getattr(base, "bias", None) is None:
-            if not create:
-                return None
             if not hasattr(base, "bias") or not isinstance(self, Linear):
                 raise ValueError(f"cannot merge an APET bias into {type(base).__name__}, which has no bias.")
+            if not create:
+                return None
             weight = self.get_base_weight()
             base.bias = nn.Parameter(torch.zeros(self.out_features, dtype=weight.dtype, device=weight.device),
                                      requires_grad=False)
             self._created_bias = True
         return base.bias.data
 
-    def _merge_one(self, name: str, sign: float, safe_merge: bool) -> None:
+    def _merge_targets(self, name: str, create_bias: bool) -> dict[str, torch.Tensor]:
+        """The base tensors adapter `name` merges into: `weight` as `(out, in)` and/or `bias` (zeros standing in
+        for a bias the base layer does not have yet, unless `create_bias`)."""
         weights = self.apet_weights[name]
         targets = {}
         if "delta" in weights or "lora_A" in weights:
             targets["weight"] = self.weight_out_in().data
         if "bias" in weights:
-            targets["bias"] = self._bias_target(create=sign > 0)
-        updated = {key: (t.clone() if safe_merge else t) for key, t in targets.items() if t is not None}
+            bias = self._bias_target(create=create_bias)
+            targets["bias"] = bias if bias is not None else self.get_base_weight().new_zeros(self.out_features)
+        return targets
+
+    def _add_adapter_to(self, name: str, targets: dict[str, torch.Tensor], sign: float) -> None:
+        """`targets += sign * (what adapter `name` adds to the base weight and bias)`, in place."""
+        weights = self.apet_weights[name]
         if "delta" in weights:
-            weights["delta"].add_to_(updated["weight"], alpha=sign)
+            weights["delta"].add_to_(targets["weight"], alpha=sign)
         if "lora_A" in weights:
             delta = self.apet_settings[name]["lora_scaling"] * (weights["lora_B"].dense() @ weights["lora_A"].dense())
-            updated["weight"] += sign * delta.to(updated["weight"].dtype)
-        if "bias" in weights and "bias" in updated:
-            weights["bias"].add_to_(updated["bias"], alpha=sign)
+            targets["weight"] += sign * delta.detach().to(targets["weight"].dtype)
+        if "bias" in weights:
+            weights["bias"].add_to_(targets["bias"], alpha=sign)
+
+    def broken_merge_targets(self, adapter_names: list[str]) -> list[str]:
+        """The base tensors (`weight`, `bias`) that would hold NaN or inf after merging `adapter_names` in turn;
+        computed on copies, nothing is changed."""
+        merged: dict[str, torch.Tensor] = {}
+        for name in adapter_names:
+            targets = self._merge_targets(name, create_bias=False)
+            for key, target in targets.items():
+                merged.setdefault(key, target.clone())
+            self._add_adapter_to(name, {key: merged[key] for key in targets}, 1.0)
+        return [key for key, t in merged.items() if not torch.isfinite(t).all()]
+
+    def _merge_one(self, name: str, sign: float, safe_merge: bool) -> None:
         if safe_merge:
-            broken = [key for key, t in updated.items() if not torch.isfinite(t).all()]
+            broken = self.broken_merge_targets([name])
             if broken:
-                if self._created_bias and sign > 0:
-                    self.get_base_layer().bias = None
-                    self._created_bias = False
                 raise ValueError(f"NaNs or infs detected while merging APET adapter '{name}' into the base "
                                  f"{broken}; the adapter seems broken. The base weights were left unchanged.")
-            for key, t in updated.items():
-                targets[key].copy_(t)
+        self._add_adapter_to(name, self._merge_targets(name, create_bias=sign > 0), sign)
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Fold the active (or given) adapters' lora, bias and delta parts into the base weights."""

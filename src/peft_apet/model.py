@@ -13,6 +13,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
+from .checks import check_checkpoint_fits_plan, check_merge_is_finite, check_state_fits_model
 from .config import APETConfig
 from .layer import APETLayer, Linear, OutputLayer, PromptEmbedding
 from .plan import AdapterPlan, ModulePlan, plan_adapter, summary_table
@@ -45,8 +46,10 @@ class APETModel(BaseTuner):
         return peft_config
 
     def _prepare_model(self, peft_config: APETConfig, model: nn.Module) -> None:
-        # Runs before PEFT matches or replaces any module: every target and budget error surfaces here.
-        self.__dict__["_pending_plan"] = plan_adapter(model, peft_config)
+        # Runs before PEFT matches or replaces any module: every target, budget and checkpoint error surfaces here.
+        plan = plan_adapter(model, peft_config)
+        check_checkpoint_fits_plan(peft_config, plan, model)
+        self.__dict__["_pending_plan"] = plan
 
     @property
     def pending_plan(self) -> AdapterPlan:
@@ -80,6 +83,12 @@ class APETModel(BaseTuner):
         if found:
             return f"{head}.apet_weights.{tail}"
         return super()._remove_adapter_name_from_key(key, adapter_name)
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model: nn.Module, config: APETConfig, adapter_name: str,
+                                           state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        check_state_fits_model(model, adapter_name, state_dict)  # before load_state_dict copies anything
+        return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
 
     def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
         # APET layers put their tensors on the base layer's device in `update_layer`; PEFT's generic version also
@@ -117,6 +126,18 @@ class APETModel(BaseTuner):
                     "is non-linear and a prompt changes the input sequence). Only lora, bias and delta parts merge; "
                     "keep the adapter unmerged for inference instead."
                 )
+
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        if safe_merge:  # check every layer first: a NaN in the last layer must not leave the first ones merged
+            check_merge_is_finite(self.model, adapter_names or self.active_adapters)
+        super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+
+    def _unload_and_optionally_merge(self, merge: bool = True, progressbar: bool = False, safe_merge: bool = False,
+                                     adapter_names: list[str] | None = None) -> nn.Module:
+        if merge and safe_merge:
+            check_merge_is_finite(self.model, adapter_names or self.active_adapters)
+        return super()._unload_and_optionally_merge(merge=merge, progressbar=progressbar, safe_merge=safe_merge,
+                                                    adapter_names=adapter_names)
 
     # ------------------------------------------------------------------ prompts
     def _active_prompt(self) -> tuple[PromptEmbedding | None, str | None]:

@@ -61,7 +61,7 @@ class _DiscreteDeltaLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             effective = weight.clone(memory_format=torch.contiguous_format)
             effective.view(-1).index_add_(0, flat, values.to(effective.dtype))
-            grad_x = grad_out @ effective
+            grad_x = grad_out @ effective.to(grad_out.dtype)  # under autocast grad_out is in the autocast dtype
             del effective
         if ctx.needs_input_grad[1]:
             raise RuntimeError("APET masked deltas expect a frozen base weight (requires_grad=False).")

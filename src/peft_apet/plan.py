@@ -191,19 +191,18 @@ def resolve_targets(
     targets = part.target_modules if part.target_modules is not None else default_target_modules(
         model_type, part.operation)
     heads = _output_head_names(model, candidates)
-    matcher = SimpleNamespace(target_modules=targets, exclude_modules=part.exclude_modules,
+    special = (ALL_LINEAR, ALL_WITH_BIAS)
+    exclude = part.exclude_modules
+    matcher = SimpleNamespace(target_modules=targets, exclude_modules=None if exclude in special else exclude,
                               modules_to_save=modules_to_save, target_parameters=None)
     chosen = []
     for name, module in candidates:
-        if targets == ALL_LINEAR:
-            hit = is_linear(module) and name not in heads
-        elif targets == ALL_WITH_BIAS:
-            hit = has_bias(module) and (is_linear(module) or isinstance(module, nn.LayerNorm)) and name not in heads
-        else:
-            hit = check_target_module_exists(matcher, name)
-        if part.exclude_modules and isinstance(check_target_module_exists(matcher, name), _ExcludedModule):
+        hit = check_target_module_exists(matcher, name)  # an _ExcludedModule (falsy) when `exclude` matches
+        if targets in special:
+            hit = not isinstance(hit, _ExcludedModule) and _in_special_set(targets, name, module, heads)
+        if exclude in special and _in_special_set(exclude, name, module, heads):
             hit = False
-        if hit and not isinstance(hit, _ExcludedModule):
+        if hit:
             chosen.append((name, module))
     if not chosen:
         raise ValueError(
@@ -219,6 +218,13 @@ def resolve_targets(
             raise ValueError(f"part '{part.operation}': cannot tell the output size of target {name} "
                              f"({type(module).__name__}); target linear layers or norms.")
     return chosen
+
+
+def _in_special_set(spec: str, name: str, module: nn.Module, heads: set[str]) -> bool:
+    """Whether a module belongs to "all-linear" or "all-with-bias" (output heads never do)."""
+    if spec == ALL_LINEAR:
+        return is_linear(module) and name not in heads
+    return has_bias(module) and (is_linear(module) or isinstance(module, nn.LayerNorm)) and name not in heads
 
 
 def _tensor_shapes(part: APETPart, module: nn.Module, kind: str) -> dict[str, tuple[int, ...]]:

@@ -1,0 +1,215 @@
+"""Checks that keep a model whole when a checkpoint or an adapter is broken.
+
+- `check_checkpoint_fits_plan`: before an adapter read from a folder is injected, its `adapter_model.safetensors`
+  must be readable and hold exactly the tensors the plan for *this* model expects (same modules and roles, same
+  number of trainable entries, masks that fit the logical shapes). A checkpoint of another base model (other
+  hidden sizes, other depth) or a damaged file is refused before any module is replaced.
+- `check_state_fits_model`: the same check against the adapter already in the model, run on every state dict
+  PEFT loads, before `load_state_dict` copies anything (e.g. `load_adapter` into an existing adapter name).
+- `check_merge_is_finite`: with `safe_merge=True`, every layer's merged weights are checked before the first base
+  weight changes, so a broken adapter leaves all base weights bit-identical.
+
+Checkpoint keys look like `base_model.model.<module>.apet_weights.<role>.<tensor>` (tensor: `values` or `index`);
+any other key is a full tensor of the base model (e.g. a `modules_to_save` head) and must match its shape.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
+from peft.utils.other import AuxiliaryTrainingWrapper
+from safetensors import SafetensorError, safe_open
+from torch import nn
+
+from .config import APETConfig
+from .layer import APETLayer
+from .masks import line_length, num_lines
+from .plan import AdapterPlan, TensorPlan
+
+PEFT_PREFIX = "base_model.model."
+_APET_KEY = re.compile(r"^(?P<module>.+)\.apet_weights\.(?P<role>[^.]+)\.(?P<tensor>[^.]+)$")
+_SHOWN = 5  # names listed per problem in an error message
+
+
+@dataclass
+class _Checkpoint:
+    """A checkpoint's tensors, sorted into APET tensors by `(module, role)` and other (base model) tensors."""
+
+    apet: dict[tuple[str, str], dict[str, torch.Tensor | tuple[int, ...]]] = field(default_factory=dict)
+    other: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+    @classmethod
+    def from_items(cls, items: Iterable[tuple[str, torch.Tensor | tuple[int, ...]]]) -> _Checkpoint:
+        """`items`: `(key, tensor or shape)`; mask indices must be tensors, other entries may be shapes."""
+        out = cls()
+        for key, value in items:
+            match = _APET_KEY.match(key.removeprefix(PEFT_PREFIX))
+            if match:
+                out.apet.setdefault((match["module"], match["role"]), {})[match["tensor"]] = value
+            else:
+                out.other[key] = tuple(value.shape) if isinstance(value, torch.Tensor) else tuple(value)
+        return out
+
+
+def _shape(value: torch.Tensor | tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else tuple(value)
+
+
+def _names(items: Iterable[str]) -> str:
+    items = sorted(set(items))
+    more = f" ... ({len(items)} in all)" if len(items) > _SHOWN else ""
+    return f"{items[:_SHOWN]}{more}"
+
+
+def index_problem(spec: TensorPlan | nn.Module, index: torch.Tensor) -> str | None:
+    """Why `index` cannot be the compact mask (see `peft_apet.masks`) of the tensor `spec` describes, or None.
+
+    `spec` is a `TensorPlan` or a `MaskedWeight`: anything with `shape`, `mask`, `axis` and `num_entries`.
+    """
+    shape, k = tuple(spec.shape), spec.num_entries
+    if spec.mask is None:
+        length, bound = 0, 0
+    elif spec.mask == "discrete":
+        length, bound = k, math.prod(shape)
+    else:
+        length, bound = math.ceil(k / line_length(shape, spec.axis)), num_lines(shape, spec.axis)
+    if index.dim() != 1 or index.numel() != length or index.is_floating_point():
+        return f"mask index of shape {tuple(index.shape)} ({index.dtype}), expected {length} integer ids"
+    if length and (int(index.min()) < 0 or int(index.max()) >= bound):
+        return f"mask index points outside the tensor of shape {shape} (ids must be in [0, {bound}))"
+    if length > 1 and not bool((index[1:] > index[:-1]).all()):
+        return "mask index is not strictly increasing"
+    return None
+
+
+def _problems(expected: Mapping[tuple[str, str], TensorPlan | nn.Module], checkpoint: _Checkpoint,
+              base_shape: Callable[[str], tuple[int, ...] | None]) -> list[str]:
+    """Every way `checkpoint` differs from the `expected` APET tensors and from the base model's tensors."""
+    problems = []
+    missing = [f"{m} ({r})" for m, r in expected if (m, r) not in checkpoint.apet]
+    if missing:
+        problems.append(f"it has no tensors for modules {_names(missing)}")
+    unexpected = [f"{m} ({r})" for m, r in checkpoint.apet if (m, r) not in expected]
+    if unexpected:
+        problems.append(f"it has tensors for modules this model's adapter does not have: {_names(unexpected)}")
+    for (module, role), spec in expected.items():
+        tensors = checkpoint.apet.get((module, role))
+        if tensors is None:
+            continue
+        if "values" not in tensors:
+            problems.append(f"{module} ({role}): no `values` tensor")
+        elif _shape(tensors["values"]) != (spec.num_entries,):
+            problems.append(f"{module} ({role}): values of shape {_shape(tensors['values'])} in the checkpoint, "
+                            f"({spec.num_entries},) in this model (the trainable entries of a {tuple(spec.shape)} "
+                            "tensor)")
+        index = tensors.get("index")
+        problem = index_problem(spec, index) if isinstance(index, torch.Tensor) else None
+        if problem:
+            problems.append(f"{module} ({role}): {problem}")
+    for key, shape in checkpoint.other.items():
+        found = base_shape(key)
+        if found is None:
+            problems.append(f"{key}: no such tensor in this model")
+        elif found != shape:
+            problems.append(f"{key}: shape {shape} in the checkpoint, {found} in this model")
+    return problems
+
+
+def _raise(source: str, problems: list[str], outcome: str) -> None:
+    if problems:
+        more = f"; ... ({len(problems)} problems in all)" if len(problems) > _SHOWN else ""
+        raise ValueError(
+            f"the APET checkpoint {source} does not fit this model: " + "; ".join(problems[:_SHOWN]) + more
+            + f". Was it saved from another base model (other sizes or number of layers) or another config? {outcome}"
+        )
+
+
+def _tensor_shape(model: nn.Module, key: str) -> tuple[int, ...] | None:
+    """Shape of the tensor `key` of `model`, looking through tuner layers and modules_to_save wrappers."""
+    *path, attr = key.split(".")
+    module = model
+    for name in path:
+        child = module._modules.get(name)
+        if child is None and isinstance(module, AuxiliaryTrainingWrapper):
+            child = module.original_module._modules.get(name)
+        if child is None and isinstance(module, BaseTunerLayer):
+            child = module.get_base_layer()._modules.get(name)
+        if child is None:
+            return None
+        module = child
+    if isinstance(module, AuxiliaryTrainingWrapper):
+        module = module.original_module
+    if isinstance(module, BaseTunerLayer):
+        module = module.get_base_layer()
+    tensor = module._parameters.get(attr, module._buffers.get(attr))
+    return None if tensor is None else tuple(tensor.shape)
+
+
+def _read_checkpoint(path: str) -> _Checkpoint:
+    """Shapes of every tensor in a safetensors file and its mask indices; ValueError naming the file if damaged."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            return _Checkpoint.from_items(
+                (key, f.get_tensor(key) if key.endswith(".index") else tuple(f.get_slice(key).get_shape()))
+                for key in f.keys()
+            )
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path} is damaged and cannot be read ({e}); save the adapter again. Nothing was "
+                         "loaded or changed.") from e
+
+
+def check_checkpoint_fits_plan(config: APETConfig, plan: AdapterPlan, model: nn.Module) -> None:
+    """If `config` was read from a local folder (`APETConfig.from_pretrained`), check that folder's weights fit
+    `plan` (planned on `model`, nothing injected yet); raise ValueError / FileNotFoundError naming the file or the
+    modules otherwise.
+
+    The folder is checked once: the first injection of a freshly read config is the load itself.
+    """
+    folder = config.__dict__.pop("_loaded_from", None)
+    if folder is None:
+        return
+    path = os.path.join(folder, SAFETENSORS_WEIGHTS_NAME)
+    if not os.path.isfile(path):
+        if os.path.isfile(os.path.join(folder, WEIGHTS_NAME)):
+            return  # a pickle checkpoint: PEFT reads it with torch.load(weights_only=True)
+        raise FileNotFoundError(f"{folder} has an adapter_config.json but no {SAFETENSORS_WEIGHTS_NAME}.")
+    expected = {(m.name, role): t for m in plan.modules.values() for role, t in m.tensors.items()}
+    _raise(path, _problems(expected, _read_checkpoint(path), lambda key: _tensor_shape(model, key.removeprefix(
+        PEFT_PREFIX))), "Nothing was loaded or changed.")
+
+
+def check_state_fits_model(model: nn.Module, adapter_name: str, state_dict: Mapping[str, torch.Tensor]) -> None:
+    """Check a checkpoint state dict (keys without the adapter name) against the adapter `adapter_name` already
+    in `model` (a `PeftModel`), before anything is copied; raise ValueError naming the modules otherwise.
+
+    Runs after injection: when `PeftModel.from_pretrained` is given `config=` (not read from the folder), it is the
+    only check, and a refused checkpoint leaves the (empty) APET layers in the base model.
+    """
+    expected = {}
+    for name, module in model.named_modules():
+        if isinstance(module, APETLayer) and adapter_name in module.apet_weights:
+            for role, weight in module.apet_weights[adapter_name].items():
+                expected[(name.removeprefix(PEFT_PREFIX), role)] = weight
+    _raise(f"loaded into adapter '{adapter_name}'", _problems(
+        expected, _Checkpoint.from_items(state_dict.items()), lambda key: _tensor_shape(model, key)),
+        "No value was loaded.")
+
+
+def check_merge_is_finite(model: nn.Module, adapter_names: list[str]) -> None:
+    """Raise ValueError naming the modules whose base weights would hold NaN or inf after merging `adapter_names`;
+    nothing is changed."""
+    broken = []
+    for name, module in model.named_modules():
+        if isinstance(module, APETLayer):
+            names = [a for a in adapter_names if a in module.apet_weights and a not in module.merged_adapters]
+            broken += [f"{name}.{key}" for key in module.broken_merge_targets(names)]
+    if broken:
+        raise ValueError(f"NaNs or infs detected while merging APET adapters {adapter_names} into {_names(broken)}; "
+                         "the adapter seems broken. No base weight was changed.")

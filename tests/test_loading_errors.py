@@ -1,0 +1,318 @@
+"""Damaged or mismatched checkpoints, broken adapters and reproducible files.
+
+A checkpoint that does not fit the model (another base model, a damaged file, a config from a newer version) is a
+clear error naming the module or the file, and the model is left as it was: no APET layer in a base model, no
+half-created adapter next to existing ones, no value copied. `merge_adapter(safe_merge=True)` with a NaN changes no
+base weight. Saving is reproducible: save -> load -> save writes the same bytes, masks are the same in every
+process, and adapter weights are read through safetensors only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import MODELS, VOCAB, model_inputs, model_output, tiny_bert
+from peft import AutoPeftModelForSequenceClassification, PeftConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file
+from transformers import BertConfig, BertForSequenceClassification
+
+from peft_apet import APETConfig, APETLayer
+
+WEIGHTS = "adapter_model.safetensors"
+
+
+def bert(hidden: int = 32, layers: int = 2) -> BertForSequenceClassification:
+    """`conftest.tiny_bert` with other sizes: a different base model for the same adapter config."""
+    torch.manual_seed(0)
+    return BertForSequenceClassification(BertConfig(
+        hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2, intermediate_size=64, vocab_size=VOCAB,
+        max_position_embeddings=64)).eval()
+
+
+def lora(**kwargs) -> APETConfig:
+    return APETConfig.lora(task_type="SEQ_CLS", init_weights=False, **kwargs)
+
+
+def save_adapter(path, config: APETConfig, base=None):
+    model = get_peft_model(base if base is not None else tiny_bert(), config).eval()
+    model.save_pretrained(path)
+    return model
+
+
+def snapshot(model: torch.nn.Module) -> dict:
+    return {"state": {k: v.clone() for k, v in model.state_dict().items()},
+            "modules": [(n, type(m)) for n, m in model.named_modules()],
+            "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()}}
+
+
+def bit_identical(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same dtype, shape and bytes (so a NaN equals itself, unlike `torch.equal`)."""
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(
+        a.contiguous().view(-1).view(torch.uint8), b.contiguous().view(-1).view(torch.uint8))
+
+
+def assert_unchanged(model: torch.nn.Module, before: dict) -> None:
+    after = snapshot(model)
+    assert after["modules"] == before["modules"]
+    assert after["requires_grad"] == before["requires_grad"]
+    assert after["state"].keys() == before["state"].keys()
+    changed = [k for k, v in after["state"].items() if not bit_identical(before["state"][k], v)]
+    assert not changed, changed
+
+
+# Checkpoints of tiny_bert (hidden 32, 2 layers) loaded onto other base models, and what the error names.
+OTHER_BASE_MODELS = {
+    "wider (shape mismatch)": (lambda: bert(hidden=64), {}, r"layer\.0\.attention\.self\.query \(lora_A\): values "
+                                                            r"of shape \(256,\) in the checkpoint, \(512,\)"),
+    "deeper (missing modules)": (lambda: bert(layers=3), {}, r"no tensors for modules \['bert\.encoder\.layer\.2\."),
+    "shallower (extra modules)": (lambda: bert(layers=1), {}, r"modules this model's adapter does not have: "
+                                                              r"\['bert\.encoder\.layer\.1\."),
+    # Same budget on a narrower model: same number of values, but the mask ids do not fit the smaller tensors.
+    "narrower, same budget": (lambda: bert(hidden=16), {"mask": "discrete", "num_trainable_params": 200},
+                              r"query \(lora_A\): mask index points outside the tensor of shape \(8, 16\)"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(OTHER_BASE_MODELS))
+def test_from_pretrained_onto_another_base_model_is_refused_and_leaves_it_unchanged(tmp_path, case):
+    make_base, kwargs, message = OTHER_BASE_MODELS[case]
+    save_adapter(tmp_path / "adapter", lora(**kwargs))
+    base = make_base()
+    before = snapshot(base)
+    with pytest.raises(ValueError, match=message):
+        PeftModel.from_pretrained(base, tmp_path / "adapter")
+    assert_unchanged(base, before)
+    assert not any(isinstance(m, APETLayer) for m in base.modules())
+
+
+@pytest.mark.parametrize("case", sorted(OTHER_BASE_MODELS))
+def test_load_adapter_of_another_base_model_keeps_the_existing_adapters(tmp_path, case):
+    make_base, kwargs, message = OTHER_BASE_MODELS[case]
+    save_adapter(tmp_path / "adapter", lora(**kwargs))
+    model = get_peft_model(make_base(), APETConfig.bitfit(task_type="SEQ_CLS", init_weights=False))
+    inputs = model_inputs("bert")
+    expected = model_output(model, inputs)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=message):
+        model.load_adapter(tmp_path / "adapter", adapter_name="other")
+    assert_unchanged(model, before)
+    assert list(model.peft_config) == ["default"]
+    assert not any(isinstance(m, APETLayer) and "other" in m.apet_weights for m in model.modules())
+    assert torch.equal(model_output(model, inputs), expected)
+
+
+def test_reloading_into_an_existing_adapter_checks_before_copying(tmp_path):
+    """`load_adapter` under a name that exists skips creating the adapter: the state dict itself is checked."""
+    save_adapter(tmp_path / "adapter", lora())
+    model = get_peft_model(bert(hidden=64), lora())
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"loaded into adapter 'default' does not fit.*query \(lora_A\)"):
+        model.load_adapter(tmp_path / "adapter", adapter_name="default")
+    assert_unchanged(model, before)
+
+
+def test_a_matching_checkpoint_still_loads(tmp_path):
+    """The checks above refuse mismatches only: the same base model loads with identical outputs."""
+    trained = save_adapter(tmp_path / "adapter", lora(mask="discrete", num_trainable_params=200))
+    inputs = model_inputs("bert")
+    loaded = PeftModel.from_pretrained(tiny_bert(), tmp_path / "adapter")
+    assert torch.equal(model_output(loaded, inputs), model_output(trained, inputs))
+    other = get_peft_model(tiny_bert(), APETConfig.bitfit(task_type="SEQ_CLS"))
+    other.load_adapter(tmp_path / "adapter", adapter_name="trained")
+    other.set_adapter("trained")
+    assert torch.equal(model_output(other, inputs), model_output(trained, inputs))
+
+
+def _damage(path, how: str) -> None:
+    data = path.read_bytes()
+    if how == "truncated":
+        path.write_bytes(data[: len(data) - 40])
+    elif how == "corrupted header":
+        path.write_bytes(data[:8] + b"{not json" + data[17:])
+    elif how == "empty":
+        path.write_bytes(b"")
+    elif how == "not safetensors":
+        path.write_bytes(torch.randint(0, 256, (len(data),), generator=torch.Generator().manual_seed(0))
+                         .to(torch.uint8).numpy().tobytes())
+    elif how == "missing":
+        path.unlink()
+
+
+DAMAGES = ["truncated", "corrupted header", "empty", "not safetensors", "missing"]
+
+
+def _damage_error(how: str, folder) -> tuple[type[Exception], str]:
+    if how == "missing":
+        return FileNotFoundError, rf"{folder}.* no {WEIGHTS}"
+    return ValueError, rf"{folder / WEIGHTS} is damaged and cannot be read"
+
+
+@pytest.mark.parametrize("how", DAMAGES)
+def test_a_damaged_weights_file_is_named_and_nothing_is_injected(tmp_path, how):
+    save_adapter(tmp_path / "adapter", lora())
+    _damage(tmp_path / "adapter" / WEIGHTS, how)
+    error, message = _damage_error(how, tmp_path / "adapter")
+
+    base = tiny_bert()
+    before = snapshot(base)
+    with pytest.raises(error, match=message):
+        PeftModel.from_pretrained(base, tmp_path / "adapter")
+    assert_unchanged(base, before)
+
+    model = get_peft_model(tiny_bert(), APETConfig.bitfit(task_type="SEQ_CLS", init_weights=False))
+    before = snapshot(model)
+    with pytest.raises(error, match=message):
+        model.load_adapter(tmp_path / "adapter", adapter_name="other")
+    assert_unchanged(model, before)
+    assert list(model.peft_config) == ["default"]
+
+
+def _edit_config(folder, **changes) -> None:
+    path = folder / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"future_option": True}, r"no fields \['future_option'\].*newer peft-apet"),
+    ({"parts": [{"operation": "lora", "future_part_option": 1}]}, r"APETPart has no fields \['future_part_option'\]"),
+    ({"seed": -1}, r"`seed` must be a non-negative int"),
+])
+def test_a_config_from_a_newer_version_is_refused_by_every_loader(tmp_path, changes, message):
+    base_dir = tmp_path / "base"
+    tiny_bert().save_pretrained(base_dir)
+    save_adapter(tmp_path / "adapter", lora(), base=BertForSequenceClassification.from_pretrained(base_dir))
+    _edit_config(tmp_path / "adapter", **changes)
+    config_file = tmp_path / "adapter" / "adapter_config.json"
+
+    with pytest.raises(ValueError, match=message):
+        PeftConfig.from_pretrained(tmp_path / "adapter")
+    with pytest.raises(ValueError, match=message):
+        AutoPeftModelForSequenceClassification.from_pretrained(tmp_path / "adapter")
+    base = tiny_bert()
+    before = snapshot(base)
+    with pytest.raises(ValueError, match=rf"{config_file}: .*{message}"):
+        PeftModel.from_pretrained(base, tmp_path / "adapter")
+    assert_unchanged(base, before)
+    model = get_peft_model(tiny_bert(), APETConfig.bitfit(task_type="SEQ_CLS"))
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=rf"{config_file}: .*{message}"):
+        model.load_adapter(tmp_path / "adapter", adapter_name="other")
+    assert_unchanged(model, before)
+
+
+# ---------------------------------------------------------------------------------- safe merge
+
+
+def _poison_last_layer(model, value: float) -> str:
+    """Put `value` into one entry of the last APET layer's tensors; returns that layer's name."""
+    name, layer = [(n, m) for n, m in model.named_modules() if isinstance(m, APETLayer)][-1]
+    with torch.no_grad():
+        next(iter(layer.apet_weights["default"].values())).values[0] = value
+    return name
+
+
+@pytest.mark.parametrize("model_name,config", [
+    ("bert", APETConfig.delta(mask="discrete", num_trainable_params=300)),
+    ("bert", APETConfig.lora(mask="adjacent", num_trainable_params=300)),
+    ("llama", APETConfig.bitfit()),  # bias-free projections: merging would create new bias vectors
+    ("gpt2", APETConfig.combine(APETConfig.lora(), APETConfig.bitfit(), APETConfig.delta(mask=None))),
+])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_safe_merge_of_a_broken_adapter_changes_no_base_weight(model_name, config, value):
+    factory, task_type = MODELS[model_name]
+    config.task_type, config.init_weights = task_type, False
+    model = get_peft_model(factory(), config).eval()
+    broken = _poison_last_layer(model, value)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=rf"NaNs or infs .*{broken.removeprefix('base_model.model.')}"):
+        model.merge_adapter(safe_merge=True)
+    assert_unchanged(model, before)
+    assert not any(m.merged for m in model.modules() if isinstance(m, APETLayer))
+    with pytest.raises(ValueError, match="NaNs or infs"):
+        model.merge_and_unload(safe_merge=True)
+    assert_unchanged(model, before)
+
+
+def test_safe_merge_of_a_healthy_adapter_matches_the_plain_merge():
+    factory, task_type = MODELS["gpt2"]
+    config = APETConfig.combine(APETConfig.lora(), APETConfig.bitfit(), APETConfig.delta(mask="discrete"),
+                                num_trainable_params=4000, task_type=task_type, init_weights=False)
+    plain, safe = get_peft_model(factory(), config).eval(), get_peft_model(factory(), config).eval()
+    plain.merge_adapter()
+    safe.merge_adapter(safe_merge=True)
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), safe.state_dict().values()))
+
+
+# ---------------------------------------------------------------------------------- reproducible files
+
+
+def unified(task_type: str) -> APETConfig:
+    return APETConfig.combine(APETConfig.lora(mask="adjacent"), APETConfig.adapter(mask="discrete", mask_axis=1),
+                              APETConfig.bitfit(), APETConfig.delta(mask="discrete"), num_trainable_params=6000,
+                              task_type=task_type, init_weights=False, seed=7)
+
+
+@pytest.mark.parametrize("model_name", sorted(MODELS))
+def test_save_load_save_writes_identical_bytes(tmp_path, model_name):
+    factory, task_type = MODELS[model_name]
+    get_peft_model(factory(), unified(task_type)).save_pretrained(tmp_path / "first")
+    PeftModel.from_pretrained(factory(), tmp_path / "first").save_pretrained(tmp_path / "second")
+    for name in (WEIGHTS, "adapter_config.json"):
+        assert (tmp_path / "first" / name).read_bytes() == (tmp_path / "second" / name).read_bytes(), name
+
+
+def mask_config(seed: int) -> APETConfig:
+    return APETConfig.combine(APETConfig.lora(mask="adjacent"), APETConfig.delta(mask="discrete"),
+                              num_trainable_params=3001, task_type="CAUSAL_LM", seed=seed)
+
+
+MASK_WORKER = textwrap.dedent(
+    """
+    import sys
+    sys.path.insert(0, sys.argv[1])
+    from conftest import tiny_llama
+    from peft import get_peft_model
+    from test_loading_errors import mask_config
+    for seed, out in zip(sys.argv[2::2], sys.argv[3::2]):
+        get_peft_model(tiny_llama(), mask_config(int(seed))).save_pretrained(out)
+    """
+)
+
+
+def test_masks_are_the_same_in_every_process(tmp_path):
+    """Seeds come from a stable hash of the module name, never the per-process salted `hash()`."""
+    get_peft_model(MODELS["llama"][0](), mask_config(5)).save_pretrained(tmp_path / "here")
+    (tmp_path / "worker.py").write_text(MASK_WORKER)
+    subprocess.run([sys.executable, str(tmp_path / "worker.py"), str(Path(__file__).parent),
+                    "5", str(tmp_path / "there"), "6", str(tmp_path / "other-seed")],
+                   check=True, capture_output=True, env={**os.environ, "PYTHONHASHSEED": "random"})
+    masks = {run: {k: v for k, v in load_file(tmp_path / run / WEIGHTS).items() if k.endswith(".index")}
+             for run in ("here", "there", "other-seed")}
+    assert masks["here"].keys() == masks["there"].keys() and len(masks["here"]) > 0
+    assert all(torch.equal(masks["here"][k], masks["there"][k]) for k in masks["here"])
+    assert any(not torch.equal(masks["here"][k], masks["other-seed"][k]) for k in masks["here"])  # seeds matter
+
+
+def test_adapter_weights_are_read_with_safetensors_only(tmp_path, monkeypatch):
+    trained = save_adapter(tmp_path / "adapter", lora(mask="discrete", num_trainable_params=99))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("torch.load was called while loading an APET adapter")
+
+    monkeypatch.setattr(torch, "load", refuse)
+    loaded = PeftModel.from_pretrained(tiny_bert(), tmp_path / "adapter")
+    loaded.load_adapter(tmp_path / "adapter", adapter_name="again")
+    inputs = model_inputs("bert")
+    assert torch.equal(model_output(loaded, inputs), model_output(trained, inputs))
+    # The patch is live: a pickle checkpoint would have gone through it.
+    shutil.copy(tmp_path / "adapter" / "adapter_config.json", tmp_path / "adapter_config.json")
+    with pytest.raises(AssertionError, match="torch.load was called"):
+        torch.load(tmp_path / "adapter_config.json")
