@@ -1,0 +1,162 @@
+"""Adapter, BitFit and masked deltas against references written out here; the paper's parameter counts by hand."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import MODELS, model_inputs, model_output
+from peft import get_peft_model
+from transformers import BertConfig, BertForSequenceClassification, T5Config, T5ForConditionalGeneration
+
+from peft_apet import APETConfig, APETLayer, count_trainable_parameters
+from peft_apet.plan import is_conv1d
+
+ADAPTER_PLACES = {  # module-name suffixes that get a Houlsby adapter, per model type
+    "bert": ("attention.output.dense", "output.dense"),
+    "roberta": ("attention.output.dense", "output.dense"),
+    "t5": ("SelfAttention.o", "DenseReluDense.wo"),
+    "gpt2": ("attn.c_proj", "mlp.c_proj"),
+    "llama": ("self_attn.o_proj", "mlp.down_proj"),
+}
+
+
+def apet_layers(model, role: str) -> dict[str, APETLayer]:
+    prefix = "base_model.model."
+    return {n.removeprefix(prefix): m for n, m in model.named_modules()
+            if isinstance(m, APETLayer) and "default" in m.apet_weights and role in m.apet_weights["default"]}
+
+
+def _copy_trained_head(model, reference) -> None:
+    """Give the reference the (modules_to_save) classification head the APET model trains."""
+    for head_name in ("classifier", "score"):
+        wrapper = getattr(model.base_model.model, head_name, None)
+        if wrapper is not None:
+            getattr(reference, head_name).load_state_dict(wrapper.modules_to_save["default"].state_dict())
+
+
+def test_adapter_placement_and_formula(model_name):
+    factory, task_type = MODELS[model_name]
+    model = get_peft_model(factory(), APETConfig.adapter(bottleneck=5, activation="gelu", task_type=task_type,
+                                                         init_weights=False))
+    layers = apet_layers(model, "adapter_down")
+    blocks = {n for n, _ in factory().named_modules() if n.endswith(ADAPTER_PLACES[model_name])}
+    assert set(layers) == blocks and len(blocks) == 2 * 2 * (2 if model_name == "t5" else 1)
+    # f(h) + σ(f(h) W_down^T) W_up^T, written out on one wrapped module
+    name, layer = next(iter(layers.items()))
+    weights = layer.apet_weights["default"]
+    h = torch.randn(3, layer.get_base_layer().weight.shape[1 if not is_conv1d(layer.get_base_layer()) else 0])
+    with torch.no_grad():
+        f = layer.get_base_layer()(h)
+        expected = f + F.gelu(f @ weights["adapter_down"].dense().T) @ weights["adapter_up"].dense().T
+        torch.testing.assert_close(layer(h), expected)
+    with model.disable_adapter():
+        torch.testing.assert_close(layer(h), f)
+
+
+@pytest.mark.parametrize("model_name", ["bert", "roberta", "gpt2"])
+def test_bitfit_trains_exactly_the_models_biases(model_name):
+    factory, task_type = MODELS[model_name]
+    base = factory()
+    heads = ("classifier", "score")
+    biases = {n.removesuffix(".bias"): p.numel() for n, p in base.named_parameters()
+              if n.endswith(".bias") and not n.startswith(heads)}
+    model = get_peft_model(factory(), APETConfig.bitfit(task_type=task_type))
+    layers = apet_layers(model, "bias")
+    assert set(layers) == set(biases)
+    assert count_trainable_parameters(factory(), APETConfig.bitfit(task_type=task_type)) == sum(biases.values())
+
+    # After training, the model equals the base model with the learned deltas added to its own biases.
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for step in range(3):
+        model(**model_inputs(model_name, labels=True, seed=step)).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    reference = copy.deepcopy(base)
+    reference_modules = dict(reference.named_modules())
+    with torch.no_grad():
+        for name, layer in layers.items():
+            reference_modules[name].bias += layer.apet_weights["default"]["bias"].dense()
+    _copy_trained_head(model, reference)
+    inputs = model_inputs(model_name)
+    torch.testing.assert_close(model_output(model, inputs), model_output(reference, inputs), rtol=1e-5, atol=1e-6)
+    with model.disable_adapter():  # the original biases (and head) again
+        torch.testing.assert_close(model_output(model, inputs), model_output(factory(), inputs), rtol=0, atol=0)
+    merged = model.merge_and_unload()
+    torch.testing.assert_close(model_output(merged, inputs), model_output(reference, inputs), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("model_name", ["t5", "llama"])
+def test_bitfit_on_bias_free_models_adds_new_biases(model_name):
+    factory, task_type = MODELS[model_name]
+    assert not any(n.endswith(".bias") for n, _ in factory().named_parameters())
+    model = get_peft_model(factory(), APETConfig.bitfit(task_type=task_type, init_weights=False))
+    layers = apet_layers(model, "bias")
+    assert layers and all(type(m.get_base_layer()).__name__ == "Linear" for m in layers.values())
+    inputs = model_inputs(model_name)
+    adapted = model_output(model, inputs)
+    model.merge_adapter()
+    for layer in layers.values():  # merge creates base biases equal to the learned vectors
+        assert torch.equal(layer.get_base_layer().bias, layer.apet_weights["default"]["bias"].dense().detach())
+    torch.testing.assert_close(model_output(model, inputs), adapted, rtol=1e-5, atol=1e-6)
+    model.unmerge_adapter()
+    assert all(layer.get_base_layer().bias is None for layer in layers.values())
+
+
+@pytest.mark.parametrize("mask", ["adjacent", "discrete"])
+def test_masked_delta_equals_base_model_with_entries_added(model_name, mask):
+    factory, task_type = MODELS[model_name]
+    model = get_peft_model(factory(), APETConfig.delta(mask=mask, num_trainable_params=211, task_type=task_type,
+                                                       init_weights=False))
+    reference = factory()
+    reference_modules = dict(reference.named_modules())
+    with torch.no_grad():
+        for name, layer in apet_layers(model, "delta").items():
+            delta = layer.apet_weights["default"]["delta"]
+            weight = reference_modules[name].weight
+            dense = torch.zeros(delta.shape).view(-1).index_put_((delta.flat_indices(),), delta.values)
+            weight += dense.view(delta.shape).T if is_conv1d(reference_modules[name]) else dense.view(delta.shape)
+    _copy_trained_head(model, reference)
+    inputs = model_inputs(model_name)
+    torch.testing.assert_close(model_output(model, inputs), model_output(reference, inputs), rtol=1e-5, atol=1e-6)
+
+
+def _paper_counts(model) -> dict[str, int]:
+    is_t5 = model.config.model_type == "t5"
+    task_type = "SEQ_2_SEQ_LM" if is_t5 else "SEQ_CLS"
+    return {
+        "prompt": count_trainable_parameters(model, APETConfig.prompt(num_virtual_tokens=100, task_type=task_type)),
+        "bitfit": count_trainable_parameters(model, APETConfig.bitfit(task_type=task_type)),
+        "lora": count_trainable_parameters(model, APETConfig.lora(r=8, lora_alpha=16, task_type=task_type)),
+        "adapter": count_trainable_parameters(model, APETConfig.adapter(bottleneck=24, task_type=task_type)),
+    }
+
+
+def test_paper_parameter_counts_bert_base():
+    with torch.device("meta"):
+        model = BertForSequenceClassification(BertConfig())  # BERT-base: 12 layers, d=768, FFN 3072
+    d, ffn, layers = 768, 3072, 12
+    per_layer_biases = 4 * d + d + ffn + d + d  # q, k, v, attention output, its LayerNorm, FFN in, out, LayerNorm
+    assert _paper_counts(model) == {
+        "prompt": 100 * d,
+        "bitfit": layers * per_layer_biases + d + d,  # + embedding LayerNorm and pooler
+        "lora": layers * 2 * 8 * (d + d),  # query and value
+        "adapter": layers * 2 * (24 * d + d * 24),  # after attention output and FFN output
+    }
+
+
+def test_paper_parameter_counts_t5_base():
+    with torch.device("meta"):
+        model = T5ForConditionalGeneration(T5Config(d_model=768, d_ff=3072, num_layers=12, num_heads=12))  # T5-base
+    d, ffn, layers = 768, 3072, 12
+    encoder_attention, decoder_attention = layers, 2 * layers  # decoder: self- and cross-attention
+    assert _paper_counts(model) == {
+        "prompt": 100 * d,  # on the encoder input
+        "bitfit": (encoder_attention + decoder_attention) * 4 * d + 2 * layers * (ffn + d),  # new biases
+        "lora": (encoder_attention + decoder_attention) * 2 * 8 * (d + d),  # q and v
+        "adapter": 2 * layers * 2 * (24 * d + d * 24),  # after self-attention output and FFN output
+    }
