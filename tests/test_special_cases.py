@@ -160,3 +160,43 @@ def test_paper_parameter_counts_t5_base():
         "lora": (encoder_attention + decoder_attention) * 2 * 8 * (d + d),  # q and v
         "adapter": 2 * layers * 2 * (24 * d + d * 24),  # after self-attention output and FFN output
     }
+
+
+def _tiny_tokenizer(path) -> str:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, "[PAD]": 1, "classify": 7, "the": 8, "review": 9, "sentiment": 10}
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]").save_pretrained(path)
+    return str(path)
+
+
+def test_prompt_initialised_from_text_embeddings(tmp_path):
+    factory, task_type = MODELS["llama"]
+    config = APETConfig.prompt(num_virtual_tokens=6, prompt_init="text", prompt_init_text="classify the review",
+                               tokenizer_name_or_path=_tiny_tokenizer(tmp_path / "tok"), task_type=task_type)
+    model = get_peft_model(factory(), config)
+    layer = next(iter(apet_layers(model, "prompt").values()))
+    table = layer.apet_weights["default"]["prompt"].dense().detach()
+    words = factory().get_input_embeddings().weight.detach()
+    torch.testing.assert_close(table, words[[7, 8, 9, 7, 8, 9]])  # the text's tokens, repeated to length (PEFT)
+
+
+def test_combined_mergeable_parts_merge_and_unload(model_name):
+    factory, task_type = MODELS[model_name]
+    config = APETConfig.combine(APETConfig.lora(mask="discrete"), APETConfig.bitfit(mask="adjacent"),
+                                APETConfig.delta(mask="discrete"), num_trainable_params=1234, task_type=task_type,
+                                init_weights=False)
+    model = get_peft_model(factory(), config)
+    assert model.get_nb_trainable_parameters()[0] - _head_size(model) == 1234
+    inputs = model_inputs(model_name)
+    adapted = model_output(model, inputs)
+    merged = model.merge_and_unload()
+    assert not any(isinstance(m, APETLayer) for m in merged.modules())
+    torch.testing.assert_close(model_output(merged, inputs), adapted, rtol=1e-5, atol=1e-5)
+
+
+def _head_size(model) -> int:
+    return sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and "modules_to_save" in n)

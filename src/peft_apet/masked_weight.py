@@ -51,7 +51,8 @@ class MaskedWeight(nn.Module):
     def _initial_values(self, plan: TensorPlan, init_weights: bool, init_values: torch.Tensor | None):
         k = plan.num_entries
         if init_values is not None:  # a dense tensor of `shape`, e.g. prompt embeddings of a text
-            return init_values.reshape(-1)[self.flat_indices()].detach().clone().float()
+            flat = flat_indices(self.shape, self.mask, self.index, k, self.axis)
+            return init_values.reshape(-1)[flat].detach().clone().float()
         generator = torch.Generator().manual_seed(plan.seed + 1)
         scheme = INIT_BY_ROLE[plan.role]
         if scheme == "zeros" and not init_weights:
