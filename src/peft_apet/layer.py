@@ -183,16 +183,28 @@ class APETLayer(BaseTunerLayer):
         return delta
 
 
-class Linear(nn.Module, APETLayer):
-    """APET on `nn.Linear` or transformers `Conv1D` (weights handled in the logical `(out, in)` layout)."""
+class _WrappedLayer(nn.Module, APETLayer):
+    """Common constructor of the concrete layers: wrap `base_layer` and create `adapter_name` from its plan."""
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, plan: ModulePlan, **kwargs: Any) -> None:
         super().__init__()
         APETLayer.__init__(self, base_layer)
-        weight = self.weight_out_in()
-        self.out_features, self.in_features = weight.shape
+        self._read_base_layer()
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, plan, **kwargs)
+
+    def _read_base_layer(self) -> None:
+        """Attributes the layer takes from its base layer before any adapter is created."""
+
+    def __repr__(self) -> str:
+        return "apet." + super().__repr__()
+
+
+class Linear(_WrappedLayer):
+    """APET on `nn.Linear` or transformers `Conv1D` (weights handled in the logical `(out, in)` layout)."""
+
+    def _read_base_layer(self) -> None:
+        self.out_features, self.in_features = self.weight_out_in().shape
 
     def weight_out_in(self) -> torch.Tensor:
         base = self.get_base_layer()
@@ -217,18 +229,9 @@ class Linear(nn.Module, APETLayer):
                 result = adjacent_delta_output(x, weights["delta"], result)
         return self._apply_output_ops(x, result, active)
 
-    def __repr__(self) -> str:
-        return "apet." + super().__repr__()
 
-
-class OutputLayer(nn.Module, APETLayer):
+class OutputLayer(_WrappedLayer):
     """APET `bias` and `adapter` parts on a module that is not linear (LayerNorm, RMSNorm, ...)."""
-
-    def __init__(self, base_layer: nn.Module, adapter_name: str, plan: ModulePlan, **kwargs: Any) -> None:
-        super().__init__()
-        APETLayer.__init__(self, base_layer)
-        self._active_adapter = adapter_name
-        self.update_layer(adapter_name, plan, **kwargs)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.disable_adapters:
@@ -241,18 +244,9 @@ class OutputLayer(nn.Module, APETLayer):
             return result
         return self._apply_output_ops(x, result, active)
 
-    def __repr__(self) -> str:
-        return "apet." + super().__repr__()
 
-
-class PromptEmbedding(nn.Module, APETLayer):
+class PromptEmbedding(_WrappedLayer):
     """The input embedding, extended by virtual tokens: id `vocab_size + j` embeds to row `j` of the prompt."""
-
-    def __init__(self, base_layer: nn.Module, adapter_name: str, plan: ModulePlan, **kwargs: Any) -> None:
-        super().__init__()
-        APETLayer.__init__(self, base_layer)
-        self._active_adapter = adapter_name
-        self.update_layer(adapter_name, plan, **kwargs)
 
     @property
     def num_embeddings(self) -> int:
@@ -288,6 +282,3 @@ class PromptEmbedding(nn.Module, APETLayer):
         prompt = self.prompt_table(name)
         position = (input_ids - vocab_size).clamp(0, prompt.shape[0] - 1)
         return torch.where(virtual.unsqueeze(-1), prompt[position].to(embeds.dtype), embeds)
-
-    def __repr__(self) -> str:
-        return "apet." + super().__repr__()
