@@ -11,14 +11,16 @@ from peft import mapping
 
 from .config import APETConfig, APETPeftType
 from .model import APETModel
+from .model_card import install_model_card_hook
 
 
 def register_apet() -> None:
-    """Make PEFT aware of the APET tuner (idempotent)."""
+    """Make PEFT aware of the APET tuner, and make its model cards describe APET adapters (idempotent)."""
     key = APETPeftType.APET
     mapping.PEFT_TYPE_TO_CONFIG_MAPPING[key] = APETConfig
     mapping.PEFT_TYPE_TO_TUNER_MAPPING[key] = APETModel
     mapping.PEFT_TYPE_TO_PREFIX_MAPPING[key] = APETModel.prefix
+    install_model_card_hook()
 
 
 def is_registered() -> bool:

@@ -1,0 +1,134 @@
+"""Model cards of APET adapters: the `README.md` that `save_pretrained`, `push_to_hub` and `Trainer` write.
+
+PEFT writes a card in `PeftModel.save_pretrained` (and `Trainer.create_model_card` rewrites it) through
+`PeftModel.create_or_update_model_card`. `install_model_card_hook` wraps that method so that, for models with APET
+adapters, the card also gets the `apet` tags and a section between two HTML comments: base model, parts, masks,
+the exact trainable count, metrics (see `set_card_metrics`) and how to load the adapter (`pip install peft-apet`,
+`import peft_apet`). Rewriting replaces the section, so writing a card twice gives the same card.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections import defaultdict
+
+from huggingface_hub import ModelCard, ModelCardData
+from peft import PeftModel
+
+from .config import APETConfig
+from .layer import ROLE_OPERATION, APETLayer
+
+SECTION_START = "<!-- peft-apet:start -->"
+SECTION_END = "<!-- peft-apet:end -->"
+TAGS = ("apet", "peft-apet")
+LOAD_LINE = "Loading this adapter needs `pip install peft-apet` and `import peft_apet` (which registers the APET type)."
+_METRICS_ATTRIBUTE = "apet_card_metrics"
+_AUTO_CLASS = {"SEQ_CLS": "AutoModelForSequenceClassification", "CAUSAL_LM": "AutoModelForCausalLM",
+               "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM", "TOKEN_CLS": "AutoModelForTokenClassification",
+               "QUESTION_ANS": "AutoModelForQuestionAnswering", "FEATURE_EXTRACTION": "AutoModel"}
+
+
+def set_card_metrics(model: PeftModel, metrics: dict[str, float]) -> None:
+    """Attach `{name: value}` metrics to `model`; the cards it writes from then on list them."""
+    model.__dict__[_METRICS_ATTRIBUTE] = dict(metrics)
+
+
+def _apet_adapters(model: PeftModel) -> list[str]:
+    return [name for name, config in model.peft_config.items() if isinstance(config, APETConfig)]
+
+
+def _entries_by_operation(model: PeftModel, adapter_name: str) -> tuple[dict[str, int], dict[str, int]]:
+    """Trainable entries and wrapped modules of each operation of an adapter, read from its layers."""
+    entries: dict[str, int] = defaultdict(int)
+    modules: dict[str, set[str]] = defaultdict(set)
+    for module_name, module in model.named_modules():
+        if isinstance(module, APETLayer) and adapter_name in module.apet_weights:
+            for role, weight in module.apet_weights[adapter_name].items():
+                entries[ROLE_OPERATION[role]] += weight.num_entries
+                modules[ROLE_OPERATION[role]].add(module_name)
+    return dict(entries), {op: len(names) for op, names in modules.items()}
+
+
+def _is_local_path(name: str | None) -> bool:
+    return bool(name) and (os.path.isabs(name) or os.path.exists(name))
+
+
+def card_section(model: PeftModel, adapter_names: list[str] | None = None) -> str:
+    """The Markdown section describing the APET adapters of `model` (all of them by default)."""
+    base = model.get_base_model()
+    base_name = getattr(base, "name_or_path", "") or "(unknown)"
+    lines = [SECTION_START, "## APET adapter", "",
+             "Trained with [peft-apet](https://pypi.org/project/peft-apet/): Arbitrary Parameter-Efficient Tuning "
+             "(APET) as a Hugging Face PEFT method.", "", LOAD_LINE, ""]
+    for name in adapter_names or _apet_adapters(model):
+        config = model.peft_config[name]
+        entries, modules = _entries_by_operation(model, name)
+        auto_class = _AUTO_CLASS.get(str(config.task_type), "AutoModel")
+        where = " (a local folder when trained)" if _is_local_path(base_name) else ""
+        lines += [f"### Adapter `{name}`", "",
+                  f"- base model: `{base_name}`{where}",
+                  f"- task type: `{config.task_type}`",
+                  f"- exact trainable adapter entries: {sum(entries.values()):,}",
+                  f"- modules trained in full besides the adapter (`modules_to_save`): "
+                  f"{', '.join(sorted(config.modules_to_save or [])) or 'none'}", "",
+                  "| part | targets | modules | mask | trainable entries |", "|---|---|---|---|---|"]
+        for part in config.parts:
+            targets = part.target_modules if part.target_modules is not None else "default"
+            targets = ", ".join(targets) if isinstance(targets, list) else targets
+            mask = part.mask or "none (whole tensors)"
+            if part.mask == "adjacent":
+                mask += f" (axis {part.mask_axis})"
+            lines.append(f"| {part.operation} | {targets} | {modules.get(part.operation, 0)} | {mask} | "
+                         f"{entries.get(part.operation, 0):,} |")
+        lines += ["", "```python", "import peft_apet  # registers the APET PEFT type", "from peft import PeftModel",
+                  f"from transformers import {auto_class}", "",
+                  f'base = {auto_class}.from_pretrained("{base_name}")',
+                  'model = PeftModel.from_pretrained(base, "<this repository or folder>")', "```", ""]
+    metrics = model.__dict__.get(_METRICS_ATTRIBUTE)
+    if metrics:
+        lines += ["### Metrics", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {key} | {value:.4f} |" if isinstance(value, float) else f"| {key} | {value} |"
+                  for key, value in metrics.items()]
+        lines.append("")
+    lines.append(SECTION_END)
+    return "\n".join(lines)
+
+
+def _replace_section(text: str, section: str) -> str:
+    start, end = text.find(SECTION_START), text.find(SECTION_END)
+    if start != -1 and end > start:
+        return text[:start] + section + text[end + len(SECTION_END):]
+    return text.rstrip("\n") + "\n\n" + section + "\n"
+
+
+def update_model_card(model: PeftModel, output_dir: str) -> None:
+    """Add the APET tags and section to `output_dir/README.md` (created if missing); no-op without APET adapters."""
+    if not _apet_adapters(model):
+        return
+    filename = os.path.join(output_dir, "README.md")
+    card = ModelCard.load(filename) if os.path.exists(filename) else ModelCard.from_template(ModelCardData())
+    card.data.library_name = "peft"
+    tags = list(card.data.tags or [])
+    # The Hub refuses a `base_model` that is not a model id: a local folder is named in the section instead.
+    if _is_local_path(card.data.base_model):
+        tags = [t for t in tags if t != f"base_model:adapter:{card.data.base_model}"]
+        card.data.base_model = None
+    card.data.tags = tags + [t for t in TAGS if t not in tags]
+    card.text = _replace_section(card.text, card_section(model))
+    card.save(filename)
+
+
+def install_model_card_hook() -> None:
+    """Make `PeftModel.create_or_update_model_card` also write the APET section (idempotent)."""
+    original = PeftModel.create_or_update_model_card
+    if getattr(original, "_apet_hook", False):
+        return
+
+    @functools.wraps(original)
+    def create_or_update_model_card(self: PeftModel, output_dir: str) -> None:
+        original(self, output_dir)
+        update_model_card(self, output_dir)
+
+    create_or_update_model_card._apet_hook = True
+    PeftModel.create_or_update_model_card = create_or_update_model_card
