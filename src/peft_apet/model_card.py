@@ -120,15 +120,28 @@ def update_model_card(model: PeftModel, output_dir: str) -> None:
 
 
 def install_model_card_hook() -> None:
-    """Make `PeftModel.create_or_update_model_card` also write the APET section (idempotent)."""
-    original = PeftModel.create_or_update_model_card
-    if getattr(original, "_apet_hook", False):
+    """Make PeftModel's cards describe APET adapters (idempotent).
+
+    Two places: `create_or_update_model_card` (called by `save_pretrained` and the `Trainer`), and the upload
+    step of `push_to_hub`, because transformers' `push_to_hub` overwrites the saved README.md with a card of its
+    own between saving and uploading.
+    """
+    original_card = PeftModel.create_or_update_model_card
+    if getattr(original_card, "_apet_hook", False):
         return
 
-    @functools.wraps(original)
+    @functools.wraps(original_card)
     def create_or_update_model_card(self: PeftModel, output_dir: str) -> None:
-        original(self, output_dir)
+        original_card(self, output_dir)
         update_model_card(self, output_dir)
+
+    original_upload = PeftModel._upload_modified_files
+
+    @functools.wraps(original_upload)
+    def _upload_modified_files(self: PeftModel, working_dir: str, *args, **kwargs):
+        update_model_card(self, str(working_dir))
+        return original_upload(self, working_dir, *args, **kwargs)
 
     create_or_update_model_card._apet_hook = True
     PeftModel.create_or_update_model_card = create_or_update_model_card
+    PeftModel._upload_modified_files = _upload_modified_files
