@@ -71,3 +71,37 @@ def test_missing_dataset_columns_are_named(tmp_path):
     data.write_text("sentence,label\n" + "".join(f"text {i},{i % 2}\n" for i in range(40)))
     with pytest.raises(ValueError, match="text"):
         run_apet.main(["--dataset_name", str(data), *TINY, "--output_dir", str(tmp_path / "run")])
+
+
+@pytest.fixture(scope="module")
+def tiny_decoder(tmp_path_factory):
+    """A tiny random Llama and a word-level tokenizer that knows the label words, saved like a Hub model."""
+    from conftest import tiny_llama
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["[UNK]", "<pad>", "<s>", "</s>", "negative", "positive", "Classify", "the", "text", "as", "or", "Text",
+             "Answer", ":", ".", ","]
+    tokenizer = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="<pad>",
+                                   bos_token="<s>", eos_token="</s>")
+    model = tiny_llama()
+    model.config.pad_token_id, model.config.bos_token_id, model.config.eos_token_id = 1, 2, 3
+    path = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(path)
+    fast.save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("trainer", ["trainer", "sft"])
+def test_decoder_classification_as_generation(tmp_path, tiny_decoder, trainer):
+    if trainer == "sft":
+        pytest.importorskip("trl")
+    out = tmp_path / "run"
+    results = run_apet.main(["--model_name_or_path", tiny_decoder, "--method", "delta", "--mask", "discrete",
+                             "--num_trainable_params", "300", "--trainer", trainer, *TINY, "--max_seq_length", "48",
+                             "--output_dir", str(out)])
+    assert results["task_type"] == "causal_lm" and results["trainable_adapter_params"] == 300
+    assert 0.0 <= results["test_accuracy"] <= 1.0 and "test_rouge_l" in results
+    assert (out / "adapter_model.safetensors").exists()
