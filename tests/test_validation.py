@@ -18,6 +18,7 @@ OPERATIONS = r"\['prompt', 'lora', 'adapter', 'bias', 'delta'\]"
 MASKS = r"\['adjacent', 'discrete'\] or None"
 
 # (field, part or config kwargs, regex the message must match: the field and, where there is a list, its values)
+_SCORED = {"operation": "delta", "mask": "discrete", "density": 0.5, "mask_strategy": "sam"}
 BAD_PART_FIELDS = [
     ("operation", {"operation": "prefix"}, rf"`operation`.*{OPERATIONS}"),
     ("operation", {"operation": 3}, rf"`operation`.*{OPERATIONS}"),
@@ -75,6 +76,16 @@ BAD_PART_FIELDS = [
     ("tokenizer_name_or_path", {"operation": "prompt", "tokenizer_name_or_path": 5},
      r"`tokenizer_name_or_path`.*str or None"),
     ("target_modules", {"operation": "prompt", "target_modules": ["query"]}, r"`target_modules` must be None"),
+    ("mask_strategy", {"mask_strategy": ""}, r"`mask_strategy` must be a non-empty str"),
+    ("mask_strategy", {"mask_strategy": "sam"}, r"mask_strategy='sam'.*\['delta', 'bias'\]"),
+    ("mask_strategy", {"operation": "delta", "mask_strategy": "fisher"}, r"mask_strategy='fisher'.*set `mask`"),
+    ("mask_strategy", {**_SCORED, "mask_strategy": "nope"}, r"unknown mask_strategy 'nope'; known: \['random', "),
+    ("mask_strategy_kwargs", {**_SCORED, "mask_strategy_kwargs": {"damping": -1}},
+     r"`mask_strategy_kwargs\['damping'\]`.*non-negative"),
+    ("mask_strategy_kwargs", {**_SCORED, "mask_strategy_kwargs": {"beta": 1}}, r"takes settings \['damping'\]"),
+    ("mask_strategy_kwargs", {**_SCORED, "mask_strategy_kwargs": {"damping": math.nan}}, r"JSON values"),
+    ("mask_counts", {**_SCORED, "mask_counts": {"query": -1}}, r"`mask_counts` must map module names"),
+    ("mask_counts", {"mask_counts": {"query": 1}}, r"`mask_counts` belong to a non-random `mask_strategy`"),
 ]
 
 _PART = [{"operation": "lora"}]
@@ -101,6 +112,11 @@ BAD_CONFIG_FIELDS = [
     ("task_type", {"parts": [{"operation": "prompt"}]}, r"'prompt' part needs `task_type`.*'SEQ_CLS'"),
     ("base_model_name_or_path", {"parts": _PART, "base_model_name_or_path": 5}, r"`base_model_name_or_path`.*str"),
     ("revision", {"parts": _PART, "revision": 5}, r"`revision`.*str or None"),
+    ("selection_scope", {"parts": _PART, "selection_scope": "layer"}, r"`selection_scope`.*\['module', 'global'\]"),
+    ("selection_scope", {"parts": _PART, "selection_scope": "global"}, r"selection_scope='global'.*`mask_strategy`"),
+    ("selection_scope", {"parts": [{"operation": "delta", "mask": "adjacent", "density": 0.1,
+                                    "mask_strategy": "magnitude"}], "selection_scope": "global"},
+     r"'global' needs discrete masks"),
 ]
 # Set by PEFT itself, not by users: `peft_type` is always APET, the other two are bookkeeping.
 UNCHECKED_CONFIG_FIELDS = {"peft_type", "auto_mapping", "peft_version"}

@@ -4,6 +4,7 @@
 rest of PEFT's API work with APET adapters.
 """
 
+from .calibration import calibrate_masks
 from .config import APETConfig, APETPart
 from .layer import APETLayer, Linear, OutputLayer, PromptEmbedding
 from .masked_weight import MaskedWeight
@@ -11,6 +12,7 @@ from .masks import adjacent_mask, discrete_mask
 from .model import APETModel
 from .plan import AdapterPlan, count_trainable_parameters, plan_adapter
 from .registration import is_registered, register_apet
+from .selection import register_mask_strategy
 
 __version__ = "0.1.0"
 
@@ -28,9 +30,11 @@ __all__ = [
     "PromptEmbedding",
     "__version__",
     "adjacent_mask",
+    "calibrate_masks",
     "count_trainable_parameters",
     "discrete_mask",
     "is_registered",
     "plan_adapter",
     "register_apet",
+    "register_mask_strategy",
 ]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import enum
 import functools
+import json
 import math
 import os
 from dataclasses import asdict, dataclass, field, fields
@@ -32,6 +33,12 @@ MASKS = ("adjacent", "discrete")
 ACTIVATIONS = ("relu", "gelu", "silu", "tanh", "sigmoid", "identity")
 PROMPT_INITS = ("random", "text")
 MERGEABLE_OPERATIONS = ("lora", "bias", "delta")
+# Built-in mask strategies (see `peft_apet.selection`); users add their own with `register_mask_strategy`.
+MASK_STRATEGIES = ("random", "magnitude", "gradient", "fisher", "sam")
+# Parts whose entries a non-random strategy can rank: additive changes that start at zero on top of a pre-trained
+# tensor, so that a score taken at the pre-trained model says what training that entry would do.
+SCORED_OPERATIONS = ("delta", "bias")
+SELECTION_SCOPES = ("module", "global")
 
 # Fields that only make sense for one operation, with the default filled in when that operation is used.
 _OPERATION_FIELDS: dict[str, dict[str, Any]] = {
@@ -80,6 +87,15 @@ def _check_positive_int(name: str, value: Any) -> None:
 def _check_optional_str(name: str, value: Any) -> None:
     if value is not None and not isinstance(value, str):
         raise ValueError(f"`{name}` must be a str or None, got {value!r}.")
+
+
+def _check_json_dict(name: str, value: Any) -> None:
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise ValueError(f"{name} must be a dict with str keys, got {value!r}.")
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{name} must hold JSON values (it is saved in adapter_config.json): {e}") from e
 
 
 def _check_target_modules(name: str, value: Any) -> None:
@@ -155,6 +171,27 @@ class APETPart:
     tokenizer_name_or_path: str | None = field(
         default=None, metadata={"help": "prompt: tokenizer used to encode `prompt_init_text`."}
     )
+    mask_strategy: str = field(
+        default="random",
+        metadata={
+            "help": "Which entries a mask trains: 'random' (seeded), 'magnitude' (largest |W| of the base weight or "
+            "bias, chosen when the adapter is created), 'gradient', 'fisher' or 'sam' (chosen from calibration "
+            "data by `peft_apet.calibrate_masks`), or a name registered with `peft_apet.register_mask_strategy`. "
+            f"Strategies other than 'random' need a mask and a part in {list(SCORED_OPERATIONS)}."
+        },
+    )
+    mask_strategy_kwargs: dict[str, Any] | None = field(
+        default=None,
+        metadata={"help": "Settings of the mask strategy (JSON values), e.g. {'damping': 0.1} for 'sam'."},
+    )
+    mask_counts: dict[str, int] | None = field(
+        default=None,
+        metadata={
+            "help": "Written by mask selection, leave None: the trainable entries of each module (by module name) "
+            "as a strategy chose them. With selection_scope='global' they differ from the planned split; a saved "
+            "adapter reloads with these shapes (its masks come from the checkpoint) without recalibrating."
+        },
+    )
 
     def __post_init__(self) -> None:
         _check_choice("operation", self.operation, OPERATIONS)
@@ -203,6 +240,43 @@ class APETPart:
                 raise ValueError(
                     "part 'prompt': prompt_init='text' needs `prompt_init_text` and `tokenizer_name_or_path`."
                 )
+        self._check_mask_strategy(owner)
+
+    def _check_mask_strategy(self, owner: str) -> None:
+        if not isinstance(self.mask_strategy, str) or not self.mask_strategy:
+            raise ValueError(f"{owner}: `mask_strategy` must be a non-empty str, got {self.mask_strategy!r}.")
+        if self.mask_strategy_kwargs is not None:
+            _check_json_dict(f"{owner}: `mask_strategy_kwargs`", self.mask_strategy_kwargs)
+            self.mask_strategy_kwargs = dict(self.mask_strategy_kwargs)
+        if self.mask_strategy == "random":
+            if self.mask_strategy_kwargs or self.mask_counts is not None:
+                raise ValueError(f"{owner}: `mask_strategy_kwargs` and `mask_counts` belong to a non-random "
+                                 "`mask_strategy`; leave them None for 'random'.")
+            return
+        if self.operation not in SCORED_OPERATIONS:
+            raise ValueError(
+                f"{owner}: mask_strategy={self.mask_strategy!r} ranks entries of tensors that start at zero on top of "
+                f"pre-trained weights ({list(SCORED_OPERATIONS)} parts). A '{self.operation}' tensor is new: its "
+                "entries have no pre-trained value or gradient to rank them by (LoRA A / adapter down get no "
+                "gradient while the zero-initialised second matrix blocks it). Use mask_strategy='random'."
+            )
+        if self.mask is None:
+            raise ValueError(f"{owner}: mask_strategy={self.mask_strategy!r} chooses entries of a mask; set `mask` "
+                             "('discrete') and a budget.")
+        if self.operation == "bias" and self.mask == "adjacent":
+            raise ValueError(f"{owner}: an adjacent mask on a bias vector trains its first entries (a vector is one "
+                             "line); use mask='discrete' with a mask_strategy.")
+        if self.mask_counts is not None:
+            if not isinstance(self.mask_counts, dict) or not all(
+                    isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                    for k, v in self.mask_counts.items()):
+                raise ValueError(f"{owner}: `mask_counts` must map module names to non-negative ints, got "
+                                 f"{self.mask_counts!r}.")
+            self.mask_counts = dict(self.mask_counts)
+            return  # the masks were chosen already and live in the checkpoint: the strategy need not be known here
+        from .selection import check_mask_strategy  # the registry lives with the strategies
+
+        check_mask_strategy(self.mask_strategy, self.mask_strategy_kwargs or {}, owner)
 
     @classmethod
     def check_kwargs(cls, **kwargs: Any) -> dict:
@@ -248,6 +322,15 @@ class APETConfig(PeftConfig):
     modules_to_save: list[str] | None = field(
         default=None, metadata={"help": "Modules trained in full and saved besides the adapter (e.g. a new head)."}
     )
+    selection_scope: str = field(
+        default="module",
+        metadata={
+            "help": "For parts with a non-random `mask_strategy`: 'module' keeps every module's planned number of "
+            "entries and ranks entries within each module; 'global' ranks all entries of a part across its modules "
+            "(Fu et al.), so each part keeps its exact total but modules get what their scores earn (recorded in "
+            "the part's `mask_counts`). 'global' needs discrete masks."
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.task_type is not None and self.task_type not in list(TaskType):
@@ -282,6 +365,16 @@ class APETConfig(PeftConfig):
                     isinstance(m, str) for m in self.modules_to_save):
                 raise ValueError(f"`modules_to_save` must be a list of module names, got {self.modules_to_save!r}.")
             self.modules_to_save = list(self.modules_to_save)
+        _check_choice("selection_scope", self.selection_scope, SELECTION_SCOPES)
+        if self.selection_scope == "global":
+            scored = [p for p in parts if p.mask_strategy != "random"]
+            if not scored:
+                raise ValueError("selection_scope='global' ranks entries by a mask strategy: set `mask_strategy` "
+                                 f"(e.g. 'sam') on a {list(SCORED_OPERATIONS)} part.")
+            adjacent = [p.operation for p in scored if p.mask == "adjacent"]
+            if adjacent:
+                raise ValueError(f"selection_scope='global' needs discrete masks; parts {adjacent} are adjacent "
+                                 "(whole lines of different lengths per module). Use selection_scope='module'.")
         if self.part("prompt") is not None and self.task_type is None:
             raise ValueError(
                 "A 'prompt' part needs `task_type` (e.g. 'SEQ_CLS', 'CAUSAL_LM', 'SEQ_2_SEQ_LM'): without it PEFT "
@@ -418,15 +511,19 @@ class APETConfig(PeftConfig):
         num_trainable_params: int | None = None,
         density: float | None = None,
         exclude_modules: list[str] | str | None = None,
+        mask_strategy: str = "random",
+        mask_strategy_kwargs: dict[str, Any] | None = None,
         **config_kwargs: Any,
     ) -> APETConfig:
         """BitFit (Ben Zaken et al.): a trainable vector added to the output of every module that has a bias.
 
         Trains a delta on each existing bias (mergeable into it). On bias-free models (T5, Llama) the default
         targets are the attention and feed-forward projections, which get new bias vectors (the Add operation).
+        With a discrete mask, `mask_strategy` picks which bias entries train (see `peft_apet.selection`).
         """
         part = dict(operation="bias", target_modules=target_modules, exclude_modules=exclude_modules, mask=mask,
-                    num_trainable_params=num_trainable_params, density=density)
+                    num_trainable_params=num_trainable_params, density=density, mask_strategy=mask_strategy,
+                    mask_strategy_kwargs=mask_strategy_kwargs)
         return cls._single(part, config_kwargs)
 
     @classmethod
@@ -438,14 +535,19 @@ class APETConfig(PeftConfig):
         num_trainable_params: int | None = None,
         density: float | None = None,
         exclude_modules: list[str] | str | None = None,
+        mask_strategy: str = "random",
+        mask_strategy_kwargs: dict[str, Any] | None = None,
         **config_kwargs: Any,
     ) -> APETConfig:
         """Sparse fine-tuning of the base weights themselves: `f(h; W + W~)` (diff pruning, Fu et al., SHiRA).
 
         Needs a budget (`num_trainable_params` or `density`, here or on the config) unless `mask=None`.
+        `mask_strategy` picks the trained entries: "random", "magnitude", or from data "gradient", "fisher", "sam"
+        (then call `peft_apet.calibrate_masks`); `selection_scope="global"` ranks them across modules.
         """
         part = dict(operation="delta", target_modules=target_modules, exclude_modules=exclude_modules, mask=mask,
-                    mask_axis=mask_axis, num_trainable_params=num_trainable_params, density=density)
+                    mask_axis=mask_axis, num_trainable_params=num_trainable_params, density=density,
+                    mask_strategy=mask_strategy, mask_strategy_kwargs=mask_strategy_kwargs)
         return cls._single(part, config_kwargs)
 
     @classmethod

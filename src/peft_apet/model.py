@@ -18,6 +18,7 @@ from .config import APETConfig
 from .layer import APETLayer, Linear, OutputLayer, PromptEmbedding
 from .plan import AdapterPlan, ModulePlan, plan_adapter, summary_table
 from .prompt import prepend_prompt
+from .selection import install_masks, select_data_free_masks
 
 LAYER_CLASSES = {"linear": Linear, "output": OutputLayer, "embedding": PromptEmbedding}
 
@@ -44,6 +45,13 @@ class APETModel(BaseTuner):
     # ------------------------------------------------------------------ injection
     def _prepare_adapter_config(self, peft_config: APETConfig, model_config: dict) -> APETConfig:
         return peft_config
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs: Any) -> None:
+        # Data-free mask strategies (e.g. "magnitude") choose entries from the base weights before any module is
+        # replaced, and record per-module counts the plan then follows; see peft_apet.selection.
+        choices = select_data_free_masks(model, self.peft_config[adapter_name])
+        super().inject_adapter(model, adapter_name, **kwargs)
+        install_masks(model, adapter_name, self.peft_config[adapter_name], choices)
 
     def _prepare_model(self, peft_config: APETConfig, model: nn.Module) -> None:
         # Runs before PEFT matches or replaces any module: every target, budget and checkpoint error surfaces here.

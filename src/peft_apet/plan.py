@@ -290,7 +290,8 @@ def plan_adapter(model: nn.Module, config: APETConfig, adapter_name: str = "defa
     for part in config.parts:
         entries = per_part[part.operation]
         module_caps = [sum(math.prod(s) for s in shapes.values()) for _, _, shapes in entries]
-        module_counts = allocate_budget(module_caps, part_counts[part.operation])
+        module_counts = _module_counts(part, [name for name, _, _ in entries], module_caps,
+                                       part_counts[part.operation])
         for (name, module, shapes), count in zip(entries, module_counts):
             plan = modules.setdefault(name, ModulePlan(name, kinds[name], output_features(module) or 0))
             if part.operation == "prompt":
@@ -302,6 +303,22 @@ def plan_adapter(model: nn.Module, config: APETConfig, adapter_name: str = "defa
             plan.settings.update(_operation_settings(part, module))
     ordered = {name: modules[name] for name, _ in candidates if name in modules}
     return AdapterPlan(ordered, part_counts)
+
+
+def _module_counts(part: APETPart, names: list[str], capacities: list[int], total: int) -> list[int]:
+    """Entries of each module of a part: split by capacity, or as a mask strategy chose them (`part.mask_counts`)."""
+    if part.mask_counts is None:
+        return allocate_budget(capacities, total)
+    recorded = part.mask_counts
+    if set(recorded) != set(names) or sum(recorded.values()) != total or any(
+            recorded[n] > c for n, c in zip(names, capacities)):
+        raise ValueError(
+            f"part '{part.operation}': `mask_counts` (per-module entries recorded when its masks were chosen, "
+            f"{len(recorded)} modules, {sum(recorded.values())} entries) do not fit this model's targets "
+            f"({len(names)} modules, {total} entries). They belong to an adapter fitted on another model or "
+            "config; set `mask_counts=None` to choose the masks afresh."
+        )
+    return [recorded[n] for n in names]
 
 
 def _operation_settings(part: APETPart, module: nn.Module) -> dict[str, object]:
