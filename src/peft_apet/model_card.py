@@ -96,10 +96,11 @@ def card_section(model: PeftModel, adapter_names: list[str] | None = None) -> st
 
 
 def _replace_section(text: str, section: str) -> str:
+    """`text` with its APET section replaced by `section` (appended if absent); the same text for the same input."""
     start, end = text.find(SECTION_START), text.find(SECTION_END)
-    if start != -1 and end > start:
-        return text[:start] + section + text[end + len(SECTION_END):]
-    return text.rstrip("\n") + "\n\n" + section + "\n"
+    before, after = (text[:start], text[end + len(SECTION_END):]) if start != -1 and end > start else (text, "")
+    after = after.strip("\n")
+    return before.rstrip("\n") + "\n\n" + section + "\n" + (after + "\n" if after else "")
 
 
 def update_model_card(model: PeftModel, output_dir: str) -> None:
