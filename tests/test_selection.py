@@ -21,7 +21,7 @@ from peft import get_peft_model
 from torch import nn
 
 from peft_apet import APETConfig, APETLayer, APETPart, calibrate_masks, plan_adapter, register_mask_strategy
-from peft_apet.selection import select_top_k
+from peft_apet.selection import base_tensor, select_top_k
 
 ROOT = Path(__file__).parents[1]
 DATA_DRIVEN = ("gradient", "fisher", "sam")
@@ -338,6 +338,29 @@ def test_a_registered_strategy_with_wrong_scores_is_refused_before_the_model_cha
     assert not any(isinstance(m, APETLayer) for m in base.modules())
     with pytest.raises(ValueError, match="built-in mask strategy"):
         register_mask_strategy("sam", smallest_magnitude)
+
+
+def test_a_registered_strategy_can_rank_by_calibration_gradients():
+    """`|g ⊙ W|` (a first-order estimate of the loss change of zeroing w) from the same statistics as `gradient`."""
+    def first_order(base_layer, role, shape, gradient, fisher, scale=1.0):
+        assert gradient.shape == fisher.shape == shape and bool((fisher >= gradient.square() * (1 - 1e-4)).all())
+        return scale * gradient.abs() * base_tensor(base_layer, role).abs()
+
+    register_mask_strategy("first_order", first_order, uses_gradients=True)
+    k = 250
+    gradient, _, _ = per_example_reference(k)
+    base = dict(tiny_bert().named_modules())
+    reference = {name: g * base[name].weight.detach().abs() for name, g in gradient.items()}
+    config = APETConfig.delta(num_trainable_params=k, mask_strategy="first_order", task_type="SEQ_CLS",
+                              selection_scope="global", mask_strategy_kwargs={"scale": 2.0})
+    with pytest.warns(UserWarning, match="random placeholders"):
+        model = get_peft_model(tiny_bert(), config)
+    calibrate_masks(model, batches())
+    assert_top_k({n: chosen_flat(w) for n, w in masked(model).items()}, reference, k)
+    with pytest.raises(ValueError, match="pass calibration batches"):
+        calibrate_masks(model)
+    with pytest.raises(ValueError, match="`uses_gradients` must be a bool"):
+        register_mask_strategy("first_order", first_order, uses_gradients="yes")
 
 
 # ---------------------------------------------------------------------------------------------- bad inputs

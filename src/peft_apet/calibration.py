@@ -38,7 +38,6 @@ from torch import nn
 from .config import APETConfig, APETPart
 from .plan import plan_adapter
 from .selection import (
-    DATA_DRIVEN,
     ScoredTensor,
     base_layer_of,
     check_mask_strategy,
@@ -47,7 +46,9 @@ from .selection import (
     data_free_score_fn,
     data_free_scores,
     install_masks,
+    is_data_driven,
     record_counts,
+    registered_score_fn,
     targets_of_part,
 )
 
@@ -204,6 +205,13 @@ def _data_driven_scores(part: APETPart, stats: list[_Statistics], targets: list[
         scores = [s.grad_sum.div_(n).abs_() for s in stats]
     elif part.mask_strategy == "fisher":
         scores = [s.sq_sum.div_(n) for s in stats]
+    elif part.mask_strategy != "sam":  # registered with uses_gradients=True
+        score_fn, kwargs = registered_score_fn(part.mask_strategy), part.mask_strategy_kwargs or {}
+        scores = []
+        for t, s in zip(targets, stats):
+            scores.append(score_fn(t.base_layer, t.tensor.role, tuple(t.tensor.shape), gradient=s.grad_sum.div_(n),
+                                   fisher=s.sq_sum.div_(n), **kwargs))
+            s.grad_sum = s.sq_sum = None
     else:
         fisher = [s.sq_sum.div_(n) for s in stats]
         damping = (part.mask_strategy_kwargs or {}).get("damping", SAM_DAMPING)
@@ -213,10 +221,12 @@ def _data_driven_scores(part: APETPart, stats: list[_Statistics], targets: list[
             # g_i^2 <= F_i (Jensen), so a zero denominator (F_i = 0, damping 0) means g_i = 0: score 0, not 0/0.
             scores.append(s.grad_sum.div_(n).square_().div_(f.add_(lam)).nan_to_num_(nan=0.0))
             s.grad_sum = s.sq_sum = None
-    if all(float(s.max()) == 0.0 for s in scores):
-        raise ValueError(f"part '{part.operation}': every calibration gradient is zero, so mask_strategy="
-                         f"{part.mask_strategy!r} cannot rank entries (is the loss constant in these modules?).")
-    return [checked_scores(s, t, part.mask_strategy) for s, t in zip(scores, targets)]
+    scores = [checked_scores(s, t, part.mask_strategy) for s, t in zip(scores, targets)]
+    if all(float(s.max()) == float(s.min()) == float(scores[0].max()) for s in scores):
+        raise ValueError(f"part '{part.operation}': mask_strategy={part.mask_strategy!r} gives every entry the same "
+                         "score from these calibration batches, so it cannot rank them (is the loss constant in "
+                         "these modules?).")
+    return scores
 
 
 def _adapter_config(model: nn.Module, adapter_name: str | None) -> tuple[APETConfig, str]:
@@ -265,7 +275,7 @@ def calibrate_masks(
     if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int)
                                     or max_batches < 1):
         raise ValueError(f"`max_batches` must be a positive int or None, got {max_batches!r}.")
-    needs_data = [p for p in scored if p.mask_strategy in DATA_DRIVEN]
+    needs_data = [p for p in scored if is_data_driven(p.mask_strategy)]
     if needs_data and data is None:
         raise ValueError(f"parts {[p.operation for p in needs_data]} use data-driven mask strategies "
                          f"{sorted({p.mask_strategy for p in needs_data})}: pass calibration batches, "
@@ -273,7 +283,7 @@ def calibrate_masks(
     if hasattr(data, "get_train_dataloader"):  # a transformers.Trainer
         data = data.get_train_dataloader()
     for p in scored:
-        if p.mask_strategy not in DATA_DRIVEN and data_free_score_fn(p.mask_strategy) is None:
+        if not is_data_driven(p.mask_strategy) and data_free_score_fn(p.mask_strategy) is None:
             check_mask_strategy(p.mask_strategy, {}, f"part '{p.operation}'")  # raises: not registered here
 
     inner = model.base_model.model
@@ -295,7 +305,7 @@ def calibrate_masks(
 
     for part in scored:
         part_targets = targets[part.operation]
-        if part.mask_strategy in DATA_DRIVEN:
+        if is_data_driven(part.mask_strategy):
             scores = _data_driven_scores(part, stats.pop(part.operation), part_targets)
         else:
             scores = data_free_scores(part, part_targets)

@@ -10,7 +10,7 @@ keeping the exact budget of `peft_apet.budget`:
 | `gradient`  | `|g_i|`, `g` = mean per-example gradient of the loss      | yes        | by `calibrate_masks`         |
 | `fisher`    | `F_i` = mean of squared per-example gradients             | yes        | by `calibrate_masks`         |
 | `sam`       | `g_i^2 / (F_i + λ)`                                       | yes        | by `calibrate_masks`         |
-| registered  | `score_fn(base_layer, role, shape, **kwargs)`             | no         | when the adapter is created  |
+| registered  | `score_fn(base_layer, role, shape, **kwargs)`             | optional   | see `register_mask_strategy` |
 
 Where strategies apply: `delta` parts (a masked change of a pre-trained weight) and `bias` parts. Both start at
 zero on top of the pre-trained model, so a score taken at the pre-trained model (adapters disabled) says what
@@ -65,7 +65,7 @@ _BUILTIN_KWARGS: dict[str, dict[str, Callable[[Any], bool]]] = {
 }
 
 ScoreFn = Callable[..., torch.Tensor]
-_REGISTRY: dict[str, ScoreFn] = {}
+_REGISTRY: dict[str, tuple[ScoreFn, bool]] = {}  # name -> (score_fn, uses_gradients)
 
 
 # ---------------------------------------------------------------------------------------------- strategies
@@ -88,14 +88,21 @@ def magnitude_scores(base_layer: nn.Module, role: str, shape: tuple[int, ...]) -
     return tensor.detach().abs()
 
 
-def register_mask_strategy(name: str, score_fn: ScoreFn) -> None:
+def register_mask_strategy(name: str, score_fn: ScoreFn, *, uses_gradients: bool = False) -> None:
     """Make `score_fn` available as `mask_strategy=name` on `delta` and `bias` parts.
 
     Signature: `score_fn(base_layer, role, shape, **mask_strategy_kwargs) -> torch.Tensor` with the base module
     (`nn.Linear`, Conv1D, `nn.LayerNorm`, ...), `role` "delta" or "bias", and the logical `shape` of the masked
     tensor (`(out, in)` for a delta, `(features,)` for a bias; `base_tensor(base_layer, role)` gives the pre-trained
     tensor in that layout). It returns finite float scores of `shape`: the highest train, ties go to the lower
-    position. Like `magnitude`, a registered strategy is data-free: it runs when the adapter is created.
+    position.
+
+    With `uses_gradients=False` the strategy is data-free, like `magnitude`: it runs when the adapter is created.
+    With `uses_gradients=True` it runs in `calibrate_masks`, like `sam`, and also receives the calibration
+    statistics of the tensor as keyword arguments, both float32 of `shape`: `gradient` (the mean per-example
+    gradient `g` of the loss) and `fisher` (the mean squared per-example gradient `F`); see
+    `peft_apet.calibration`. E.g. `lambda base_layer, role, shape, gradient, fisher: gradient.abs() *
+    base_tensor(base_layer, role).abs()` ranks by the first-order change `|g ⊙ W|`.
 
     The name, not the function, goes into `adapter_config.json`: register before creating the config; loading a
     saved adapter does not need it (its masks are in the checkpoint). Registering a name again replaces its function;
@@ -107,7 +114,9 @@ def register_mask_strategy(name: str, score_fn: ScoreFn) -> None:
         raise ValueError(f"{name!r} is a built-in mask strategy ({list(MASK_STRATEGIES)}); choose another name.")
     if not callable(score_fn):
         raise ValueError(f"`score_fn` must be callable, got {score_fn!r}.")
-    _REGISTRY[name] = score_fn
+    if not isinstance(uses_gradients, bool):
+        raise ValueError(f"`uses_gradients` must be a bool, got {uses_gradients!r}.")
+    _REGISTRY[name] = (score_fn, uses_gradients)
 
 
 def registered_mask_strategies() -> list[str]:
@@ -131,8 +140,21 @@ def check_mask_strategy(name: str, kwargs: dict[str, Any], owner: str = "APETPar
                          "your own with peft_apet.register_mask_strategy(name, score_fn) before creating the config.")
 
 
+def is_data_driven(name: str) -> bool:
+    """Whether strategy `name` chooses its masks from calibration data (built-in or registered with gradients)."""
+    return name in DATA_DRIVEN or name in _REGISTRY and _REGISTRY[name][1]
+
+
+def registered_score_fn(name: str) -> ScoreFn | None:
+    """The function registered as `name` (data-free or not), or None."""
+    return _REGISTRY[name][0] if name in _REGISTRY else None
+
+
 def data_free_score_fn(name: str) -> ScoreFn | None:
-    return magnitude_scores if name == "magnitude" else _REGISTRY.get(name)
+    """The score function of a data-free strategy (`magnitude` or registered without gradients), or None."""
+    if name == "magnitude":
+        return magnitude_scores
+    return None if is_data_driven(name) else registered_score_fn(name)
 
 
 # ---------------------------------------------------------------------------------------------- top-k
@@ -286,7 +308,7 @@ def select_data_free_masks(model: nn.Module, config: APETConfig) -> list[MaskCho
     plan = plan_adapter(model, config)
     choices = []
     for part in scored:
-        if part.mask_strategy in DATA_DRIVEN:
+        if is_data_driven(part.mask_strategy):
             if part.mask_counts is None:
                 warnings.warn(f"APET part '{part.operation}' uses mask_strategy={part.mask_strategy!r}: its masks are "
                               "random placeholders until `peft_apet.calibrate_masks(model, batches)` chooses them.",
