@@ -181,13 +181,27 @@ class APETModel(BaseTuner):
         prompted, n, strip = self._with_prompt(args, kwargs, for_generate=True)
         if prompted is None:
             return self.model.generate(*args, **kwargs)
-        output = self.model.generate(**prompted)
+        output = self.model.generate(**self._encoder_penalty_on_real_tokens(prompted, n))
         if not strip:
             return output
         if isinstance(output, torch.Tensor):
             return output[:, n:]
         output.sequences = output.sequences[:, n:]
         return output
+
+    def _encoder_penalty_on_real_tokens(self, kwargs: dict, n: int) -> dict:
+        """`encoder_repetition_penalty` reads the encoder's input ids, which hold the virtual prompt ids (outside the
+        vocabulary, where transformers' processor would index out of range): apply it to the real tokens only."""
+        config = kwargs.get("generation_config") or self.model.generation_config
+        penalty = kwargs.get("encoder_repetition_penalty", getattr(config, "encoder_repetition_penalty", None))
+        input_ids = kwargs.get("input_ids")
+        if penalty in (None, 1.0) or input_ids is None or not getattr(self.model.config, "is_encoder_decoder", False):
+            return kwargs
+        from transformers.generation.logits_process import EncoderRepetitionPenaltyLogitsProcessor, LogitsProcessorList
+
+        processors = LogitsProcessorList(kwargs.get("logits_processor") or [])
+        processors.append(EncoderRepetitionPenaltyLogitsProcessor(penalty=penalty, encoder_input_ids=input_ids[:, n:]))
+        return {**kwargs, "encoder_repetition_penalty": 1.0, "logits_processor": processors}
 
     # ------------------------------------------------------------------ inspection
     def adapter_summary(self, adapter_name: str | None = None) -> str:

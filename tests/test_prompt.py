@@ -1,0 +1,68 @@
+"""Generation with an APET prompt under logits processors that read the input ids (which hold virtual ids)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import model_inputs, tiny_gpt2, tiny_llama, tiny_t5
+from peft import get_peft_model
+
+from peft_apet import APETConfig
+
+BUILDERS = {"gpt2": tiny_gpt2, "llama": tiny_llama, "t5": tiny_t5}
+
+
+def first_step_scores(model, inputs: dict, **kwargs) -> torch.Tensor:
+    out = model.generate(**inputs, max_new_tokens=1, do_sample=False, output_scores=True,
+                         return_dict_in_generate=True, **kwargs)
+    return out.scores[0]
+
+
+def penalised(scores: torch.Tensor, token_ids: torch.Tensor, factor: float) -> torch.Tensor:
+    """transformers' repetition-penalty formula, written out: tokens seen get score * factor if negative, else
+    score / factor; every other score is unchanged."""
+    expected = scores.clone()
+    for row, ids in enumerate(token_ids):
+        for token in set(ids.tolist()):
+            s = scores[row, token]
+            expected[row, token] = s * factor if s < 0 else s / factor
+    return expected
+
+
+def prompted(name: str):
+    task_type = "SEQ_2_SEQ_LM" if name == "t5" else "CAUSAL_LM"
+    model = get_peft_model(BUILDERS[name](), APETConfig.prompt(num_virtual_tokens=4, task_type=task_type))
+    torch.nn.init.normal_(next(p for n, p in model.named_parameters() if p.requires_grad), std=1.0)
+    inputs = model_inputs(name, batch=2, length=5, seed=0)
+    for key in ("labels", "decoder_input_ids", "decoder_attention_mask"):
+        inputs.pop(key, None)  # T5 starts its answer from the decoder start token
+    return model.eval(), inputs
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama", "t5"])
+def test_repetition_penalty_sees_the_real_tokens_only(name):
+    model, inputs = prompted(name)
+    plain = first_step_scores(model, inputs)
+    with_penalty = first_step_scores(model, inputs, repetition_penalty=1.5)
+    # Decoders penalise the tokens of their input; T5 those of the decoder's input (the start token).
+    seen = inputs["input_ids"] if name != "t5" else torch.zeros(2, 1, dtype=torch.long)
+    torch.testing.assert_close(with_penalty, penalised(plain, seen, 1.5))
+
+
+def test_encoder_repetition_penalty_applies_to_the_real_encoder_tokens():
+    model, inputs = prompted("t5")
+    plain = first_step_scores(model, inputs)
+    with_penalty = first_step_scores(model, inputs, encoder_repetition_penalty=2.0)
+    # The encoder penalty favours the encoder's tokens: transformers uses the factor 1 / penalty.
+    torch.testing.assert_close(with_penalty, penalised(plain, inputs["input_ids"], 1 / 2.0))
+    sequences = model.generate(**inputs, max_new_tokens=3, num_beams=2, encoder_repetition_penalty=2.0)
+    assert sequences.shape == (2, 4)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama", "t5"])
+def test_no_repeat_ngram_and_sequence_bias_run_with_a_prompt(name):
+    model, inputs = prompted(name)
+    out = model.generate(**inputs, max_new_tokens=4, do_sample=False, no_repeat_ngram_size=2,
+                         sequence_bias={(1,): -1.0})
+    length = 1 + 4 if name == "t5" else 5 + 4  # T5: start token; decoders: the real input (prompt stripped)
+    assert out.shape == (2, length) and int(out.max()) < model.get_input_embeddings().num_embeddings
