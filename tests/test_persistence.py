@@ -97,7 +97,8 @@ def test_saved_state_is_compact(tmp_path):
     values = {k: v for k, v in tensors.items() if k.endswith(".values")}
     assert sum(v.numel() for v in values.values()) == 101
     assert all(v.dim() == 1 for v in tensors.values())
-    assert all(v.dtype == torch.int32 for k, v in tensors.items() if k.endswith(".index"))
+    # Discrete masks are stored Elias-Fano coded (uint8), see tests/test_index_codec.py.
+    assert all(v.dtype == torch.uint8 for k, v in tensors.items() if k.endswith(".index"))
 
 
 def test_peft_config_from_pretrained_and_load_adapter(tmp_path):

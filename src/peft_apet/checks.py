@@ -29,6 +29,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from .config import APETConfig
+from .index_codec import stored_positions
 from .layer import APETLayer
 from .masks import line_length, num_lines
 from .plan import AdapterPlan, TensorPlan
@@ -74,6 +75,11 @@ def index_problem(spec: TensorPlan | nn.Module, index: torch.Tensor) -> str | No
     `spec` is a `TensorPlan` or a `MaskedWeight`: anything with `shape`, `mask`, `axis` and `num_entries`.
     """
     shape, k = tuple(spec.shape), spec.num_entries
+    if spec.mask == "discrete":  # the on-disk code, or plain positions (see `peft_apet.index_codec`)
+        try:
+            index = stored_positions(index, k, math.prod(shape))
+        except ValueError as e:
+            return str(e)
     if spec.mask is None:
         length, bound = 0, 0
     elif spec.mask == "discrete":

@@ -2,7 +2,9 @@
 
 State (both saved in `adapter_model.safetensors`):
 - `values`: 1-D `nn.Parameter` of length `k` (the only trainable state: gradients and optimizer state are O(k));
-- `index`: int32 buffer, the compact mask of `peft_apet.masks` (empty when unmasked).
+- `index`: int32 buffer, the compact mask of `peft_apet.masks` (empty when unmasked). In a state dict (and so in
+  every saved file) a discrete mask's index is Elias-Fano coded as uint8 (`peft_apet.index_codec`, about
+  log2(n / k) + 2 bits per entry instead of 32); loading accepts that code and the int32 index of peft-apet 0.1.
 
 `dense()` rebuilds the full tensor (zeros off the mask) for the small tensors of LoRA, adapters, biases and
 prompts; masked deltas on large base weights never go through it (see `peft_apet.ops`).
@@ -15,6 +17,7 @@ import math
 import torch
 from torch import nn
 
+from .index_codec import encode_indices, stored_positions
 from .masks import build_mask, flat_indices
 from .plan import TensorPlan
 
@@ -99,6 +102,19 @@ class MaskedWeight(nn.Module):
             target.index_put_((cols,), values, accumulate=True)
         else:
             target.index_put_((rows, cols), values, accumulate=True)
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.mask == "discrete":
+            destination[prefix + "index"] = encode_indices(self.index, math.prod(self.shape))
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args) -> None:
+        key = prefix + "index"
+        stored = state_dict.get(key)
+        if self.mask == "discrete" and isinstance(stored, torch.Tensor):
+            # torch hands each module a copy of the caller's dict: replacing the entry changes nothing of theirs
+            state_dict[key] = stored_positions(stored, self.num_entries, math.prod(self.shape))
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def extra_repr(self) -> str:
         return f"shape={self.shape}, mask={self.mask}, axis={self.axis}, trainable={self.num_entries}"
