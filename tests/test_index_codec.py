@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import copy
+import io
 import math
+import struct
+import time
 
 import pytest
 import torch
@@ -13,7 +17,7 @@ from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
 from peft_apet import APETConfig, APETLayer
-from peft_apet.index_codec import decode_indices, encode_indices, encoded_size
+from peft_apet.index_codec import decode_indices, encode_indices, encoded_size, low_bits
 
 
 @st.composite
@@ -35,6 +39,8 @@ def test_round_trip_is_exact(case):
     index, universe = case
     code = encode_indices(index.to(torch.int32), universe)
     assert code.dtype == torch.uint8 and code.numel() == encoded_size(index.numel(), universe)
+    # the documented bound: k (L + 3) bits, plus at most 2 bytes of padding
+    assert code.numel() <= (index.numel() * (low_bits(index.numel(), universe) + 3) + 7) // 8 + 2
     decoded = decode_indices(code, index.numel(), universe)
     assert decoded.dtype == torch.int32 and torch.equal(decoded.long(), index.long())
 
@@ -43,6 +49,19 @@ def test_round_trip_is_exact(case):
 def test_edge_cases_round_trip(universe, count):
     index = torch.arange(universe)[:count] if count != 1 else torch.tensor([universe - 1])
     assert torch.equal(decode_indices(encode_indices(index, universe), count, universe).long(), index)
+
+
+def test_ten_million_entries_round_trip_quickly():
+    count, universe = 10**7, 2**31 - 1
+    step = universe // count
+    index = torch.arange(count, dtype=torch.int64) * step + torch.randint(0, step, (count,))  # strictly increasing
+    start = time.perf_counter()
+    code = encode_indices(index.to(torch.int32), universe)
+    decoded = decode_indices(code, count, universe)
+    # a few tenths of a second on an idle core; the bound only catches a per-entry Python loop (minutes)
+    assert time.perf_counter() - start < 20
+    assert torch.equal(decoded.long(), index)
+    assert code.numel() == encoded_size(count, universe) < 1.25 * count
 
 
 def test_size_is_within_two_bits_of_the_entropy_bound_and_two_bytes_down_to_density_1_in_16384():
@@ -70,6 +89,19 @@ def test_damaged_codes_are_refused():
         decode_indices(broken, 5, 100)
     with pytest.raises(ValueError, match="1-D uint8"):
         decode_indices(index.to(torch.int32), 5, 100)
+    # positions 0 and 1 of 4 (L = 1): zeroing the low bits decodes to 0, 0
+    with pytest.raises(ValueError, match="not strictly increasing"):
+        decode_indices(torch.cat([torch.zeros(1, dtype=torch.uint8), encode_indices(torch.tensor([0, 1]), 4)[1:]]),
+                       2, 4)
+    # position 2 of 3 (L = 1): setting its low bit decodes to 3, outside the tensor
+    with pytest.raises(ValueError, match=r"in \[0, 3\)"):
+        decode_indices(encode_indices(torch.tensor([2]), 3) | torch.tensor([1, 0], dtype=torch.uint8), 1, 3)
+
+
+@pytest.mark.parametrize("index", [[3, 3, 5], [5, 3], [-1, 4], [4, 100]])
+def test_only_strictly_increasing_positions_in_range_are_encoded(index):
+    with pytest.raises(ValueError, match=r"strictly increasing in \[0, 100\)"):
+        encode_indices(torch.tensor(index), 100)
 
 
 # ---------------------------------------------------------------------------------------------- through PEFT
@@ -89,6 +121,8 @@ def test_adapter_files_store_at_most_six_bytes_per_trainable_fp32_entry(tmp_path
     tensors = load_file(tmp_path / "adapter_model.safetensors")
     assert all(tensors[key].dtype == torch.uint8 for key in index_keys(tensors))
     stored = sum(t.numel() * t.element_size() for t in tensors.values())
+    data = (tmp_path / "adapter_model.safetensors").read_bytes()
+    assert stored == len(data) - 8 - struct.unpack("<Q", data[:8])[0]  # the file, less its JSON header
     assert sum(t.numel() for key, t in tensors.items() if key.endswith(".values")) == k
     assert stored / k <= 6.0
 
@@ -143,3 +177,66 @@ def test_a_state_dict_converted_wholesale_to_floats_still_loads_its_masks(dtype)
     for (name, a), b in zip(model.named_buffers(), other.buffers()):
         if name.endswith(".index"):
             assert torch.equal(a, b), name
+
+
+# ---------------------------------------------------------------------------------------------- module state dicts
+def index_buffers(model) -> dict[str, torch.Tensor]:
+    return {name: b for name, b in model.named_buffers() if name.endswith(".index")}
+
+
+def test_state_dicts_hold_codes_while_the_buffers_stay_int32_positions():
+    model = get_peft_model(tiny_bert(), discrete_delta(300))
+    state = model.state_dict()
+    buffers = index_buffers(model)
+    assert buffers and all(b.dtype == torch.int32 for b in buffers.values())
+    assert all(state[name].dtype == torch.uint8 for name in buffers)
+    assert all(b.dtype == torch.int32 for b in index_buffers(copy.deepcopy(model).to(torch.float64)).values())
+    adjacent = get_peft_model(tiny_bert(), APETConfig.delta(mask="adjacent", num_trainable_params=300,
+                                                            task_type="SEQ_CLS"))
+    assert all(v.dtype == torch.int32 for k, v in adjacent.state_dict().items() if k.endswith(".index"))
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_load_state_dict_strict_accepts_codes_and_int32_positions(legacy):
+    model = get_peft_model(tiny_bert(), discrete_delta(300))
+    state = model.state_dict()
+    if legacy:  # the in-memory positions, as peft-apet 0.1 state dicts held them
+        state.update({k: v.clone() for k, v in index_buffers(model).items()})
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)
+    other = get_peft_model(tiny_bert(), APETConfig.delta(mask="discrete", num_trainable_params=300, seed=7,
+                                                         task_type="SEQ_CLS"))
+    assert not all(torch.equal(a, b) for a, b in zip(index_buffers(model).values(), index_buffers(other).values()))
+    other.load_state_dict(state, strict=True)
+    for (name, a), b in zip(index_buffers(model).items(), index_buffers(other).values()):
+        assert b.dtype == torch.int32 and torch.equal(a, b), name
+    torch.testing.assert_close(model_output(other, model_inputs("bert")), model_output(model, model_inputs("bert")),
+                               rtol=0, atol=0)
+
+
+def test_a_damaged_code_is_refused_when_reloading_into_an_existing_adapter(tmp_path):
+    model = get_peft_model(tiny_bert(), discrete_delta(500))
+    model.save_pretrained(tmp_path)
+    path = tmp_path / "adapter_model.safetensors"
+    tensors = load_file(path)
+    key = index_keys(tensors)[0]
+    tensors[key][-1] ^= 0x80  # one bit of the high-part bitmap: a code of the right length with a wrong count
+    save_file(tensors, path, metadata={"format": "pt"})
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="loaded into adapter 'default' does not fit.*high-part bitmap marks"):
+        model.load_adapter(tmp_path, adapter_name="default")
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_a_meta_model_has_a_state_dict_of_the_right_shapes():
+    with torch.device("meta"):
+        base = tiny_bert()
+    model = get_peft_model(base, discrete_delta(300))  # APET tensors follow the base weights onto `meta`
+    assert all(b.is_meta for b in index_buffers(model).values())
+    real = get_peft_model(tiny_bert(), discrete_delta(300))
+    meta_state, real_state = model.state_dict(), real.state_dict()
+    for key in index_keys(real_state):
+        assert meta_state[key].is_meta and meta_state[key].shape == real_state[key].shape

@@ -17,7 +17,7 @@ import math
 import torch
 from torch import nn
 
-from .index_codec import encode_indices, stored_positions
+from .index_codec import encode_indices, encoded_size, stored_positions
 from .masks import build_mask, flat_indices
 from .plan import TensorPlan
 
@@ -104,16 +104,31 @@ class MaskedWeight(nn.Module):
             target.index_put_((rows, cols), values, accumulate=True)
 
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        """As `nn.Module`'s, with a discrete mask's `index` as its uint8 code `(encoded_size(k, n),)`, on the
+        buffer's device (a meta buffer gives a meta code of the right size: shapes of meta models stay readable)."""
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if self.mask == "discrete":
-            destination[prefix + "index"] = encode_indices(self.index, math.prod(self.shape))
+            k, n = self.num_entries, math.prod(self.shape)
+            if self.index.is_meta:
+                code = torch.empty(encoded_size(k, n), dtype=torch.uint8, device="meta")
+            else:
+                code = encode_indices(self.index, n).to(self.index.device)
+            destination[prefix + "index"] = code
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args) -> None:
+        """As `nn.Module`'s; a discrete mask's `index` may be its uint8 code or int32 positions (peft-apet 0.1).
+
+        The code is decoded (ValueError if damaged) before the default loading checks shapes and copies."""
         key = prefix + "index"
         stored = state_dict.get(key)
         if self.mask == "discrete" and isinstance(stored, torch.Tensor):
+            k = self.num_entries
+            if stored.is_meta and stored.dtype == torch.uint8:  # a code without data: only its shape is known
+                positions = torch.empty(k, dtype=self.index.dtype, device="meta")
+            else:  # same device as given: `load_state_dict(assign=True)` keeps the tensor itself
+                positions = stored_positions(stored, k, math.prod(self.shape)).to(stored.device)
             # torch hands each module a copy of the caller's dict: replacing the entry changes nothing of theirs
-            state_dict[key] = stored_positions(stored, self.num_entries, math.prod(self.shape))
+            state_dict[key] = positions
         super()._load_from_state_dict(state_dict, prefix, *args)
 
     def extra_repr(self) -> str:
