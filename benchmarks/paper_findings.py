@@ -864,6 +864,19 @@ def report(out: Path, command: str) -> dict:
     return meta
 
 
+def sweep_logger(out: Path) -> Callable[[str], None]:
+    """A `log(message)` that prints a time-stamped line and appends it to `out / "sweep.log"` at once."""
+    log_file = (out / "sweep.log").open("a")
+
+    def log(message: str) -> None:
+        line = f"[{datetime.datetime.now():%H:%M:%S}] {message}"
+        print(line, flush=True)
+        log_file.write(line + "\n")
+        log_file.flush()
+
+    return log
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -879,14 +892,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
     command = shlex.join(["python", "benchmarks/paper_findings.py", *(argv if argv is not None else sys.argv[1:])])
-    log_file = (out / "sweep.log").open("a")
-
-    def log(message: str) -> None:
-        line = f"[{datetime.datetime.now():%H:%M:%S}] {message}"
-        print(line, flush=True)
-        log_file.write(line + "\n")
-        log_file.flush()
-
+    log = sweep_logger(out)
     if not args.report_only:
         log(f"start {command} ({mode.name})")
         sweep(mode, out, log, command)
