@@ -10,6 +10,7 @@ from peft import get_peft_model
 from torch import nn
 
 import peft_apet.ops
+import peft_apet.sparse_kernels
 from peft_apet import APETConfig
 
 IN, OUT, TOKENS = 48, 40, 4  # one (40, 48) layer: 1,920 entries; the input is (2, 2, 48), 4 tokens
@@ -24,10 +25,10 @@ class OneLayer(nn.Module):
         return self.proj(x)
 
 
-def _adapted(k: int, dtype: torch.dtype, adapters: int = 1):
+def _adapted(k: int, dtype: torch.dtype, adapters: int = 1, seed: int = 0):
     torch.manual_seed(0)
     model = get_peft_model(OneLayer().to(dtype), APETConfig.delta(target_modules=["proj"], num_trainable_params=k,
-                                                                  init_weights=False, seed=0))
+                                                                  init_weights=False, seed=seed))
     for i in range(1, adapters):
         model.add_adapter(f"extra{i}", APETConfig.delta(target_modules=["proj"], num_trainable_params=k,
                                                         init_weights=False, seed=i))
@@ -38,15 +39,23 @@ def _adapted(k: int, dtype: torch.dtype, adapters: int = 1):
     return model, layer
 
 
-# k = 20: gathers (k below the layer width); k = 60: CSR (k >= width, 8 * tokens * k <= 1,920);
-# k = 500: W + W~ composed densely (8 * tokens * k > 1,920). Two adapters of 60: unsorted positions, gathers.
+# k = 20 (below the layer width): gathers; k = 60 or 500 (sorted positions): CSR. Two adapters at once give unsorted
+# positions: gathers while 8 * tokens * k <= 1,920 (2 x 20), else W + W~ composed densely (2 x 500).
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize(("k", "adapters", "uses_csr"), [(20, 1, False), (60, 1, True), (500, 1, False),
-                                                          (60, 2, False)])
-def test_discrete_delta_equals_dense_formula(monkeypatch, k, adapters, uses_csr, dtype):
-    calls = []
-    original = peft_apet.ops._csr
-    monkeypatch.setattr(peft_apet.ops, "_csr", lambda *a: calls.append(1) or original(*a))
+@pytest.mark.parametrize(("k", "adapters", "kernel"), [(20, 1, "gather"), (60, 1, "csr"), (500, 1, "csr"),
+                                                        (20, 2, "gather"), (500, 2, "dense")])
+def test_discrete_delta_equals_dense_formula(monkeypatch, k, adapters, kernel, dtype):
+    """Output, input gradient and value gradients of every kernel equal autograd through `x (W + W~)^T + b`."""
+    calls = {"csr": 0, "sparse": 0}
+
+    def spy(name, fn):
+        def wrapped(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(peft_apet.sparse_kernels, "_csr", spy("csr", peft_apet.sparse_kernels._csr))
+    monkeypatch.setattr(peft_apet.ops, "add_x_wt", spy("sparse", peft_apet.ops.add_x_wt))
     model, layer = _adapted(k, dtype, adapters)
     deltas = [w["delta"] for w in layer.apet_weights.values()]
     x = torch.randn(2, 2, IN, dtype=dtype, requires_grad=True)
@@ -62,9 +71,33 @@ def test_discrete_delta_equals_dense_formula(monkeypatch, k, adapters, uses_csr,
     expected = F.linear(x_ref, base.weight + dense, base.bias)
     expected.backward(grad_out)
 
-    assert bool(calls) == uses_csr
+    assert (calls["csr"] > 0, calls["sparse"] > 0) == {"gather": (False, True), "csr": (True, True),
+                                                       "dense": (False, False)}[kernel]
     tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-10, "atol": 1e-10}
     torch.testing.assert_close(out, expected, **tol)
     torch.testing.assert_close(x.grad, x_ref.grad, **tol)
     for d, v in zip(deltas, values):
         torch.testing.assert_close(d.values.grad, v.grad, **tol)
+
+
+def _formula(model, layer, x):
+    delta, base = layer.apet_weights["default"]["delta"], layer.get_base_layer()
+    dense = torch.zeros(OUT * IN).index_add(0, delta.flat_indices(), delta.values.detach()).view(OUT, IN)
+    return F.linear(x, base.weight + dense, base.bias)
+
+
+def test_a_new_mask_is_used_after_loading_another_adapter_into_the_same_layer():
+    """The kernels keep index arrays per mask: loading other positions (in place) must not reuse stale ones."""
+    from peft import set_peft_model_state_dict
+    from peft.utils import get_peft_model_state_dict
+
+    model, layer = _adapted(200, torch.float32)
+    other, _ = _adapted(200, torch.float32, seed=1)
+    other_state = get_peft_model_state_dict(other)
+    x = torch.randn(2, 2, IN)
+    torch.testing.assert_close(model(x), _formula(model, layer, x))  # computes and keeps the first layout
+    before = layer.apet_weights["default"]["delta"].flat_indices().clone()
+    set_peft_model_state_dict(model, other_state)
+    after = layer.apet_weights["default"]["delta"].flat_indices()
+    assert not torch.equal(before, after)
+    torch.testing.assert_close(model(x), _formula(model, layer, x))

@@ -7,159 +7,89 @@ The three operations of the paper reduce to:
 - `adapter_output`: `y + σ(y D~^T) U~^T` (Plugin).
 
 Discrete deltas use a custom autograd function so that no dense `(out, in)` tensor is kept between forward
-and backward. While `8 * tokens * k <= out * in` (the usual sparse regime) no dense copy of `W` is made at all: the
-forward is `x W^T + b` plus the `k` products `x[:, cols] * values` added into their output columns, the input
-gradient `g W` plus `g[:, rows] * values` added into their input columns; denser deltas add the `k` values into
-a transient copy of `W` (freed after the matmul) instead. The backward computes the `k` value gradients as `k`
-dot products of length `tokens` instead of a dense weight gradient. On CPU in fp32/fp64, once `k` reaches the
-layer's width, the three sparse products run as CSR kernels (`W~ x^T`, `W~^T g^T` and the sampled `g^T x` at the
-`k` positions) instead of gathers: strided gathers cost several times more per multiply-add. Adjacent deltas are
-dense blocks of whole lines, so they run as one small matmul per layer.
+and backward, and no weight gradient is formed: the forward is `x W^T + b` plus the k-sparse product `x W~^T`,
+the backward `g W + g W~` and the `k` value gradients (`sparse_kernels`). Without CSR kernels (GPU, half
+precision) and once `8 * tokens * k > out * in`, `W + W~` is composed in a transient copy instead (freed after the
+matmul). Adjacent deltas are dense blocks of whole lines, so they run as one small matmul per layer.
 """
 
 from __future__ import annotations
-
-import warnings
 
 import torch
 import torch.nn.functional as F
 
 from .masked_weight import MaskedWeight
-
-# Above this density a dense weight-gradient matmul followed by a gather beats k gathered dot products.
-_DENSE_GRAD_DENSITY = 0.125
-# Elements per temporary `(chunk, tokens)` block in the gathered dot products (64 MiB in fp32).
-_CHUNK_ELEMENTS = 1 << 24
-
-
-def _csr(dst: torch.Tensor, src: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-    """The `(dst_dim, src_dim)` CSR matrix with `values[j]` at `(dst[j], src[j])`; `dst` must be non-decreasing."""
-    crow = torch.zeros(shape[0] + 1, dtype=torch.int64, device=dst.device)
-    crow[1:] = torch.bincount(dst, minlength=shape[0]).cumsum(0)
-    with warnings.catch_warnings():  # "sparse CSR support is in beta": the kernels used here are plain MKL calls
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.sparse_csr_tensor(crow, src, values, shape, check_invariants=False)
-
-
-def _use_csr(t: torch.Tensor, flat: torch.Tensor, out_f: int, in_f: int) -> bool:
-    """CSR kernels exist on CPU for fp32/fp64; they need row-major sorted positions (one adapter's mask is sorted,
-    several adapters' concatenated positions are not). Measured on one 3072 x 768 layer, 64 to 1024 tokens, the
-    gathers are as fast below `k` of about the layer's width and several times slower above it."""
-    if t.device.type != "cpu" or t.dtype not in (torch.float32, torch.float64) or flat.numel() < max(out_f, in_f):
-        return False
-    return bool((flat[1:] > flat[:-1]).all())
-
-
-def _values_grad(grad_out: torch.Tensor, x: torch.Tensor, flat: torch.Tensor, in_features: int,
-                 csr: bool = False) -> torch.Tensor:
-    """`d loss / d values[j] = sum_tokens grad_out[:, rows[j]] * x[:, cols[j]]`, shape `(k,)`, accumulated in fp32
-    (fp64 for fp64 inputs)."""
-    g = grad_out.reshape(-1, grad_out.shape[-1])
-    xs = x.reshape(-1, x.shape[-1])
-    acc = torch.promote_types(torch.promote_types(g.dtype, xs.dtype), torch.float32)
-    k = flat.numel()
-    if k == 0:
-        return grad_out.new_zeros(0, dtype=acc)
-    if k >= _DENSE_GRAD_DENSITY * g.shape[1] * xs.shape[1]:
-        return (g.t().to(acc) @ xs.to(acc)).reshape(-1)[flat]
-    rows, cols = flat // in_features, flat % in_features
-    if csr:  # the sampled product g^T x at the k (sorted) positions
-        pattern = _csr(rows, cols, g.new_zeros(k, dtype=acc), (g.shape[1], in_features))
-        return torch.sparse.sampled_addmm(pattern, g.t().to(acc).contiguous(), xs.to(acc), beta=0.0).values()
-    # Gather the k needed columns of (tokens, out) and (tokens, in): transposing whole matrices first costs more.
-    chunk = max(1, _CHUNK_ELEMENTS // max(1, g.shape[0]))
-    parts = [
-        (g.index_select(1, rows[i:i + chunk]).to(acc) * xs.index_select(1, cols[i:i + chunk]).to(acc)).sum(0)
-        for i in range(0, k, chunk)
-    ]
-    return torch.cat(parts)
-
-
-def _sparse_apply(dense_out: torch.Tensor, source: torch.Tensor, src_idx: torch.Tensor, dst_idx: torch.Tensor,
-                  values: torch.Tensor, csr: bool = False, dst_sorted: bool = False) -> torch.Tensor:
-    """`dense_out[:, dst_idx[j]] += source[:, src_idx[j]] * values[j]` for the `k` entries, on 2-D views, in place.
-
-    This is `x W~^T` (source = x, src = cols, dst = rows) or `g W~` (source = g, src = rows, dst = cols) with W~
-    the k-sparse delta: `O(tokens * k)` work, as one CSR product (`csr`) or in gathered chunks of at most
-    `_CHUNK_ELEMENTS` temporaries."""
-    tokens = source.shape[0]
-    k = values.numel()
-    if csr:
-        if not dst_sorted:
-            order = torch.argsort(dst_idx, stable=True)
-            dst_idx, src_idx, values = dst_idx[order], src_idx[order], values[order]
-        delta = _csr(dst_idx, src_idx, values.to(dense_out.dtype), (dense_out.shape[1], source.shape[1]))
-        return dense_out.add_((delta @ source.t().to(dense_out.dtype).contiguous()).t())
-    chunk = max(1, _CHUNK_ELEMENTS // max(1, tokens))
-    vals = values.to(dense_out.dtype)
-    for i in range(0, k, chunk):
-        part = source.index_select(1, src_idx[i:i + chunk]).to(dense_out.dtype) * vals[i:i + chunk]
-        dense_out.index_add_(1, dst_idx[i:i + chunk], part)
-    return dense_out
+from .sparse_kernels import SparseLayout, add_g_w, add_x_wt, layout_of, values_grad
 
 
 def _use_sparse_path(tokens: int, k: int, numel: int) -> bool:
-    """The k-sparse product costs about `tokens * k` gathered (strided, so slow) multiply-adds; composing `W + W~`
-    costs two copies of the `numel` entries of W per step. Measured on CPU (one 3072 x 768 layer, 64 tokens), the
-    gathers win up to `tokens * k` of about `numel / 5`: take the sparse path below `numel / 8`."""
+    """Without CSR kernels the k-sparse product costs about `tokens * k` gathered (strided, so slow) multiply-adds;
+    composing `W + W~` costs two copies of the `numel` entries of W per step. Measured on CPU (one 3072 x 768
+    layer, 64 tokens), the gathers win up to `tokens * k` of about `numel / 5`: take the sparse path below
+    `numel / 8`. With CSR kernels the sparse path won at every density measured (up to 1/12)."""
     return 8 * tokens * k <= numel
 
 
 class _DiscreteDeltaLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, flat, values):
+    def forward(ctx, x, weight, bias, layout: SparseLayout, values):
         # weight: (out, in) view of the frozen base weight (may be strided, e.g. transposed Conv1D weights)
         out_f, in_f = weight.shape
         xs = x.reshape(-1, in_f)
-        sparse = _use_sparse_path(xs.shape[0], flat.numel(), out_f * in_f)
+        csr = layout.use_csr(xs) and torch.result_type(xs, weight) == xs.dtype
+        sparse = csr or _use_sparse_path(xs.shape[0], layout.flat.numel(), out_f * in_f)
         if sparse:  # x W^T + b, then the k entries of x W~^T added in place: no dense copy of W
             out = F.linear(x, weight, bias)
-            rows, cols = flat // in_f, flat % in_f
-            ctx.csr = _use_csr(out, flat, out_f, in_f)
-            _sparse_apply(out.view(-1, out_f), xs, cols, rows, values, csr=ctx.csr, dst_sorted=True)
+            csr = csr and out.dtype == xs.dtype  # not under autocast to bf16/fp16
+            add_x_wt(out.view(-1, out_f), xs, layout, values, csr)
         else:
-            ctx.csr = False
-            effective = weight.clone(memory_format=torch.contiguous_format)
-            effective.view(-1).index_add_(0, flat, values.to(effective.dtype))
-            out = F.linear(x, effective, bias)
-        ctx.save_for_backward(x, weight, flat, values)
-        ctx.has_bias = bias is not None
-        ctx.sparse = sparse
+            out = F.linear(x, _composed(weight, layout, values), bias)
+        ctx.save_for_backward(x, weight, values)
+        ctx.layout, ctx.csr, ctx.sparse, ctx.has_bias = layout, csr, sparse, bias is not None
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, flat, values = ctx.saved_tensors
+        x, weight, values = ctx.saved_tensors
+        layout = ctx.layout
+        out_f, in_f = weight.shape
+        g = grad_out.reshape(-1, out_f)
+        csr = ctx.csr and grad_out.dtype in (torch.float32, torch.float64)
         grad_x = grad_bias = grad_values = None
         if ctx.needs_input_grad[0]:
             if ctx.sparse:
-                out_f, in_f = weight.shape
                 grad_x = grad_out @ weight.to(grad_out.dtype)
-                rows, cols = flat // in_f, flat % in_f
-                csr = ctx.csr and grad_x.dtype in (torch.float32, torch.float64)
-                _sparse_apply(grad_x.view(-1, in_f), grad_out.reshape(-1, out_f), rows, cols, values, csr=csr)
-            else:
-                effective = weight.clone(memory_format=torch.contiguous_format)
-                effective.view(-1).index_add_(0, flat, values.to(effective.dtype))
-                grad_x = grad_out @ effective.to(grad_out.dtype)  # under autocast grad_out is in the autocast dtype
-                del effective
+                add_g_w(grad_x.view(-1, in_f), g, layout, values, csr)
+            else:  # under autocast grad_out is in the autocast dtype
+                grad_x = grad_out @ _composed(weight, layout, values).to(grad_out.dtype)
         if ctx.needs_input_grad[1]:
             raise RuntimeError("APET masked deltas expect a frozen base weight (requires_grad=False).")
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+            grad_bias = g.sum(0)
         if ctx.needs_input_grad[4]:
-            csr = ctx.csr and grad_out.dtype in (torch.float32, torch.float64)
-            grad_values = _values_grad(grad_out, x, flat, weight.shape[1], csr=csr).to(values.dtype)
+            grad_values = values_grad(g, x.reshape(-1, in_f), layout, csr).to(values.dtype)
         return grad_x, None, grad_bias, None, grad_values
+
+
+def _composed(weight: torch.Tensor, layout: SparseLayout, values: torch.Tensor) -> torch.Tensor:
+    """A transient contiguous `W + W~` `(out, in)`."""
+    effective = weight.clone(memory_format=torch.contiguous_format)
+    effective.view(-1).index_add_(0, layout.flat, values.to(effective.dtype))
+    return effective
 
 
 def masked_delta_linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, deltas: list[MaskedWeight]
 ) -> torch.Tensor:
     """`x (W + sum_i W~_i)^T + b` for discrete or unmasked deltas; `weight` is `(out, in)`, `x` is `(..., in)`."""
-    flat = torch.cat([d.flat_indices() for d in deltas]) if len(deltas) > 1 else deltas[0].flat_indices()
-    values = torch.cat([d.values for d in deltas]) if len(deltas) > 1 else deltas[0].values
-    return _DiscreteDeltaLinear.apply(x, weight, bias, flat.to(weight.device), values)
+    if len(deltas) == 1:
+        layout, values = layout_of(deltas[0]), deltas[0].values
+    else:
+        layout = SparseLayout(torch.cat([d.flat_indices() for d in deltas]), tuple(weight.shape))
+        values = torch.cat([d.values for d in deltas])
+    if layout.flat.device != weight.device:
+        layout = SparseLayout(layout.flat.to(weight.device), layout.shape)
+    return _DiscreteDeltaLinear.apply(x, weight, bias, layout, values)
 
 
 def adjacent_delta_output(x: torch.Tensor, delta: MaskedWeight, result: torch.Tensor) -> torch.Tensor:
