@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 
 import torch
@@ -30,15 +30,22 @@ _CSR_DTYPES = (torch.float32, torch.float64)
 
 @dataclass(eq=False)
 class SparseLayout:
-    """Index arrays of `k` entries of an `(out, in)` matrix at int64 row-major positions `flat` `(k,)`."""
+    """Index arrays of `k` entries of an `(out, in)` matrix at int64 row-major positions `flat` `(k,)`.
+
+    Each array is made when a kernel first needs it. Kept per mask, the CSR path holds `flat` plus three int32
+    arrays (columns, transposed rows, transposed order): 20 bytes per entry; the gather path holds `flat`, rows
+    and columns: 24 bytes per entry."""
 
     flat: torch.Tensor
     shape: tuple[int, int]
-    rows: torch.Tensor = field(init=False)
-    cols: torch.Tensor = field(init=False)
 
-    def __post_init__(self) -> None:
-        self.rows, self.cols = self.flat // self.shape[1], self.flat % self.shape[1]
+    @cached_property
+    def rows(self) -> torch.Tensor:
+        return self.flat // self.shape[1]
+
+    @cached_property
+    def cols(self) -> torch.Tensor:
+        return self.flat % self.shape[1]
 
     @cached_property
     def strictly_sorted(self) -> bool:
@@ -46,16 +53,19 @@ class SparseLayout:
         return bool((self.flat[1:] > self.flat[:-1]).all())
 
     @cached_property
-    def crow(self) -> torch.Tensor:
-        """CSR row pointers `(out + 1,)` of the (sorted) pattern."""
-        return _row_pointers(self.rows, self.shape[0])
+    def csr(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(crow (out + 1,), col (k,))`, int32 below 2**31 entries: the CSR layout of the (sorted) pattern."""
+        crow = _row_pointers(self.flat // self.shape[1], self.shape[0])
+        return crow, (self.flat % self.shape[1]).to(crow.dtype)
 
     @cached_property
     def transposed(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`(crow_t (in + 1,), rows in column-major order (k,), order (k,))`: the CSR layout of the `(in, out)`
-        transpose, `order` taking the stored values to it."""
-        order = torch.argsort(self.cols, stable=True)
-        return _row_pointers(self.cols, self.shape[1]), self.rows[order], order
+        """`(crow_t (in + 1,), col_t (k,), order (k,))`, int32 below 2**31 entries: the CSR layout of the
+        `(in, out)` transpose, with `order` taking the stored values to it."""
+        cols = self.flat % self.shape[1]
+        order = torch.argsort(cols, stable=True)
+        crow_t = _row_pointers(cols, self.shape[1])
+        return crow_t, (self.flat[order] // self.shape[1]).to(crow_t.dtype), order.to(crow_t.dtype)
 
     def use_csr(self, t: torch.Tensor) -> bool:
         """Whether the CSR kernels apply to activations like `t` (see the module docstring). Not while
@@ -67,7 +77,7 @@ class SparseLayout:
 def _row_pointers(row_of_entry: torch.Tensor, num_rows: int) -> torch.Tensor:
     crow = torch.zeros(num_rows + 1, dtype=torch.int64, device=row_of_entry.device)
     crow[1:] = torch.bincount(row_of_entry, minlength=num_rows).cumsum(0)
-    return crow
+    return crow.to(torch.int32) if row_of_entry.numel() < 2**31 else crow
 
 
 def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
@@ -95,7 +105,7 @@ def layout_of(delta: MaskedWeight) -> SparseLayout:
 def add_x_wt(out: torch.Tensor, x: torch.Tensor, layout: SparseLayout, values: torch.Tensor, csr: bool) -> None:
     """`out += x W~^T` in place; `out` `(tokens, out)`, `x` `(tokens, in)`, `values` `(k,)`."""
     if csr:
-        delta = _csr(layout.crow, layout.cols, values.to(out.dtype), layout.shape)
+        delta = _csr(*layout.csr, values.to(out.dtype), layout.shape)
         out.add_((delta @ x.t().to(out.dtype).contiguous()).t())
     else:
         _gathered_add(out, x, layout.cols, layout.rows, values)
@@ -104,8 +114,8 @@ def add_x_wt(out: torch.Tensor, x: torch.Tensor, layout: SparseLayout, values: t
 def add_g_w(grad_x: torch.Tensor, g: torch.Tensor, layout: SparseLayout, values: torch.Tensor, csr: bool) -> None:
     """`grad_x += g W~` in place; `grad_x` `(tokens, in)`, `g` `(tokens, out)`, `values` `(k,)`."""
     if csr:
-        crow_t, rows_t, order = layout.transposed
-        delta_t = _csr(crow_t, rows_t, values[order].to(grad_x.dtype), (layout.shape[1], layout.shape[0]))
+        crow_t, col_t, order = layout.transposed
+        delta_t = _csr(crow_t, col_t, values[order].to(grad_x.dtype), (layout.shape[1], layout.shape[0]))
         grad_x.add_((delta_t @ g.t().to(grad_x.dtype).contiguous()).t())
     else:
         _gathered_add(grad_x, g, layout.rows, layout.cols, values)
@@ -131,7 +141,7 @@ def values_grad(g: torch.Tensor, x: torch.Tensor, layout: SparseLayout, csr: boo
     if k >= _DENSE_GRAD_DENSITY * g.shape[1] * x.shape[1]:
         return (g.t().to(acc) @ x.to(acc)).reshape(-1)[layout.flat]
     if csr:  # the sampled product g^T x at the k (sorted) positions
-        pattern = _csr(layout.crow, layout.cols, g.new_zeros(k, dtype=acc), layout.shape)
+        pattern = _csr(*layout.csr, g.new_zeros(k, dtype=acc), layout.shape)
         return torch.sparse.sampled_addmm(pattern, g.t().to(acc).contiguous(), x.to(acc), beta=0.0).values()
     chunk = max(1, _CHUNK_ELEMENTS // max(1, g.shape[0]))
     rows, cols = layout.rows, layout.cols
