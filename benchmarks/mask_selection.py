@@ -5,7 +5,7 @@ One command runs the sweep (resuming from `<out>/runs.jsonl`) and writes the rep
     nice -n 15 python benchmarks/mask_selection.py                 # default: 4 budgets x 5 strategies x 3 seeds
     python benchmarks/mask_selection.py --smoke --out /tmp/x       # tiny random BERT, 2 budgets, 2 steps (the test)
     python benchmarks/mask_selection.py --report-only              # rebuild tables and plot from finished runs
-    python benchmarks/mask_selection.py --part lr-check            # diagnostic: every strategy at k=1000, lr 1e-2
+    python benchmarks/mask_selection.py --part lr-check            # diagnostic: all strategies at smaller lrs
 
 Setup (shared with `paper_findings.py`, whose data, model and training loop this reuses): all-MiniLM-L6-v2 with a
 new classification head (PEFT `modules_to_save`, reported apart) on Rotten Tomatoes; a discrete masked `delta` of
@@ -55,7 +55,8 @@ DEFAULT_OUT = REPO / "benchmarks" / "results" / "mask_selection"
 STRATEGIES = ("random", "magnitude", "gradient", "fisher", "sam")
 LR_CANDIDATES = (1e-2, 3e-2)
 LR_PICK_BUDGET = 10_000
-LR_CHECK = (1_000, 1e-2, 0)  # budget, lr, seed: every strategy once more at a smaller lr (a diagnostic)
+# (budget, lr, seed): every strategy once more at a smaller lr than the picked one (a diagnostic)
+LR_CHECKS = ((1_000, 1e-2, 0), (100_000, 3e-3, 0))
 HEAD_LR = 1e-3  # the new classifier head, the same for every run (3e-4 leaves it untrained in 100 steps)
 
 
@@ -192,14 +193,17 @@ def baselines(mode: Mode, out: Path, log, task: pf.Task) -> None:
 
 
 def lr_check(mode: Mode, out: Path, log, task: pf.Task) -> None:
-    """Every strategy at `LR_CHECK`'s budget and seed with a smaller lr than the picked one: is a gap an lr effect?"""
-    path, (budget, lr, seed) = out / "lr_check.jsonl", LR_CHECK
-    for strategy in STRATEGIES:
-        if not any(r["strategy"] == strategy for r in load_records(path)):
-            record = run(strategy, budget, seed, lr, task, mode)
-            with path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
-            log(f"lr check {strategy:9s} k={budget:,} lr {lr:g} seed {seed}: test {record['test_accuracy']:.4f}")
+    """Every strategy at each of `LR_CHECKS`' (budget, lr, seed) with a smaller lr than the picked one: is a gap
+    between strategies an lr effect?"""
+    path = out / "lr_check.jsonl"
+    for budget, lr, seed in LR_CHECKS:
+        for strategy in STRATEGIES:
+            done = {(r["strategy"], r["budget"], r["lr"], r["seed"]) for r in load_records(path)}
+            if (strategy, budget, lr, seed) not in done:
+                record = run(strategy, budget, seed, lr, task, mode)
+                with path.open("a") as f:
+                    f.write(json.dumps(record) + "\n")
+                log(f"lr check {strategy:9s} k={budget:,} lr {lr:g} seed {seed}: test {record['test_accuracy']:.4f}")
 
 
 def sweep(mode: Mode, out: Path, log, part: str = "all") -> None:
@@ -235,10 +239,10 @@ def sweep(mode: Mode, out: Path, log, part: str = "all") -> None:
 
 # ---------------------------------------------------------------------------------------------- report
 def unique(records: list[dict]) -> list[dict]:
-    """The first record of each (strategy, budget, seed): a rerun or a second process never counts twice."""
+    """The first record of each (strategy, budget, seed, lr): a rerun or a second process never counts twice."""
     seen, out = set(), []
     for r in records:
-        key = (r["strategy"], r["budget"], r["seed"])
+        key = (r["strategy"], r["budget"], r["seed"], r.get("lr"))
         if key not in seen:
             seen.add(key)
             out.append(r)
@@ -320,18 +324,15 @@ def markdown(records: list[dict], picks: list[dict], base: list[dict], meta: dic
                  for b in budgets]
         lines.append(f"| {s} | " + " | ".join(cells) + " |")
     checks = meta.get("lr_check") or []
-    if checks:
-        acc = {(r["strategy"], r["budget"], r["seed"]): r["test_accuracy"] for r in records}
-        lines += ["", f"Diagnostic: every strategy again at k = {checks[0]['budget']:,}, seed {checks[0]['seed']}, "
-                  "with "
-                  f"lr {checks[0]['lr']:g} instead of {records[0]['lr'] if records else '?'} (test accuracy %, "
-                  "final training loss = mean of the last 10 steps):", "",
-                  "| strategy | picked lr | loss | smaller lr | loss |", "|---|---|---|---|---|"]
-        by_key = {(r["strategy"], r["budget"], r["seed"]): r for r in records}
-        for c in sorted(checks, key=lambda c: STRATEGIES.index(c["strategy"])):
-            main = by_key.get((c["strategy"], c["budget"], c["seed"]))
-            first = f"{100 * acc[c['strategy'], c['budget'], c['seed']]:.1f} | {main['loss_last']:.3f}" if main \
-                else "— | —"
+    by_key = {(r["strategy"], r["budget"], r["seed"]): r for r in records}
+    for budget, lr, seed in sorted({(c["budget"], c["lr"], c["seed"]) for c in checks}):
+        lines += ["", f"Diagnostic: every strategy again at k = {budget:,}, seed {seed}, with lr {lr:g} instead of "
+                  f"{records[0]['lr'] if records else '?'} (test accuracy %, final training loss = mean of the last "
+                  "10 steps):", "", "| strategy | picked lr | loss | smaller lr | loss |", "|---|---|---|---|---|"]
+        group = [c for c in checks if (c["budget"], c["lr"], c["seed"]) == (budget, lr, seed)]
+        for c in sorted(group, key=lambda c: STRATEGIES.index(c["strategy"])):
+            main = by_key.get((c["strategy"], budget, seed))
+            first = f"{100 * main['test_accuracy']:.1f} | {main['loss_last']:.3f}" if main else "— | —"
             lines.append(f"| {c['strategy']} | {first} | {100 * c['test_accuracy']:.1f} | {c['loss_last']:.3f} |")
     lines += ["", "Where the masks put their entries (share of the budget per weight kind, summed over the 6 layers, "
               "seed 0):", ""]
