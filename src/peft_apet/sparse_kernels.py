@@ -1,13 +1,15 @@
 """The k-sparse products behind a discrete delta `W~` of shape `(out, in)` with `k` entries at row-major positions.
 
 A layer's forward and backward need three of them, all `O(tokens * k)`: `x W~^T` (forward), `g W~` (input
-gradient) and `g^T x` sampled at the `k` positions (the value gradients). On CPU in fp32/fp64, once `k` reaches
-the layer's width, they run as CSR kernels (MKL); otherwise, and on other devices and dtypes, as gathers of the `k`
-needed columns, which cost several times more per multiply-add because they are strided. Measured on one
-3072 x 768 layer with 64 to 1024 tokens: the two are level around `k` = width, CSR is 3-60x faster above it.
+gradient) and `g^T x` sampled at the `k` positions (the value gradients). On CPU in fp32/fp64, for `k` from the
+layer's width up to density 1/16, they run as CSR kernels (MKL); otherwise, and on other devices and dtypes, as
+gathers of the `k` needed columns, which cost several times more per multiply-add because they are strided.
+Measured on one 3072 x 768 layer with 64 to 1024 tokens: the two are level around `k` = width, CSR is 3-60x
+faster above it.
 
 The index arrays of a mask (rows, columns, CSR row pointers, the transposed order) depend only on the mask, so
-`layout_of` keeps them per `MaskedWeight` until its index tensor is replaced or changed in place.
+`layout_of` keeps them per `MaskedWeight` (of density at most 1/16) until its index tensor is replaced or changed
+in place.
 """
 
 from __future__ import annotations
@@ -70,8 +72,15 @@ class SparseLayout:
     def use_csr(self, t: torch.Tensor) -> bool:
         """Whether the CSR kernels apply to activations like `t` (see the module docstring). Not while
         `torch.compile` traces: sparse tensors and data-dependent shapes would break the graph."""
-        return (t.device.type == "cpu" and t.dtype in _CSR_DTYPES and self.flat.numel() >= max(self.shape)
+        k = self.flat.numel()
+        return (t.device.type == "cpu" and t.dtype in _CSR_DTYPES and max(self.shape) <= k <= _csr_max(self.shape)
                 and not torch.compiler.is_compiling() and self.strictly_sorted)
+
+
+def _csr_max(shape: tuple[int, int]) -> int:
+    """Densest mask (1/16) for which CSR kernels and a kept layout are used; denser deltas (and unmasked ones)
+    compose `W + W~` densely, where a dense matmul is cheaper than a sparse one."""
+    return shape[0] * shape[1] // 16
 
 
 def _row_pointers(row_of_entry: torch.Tensor, num_rows: int) -> torch.Tensor:
@@ -91,7 +100,8 @@ _LAYOUTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def layout_of(delta: MaskedWeight) -> SparseLayout:
     """The layout of `delta`'s mask, computed once per index tensor (and in-place version of it)."""
-    if torch.compiler.is_compiling():  # traced once per graph; the cache is plain Python state
+    if torch.compiler.is_compiling() or delta.num_entries > _csr_max(delta.shape):
+        # traced once per graph (the cache is plain Python state), or too dense to keep index arrays for
         return SparseLayout(delta.flat_indices(), tuple(delta.shape))
     index = delta.index
     hit = _LAYOUTS.get(delta)
