@@ -36,11 +36,12 @@ class _DiscreteDeltaLinear(torch.autograd.Function):
         # weight: (out, in) view of the frozen base weight (may be strided, e.g. transposed Conv1D weights)
         out_f, in_f = weight.shape
         xs = x.reshape(-1, in_f)
-        csr = layout.use_csr(xs) and torch.result_type(xs, weight) == xs.dtype
+        # CSR needs the output in x's fp32/fp64 dtype: not under autocast (to bf16/fp16) or mixed dtypes.
+        csr = (layout.use_csr(xs) and torch.result_type(xs, weight) == xs.dtype
+               and not torch.is_autocast_enabled(xs.device.type))
         sparse = csr or _use_sparse_path(xs.shape[0], layout.flat.numel(), out_f * in_f)
         if sparse:  # x W^T + b, then the k entries of x W~^T added in place: no dense copy of W
             out = F.linear(x, weight, bias)
-            csr = csr and out.dtype == xs.dtype  # not under autocast to bf16/fp16
             add_x_wt(out.view(-1, out_f), xs, layout, values, csr)
         else:
             out = F.linear(x, _composed(weight, layout, values), bias)
@@ -53,13 +54,12 @@ class _DiscreteDeltaLinear(torch.autograd.Function):
         x, weight, values = ctx.saved_tensors
         layout = ctx.layout
         out_f, in_f = weight.shape
-        g = grad_out.reshape(-1, out_f)
-        csr = ctx.csr and grad_out.dtype in (torch.float32, torch.float64)
+        g = grad_out.reshape(-1, out_f)  # the dtype of the forward's output: fp32/fp64 whenever ctx.csr
         grad_x = grad_bias = grad_values = None
         if ctx.needs_input_grad[0]:
             if ctx.sparse:
                 grad_x = grad_out @ weight.to(grad_out.dtype)
-                add_g_w(grad_x.view(-1, in_f), g, layout, values, csr)
+                add_g_w(grad_x.view(-1, in_f), g, layout, values, ctx.csr)
             else:  # under autocast grad_out is in the autocast dtype
                 grad_x = grad_out @ _composed(weight, layout, values).to(grad_out.dtype)
         if ctx.needs_input_grad[1]:
@@ -67,7 +67,7 @@ class _DiscreteDeltaLinear(torch.autograd.Function):
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = g.sum(0)
         if ctx.needs_input_grad[4]:
-            grad_values = values_grad(g, x.reshape(-1, in_f), layout, csr).to(values.dtype)
+            grad_values = values_grad(g, x.reshape(-1, in_f), layout, ctx.csr).to(values.dtype)
         return grad_x, None, grad_bias, None, grad_values
 
 
