@@ -17,18 +17,18 @@ IN, OUT, TOKENS = 48, 40, 4  # one (40, 48) layer: 1,920 entries; the input is (
 
 
 class OneLayer(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, in_features: int = IN, out_features: int = OUT) -> None:
         super().__init__()
-        self.proj = nn.Linear(IN, OUT)
+        self.proj = nn.Linear(in_features, out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(x)
 
 
-def _adapted(k: int, dtype: torch.dtype, adapters: int = 1, seed: int = 0):
+def _adapted(k: int, dtype: torch.dtype, adapters: int = 1, seed: int = 0, shape: tuple[int, int] = (OUT, IN)):
     torch.manual_seed(0)
-    model = get_peft_model(OneLayer().to(dtype), APETConfig.delta(target_modules=["proj"], num_trainable_params=k,
-                                                                  init_weights=False, seed=seed))
+    config = APETConfig.delta(target_modules=["proj"], num_trainable_params=k, init_weights=False, seed=seed)
+    model = get_peft_model(OneLayer(shape[1], shape[0]).to(dtype), config)
     for i in range(1, adapters):
         model.add_adapter(f"extra{i}", APETConfig.delta(target_modules=["proj"], num_trainable_params=k,
                                                         init_weights=False, seed=i))
@@ -37,6 +37,47 @@ def _adapted(k: int, dtype: torch.dtype, adapters: int = 1, seed: int = 0):
     for weights in layer.apet_weights.values():
         weights["delta"].values.data = weights["delta"].values.data.to(dtype)
     return model, layer
+
+
+def _assert_matches_dense_formula(model, layer, dtype, shape=(OUT, IN)):
+    """Output, input gradient and value gradients equal autograd through `x (W + W~)^T + b`."""
+    out_f, in_f = shape
+    deltas = [w["delta"] for w in layer.apet_weights.values()]
+    x = torch.randn(2, 2, in_f, dtype=dtype, requires_grad=True)
+    out = model(x)
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+
+    base = layer.get_base_layer()
+    values = [d.values.detach().clone().requires_grad_(True) for d in deltas]
+    x_ref = x.detach().clone().requires_grad_(True)
+    dense = sum(torch.zeros(out_f * in_f, dtype=dtype).index_add(0, d.flat_indices(), v).view(out_f, in_f)
+                for d, v in zip(deltas, values))
+    expected = F.linear(x_ref, base.weight + dense, base.bias)
+    expected.backward(grad_out)
+
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-10, "atol": 1e-10}
+    torch.testing.assert_close(out, expected, **tol)
+    torch.testing.assert_close(x.grad, x_ref.grad, **tol)
+    for d, v in zip(deltas, values):
+        torch.testing.assert_close(d.values.grad, v.grad, **tol)
+
+
+# A (64, 96) layer takes CSR kernels for k from 96 to 384 (density 1/16); up to 2 * (64 + 96) = 320 entries the
+# products are written into strided views, above that through contiguous transposes.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(("k", "strided"), [(100, True), (320, True), (350, False)])
+def test_csr_products_write_strided_or_through_contiguous_copies(monkeypatch, k, strided, dtype):
+    routes, choose = [], peft_apet.sparse_kernels._strided_route
+
+    def spy(layout):
+        routes.append(choose(layout))
+        return routes[-1]
+
+    monkeypatch.setattr(peft_apet.sparse_kernels, "_strided_route", spy)
+    model, layer = _adapted(k, dtype, shape=(64, 96))
+    _assert_matches_dense_formula(model, layer, dtype, shape=(64, 96))
+    assert routes == [strided, strided]  # forward (x W~^T) and backward (g W~)
 
 
 # k = 20 (below the layer width 48): gathers; k = 60 or 120 (width to density 1/16, sorted): CSR; k = 500 (denser):
@@ -58,27 +99,9 @@ def test_discrete_delta_equals_dense_formula(monkeypatch, k, adapters, kernel, d
     monkeypatch.setattr(peft_apet.sparse_kernels, "_csr", spy("csr", peft_apet.sparse_kernels._csr))
     monkeypatch.setattr(peft_apet.ops, "add_x_wt", spy("sparse", peft_apet.ops.add_x_wt))
     model, layer = _adapted(k, dtype, adapters)
-    deltas = [w["delta"] for w in layer.apet_weights.values()]
-    x = torch.randn(2, 2, IN, dtype=dtype, requires_grad=True)
-    out = model(x)
-    grad_out = torch.randn_like(out)
-    out.backward(grad_out)
-
-    base = layer.get_base_layer()
-    values = [d.values.detach().clone().requires_grad_(True) for d in deltas]
-    x_ref = x.detach().clone().requires_grad_(True)
-    dense = sum(torch.zeros(OUT * IN, dtype=dtype).index_add(0, d.flat_indices(), v).view(OUT, IN)
-                for d, v in zip(deltas, values))
-    expected = F.linear(x_ref, base.weight + dense, base.bias)
-    expected.backward(grad_out)
-
+    _assert_matches_dense_formula(model, layer, dtype)
     assert (calls["csr"] > 0, calls["sparse"] > 0) == {"gather": (False, True), "csr": (True, True),
                                                        "dense": (False, False)}[kernel]
-    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-10, "atol": 1e-10}
-    torch.testing.assert_close(out, expected, **tol)
-    torch.testing.assert_close(x.grad, x_ref.grad, **tol)
-    for d, v in zip(deltas, values):
-        torch.testing.assert_close(d.values.grad, v.grad, **tol)
 
 
 def _formula(model, layer, x):

@@ -48,9 +48,10 @@ def test_prompt_generate_equals_peft(model_name, use_cache):
     inputs = model_inputs(model_name)
     inputs.pop("decoder_input_ids", None)
     inputs["attention_mask"][0, :2] = 0  # left padding
-    kwargs = dict(max_new_tokens=5, do_sample=False, use_cache=use_cache)
-    got = apet.generate(**inputs, **kwargs)
-    expected = reference.generate(**inputs, **kwargs)
+    got = apet.generate(**inputs, max_new_tokens=5, do_sample=False, use_cache=use_cache)
+    # The reference is PEFT's uncached generation: with transformers 5.24 and left padding, PEFT 0.21.2's cached
+    # Llama generation departs from its own uncached output after a few tokens (APET's cached and uncached agree).
+    expected = reference.generate(**inputs, max_new_tokens=5, do_sample=False, use_cache=False)
     assert got.tolist() == expected.tolist()
     if model_name != "t5":  # decoders return the prompt: no virtual ids in it
         assert torch.equal(got[:, : inputs["input_ids"].shape[1]], inputs["input_ids"])
