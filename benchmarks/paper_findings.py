@@ -109,8 +109,8 @@ MODES = {
     # Figure 7's delta curves also get the points of Figure 5's APET runs (at the BitFit, Prompt, LoRA and Adapter
     # counts: 2.6e4 to 2.2e5 on MiniLM), so the default grid stops at 6400, and 10 entries (most matrices get none)
     # and masked LoRA below 1600 are left to --full: the 26 MiniLM runs take about 80 minutes on 2 cores, with a
-    # margin under the 90-minute goal. One SmolLM2 training run (60 steps)
-    # costs about 15 minutes on 2 cores, so the LM joins the default only with --with-lm: zero-shot and one budget.
+    # margin under the 90-minute goal. One SmolLM2 training run (60 steps) costs about 15 minutes on 2 cores, so
+    # the LM joins the default only with --with-lm: zero-shot and one budget.
     "default": Mode(
         name="default", models=("minilm",), tasks=("rotten_tomatoes",),
         budgets=(100, 400, 1600, 6400), seeds=(0,),

@@ -39,9 +39,9 @@ def _adapted(k: int, dtype: torch.dtype, adapters: int = 1, seed: int = 0, shape
     return model, layer
 
 
-def _assert_matches_dense_formula(model, layer, dtype, shape=(OUT, IN)):
+def _assert_matches_dense_formula(model, layer, dtype):
     """Output, input gradient and value gradients equal autograd through `x (W + W~)^T + b`."""
-    out_f, in_f = shape
+    out_f, in_f = layer.out_features, layer.in_features
     deltas = [w["delta"] for w in layer.apet_weights.values()]
     x = torch.randn(2, 2, in_f, dtype=dtype, requires_grad=True)
     out = model(x)
@@ -76,7 +76,7 @@ def test_csr_products_write_strided_or_through_contiguous_copies(monkeypatch, k,
 
     monkeypatch.setattr(peft_apet.sparse_kernels, "_strided_route", spy)
     model, layer = _adapted(k, dtype, shape=(64, 96))
-    _assert_matches_dense_formula(model, layer, dtype, shape=(64, 96))
+    _assert_matches_dense_formula(model, layer, dtype)
     assert routes == [strided, strided]  # forward (x W~^T) and backward (g W~)
 
 
