@@ -21,7 +21,8 @@ def test_every_field_has_help():
     "config",
     [
         APETConfig.lora(r=4, lora_alpha=16, target_modules=["query"], mask="discrete", num_trainable_params=7),
-        APETConfig.adapter(bottleneck=3, activation="gelu", mask="adjacent", mask_axis=1, density=0.5),
+        APETConfig.adapter(bottleneck=3, activation="gelu", mask="adjacent", mask_axis=1, density=0.5,
+                           mask_pairing="independent"),
         APETConfig.bitfit(),
         APETConfig.delta(num_trainable_params=11, mask="adjacent"),
         APETConfig.prompt(num_virtual_tokens=4, task_type="CAUSAL_LM"),

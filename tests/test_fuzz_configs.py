@@ -93,6 +93,11 @@ def part_kwargs(draw, operation: str) -> dict:
             kwargs["exclude_modules"] = draw(st.sampled_from([["key", "k_proj", "k"], r".*\.0\..*"]))
     kwargs["mask"] = draw(st.sampled_from([None, "adjacent", "adjacent", "discrete", "discrete"]))
     kwargs["mask_axis"] = draw(st.sampled_from([0, 1]))
+    if operation in ("lora", "adapter"):
+        kwargs["mask_pairing"] = draw(st.sampled_from(["aligned", "independent"]))
+        # aligned adjacent masks take whole rank units: mask_axis=1 is refused on construction
+        if kwargs["mask"] == "adjacent" and kwargs["mask_axis"] == 1 and kwargs["mask_pairing"] == "aligned":
+            kwargs["_invalid"] = True
     budget = draw(st.sampled_from(["count"] * 3 + ["density"] * 2 + ["none"] * 2 + ["invalid"]))
     if budget == "invalid":  # out of range, or a budget on an unmasked part
         kwargs[draw(st.sampled_from(["num_trainable_params", "density"]))] = draw(
@@ -153,6 +158,9 @@ def expected_entries(model_name: str, config: APETConfig) -> int | None:
             fixed[part.operation] = min(cap, max(1, round(part.density * cap)))
         else:
             free.append(part.operation)
+        aligned = part.operation in ("lora", "adapter") and part.mask and part.mask_pairing == "aligned"
+        if aligned and fixed.get(part.operation) == 1:  # one entry cannot form an aligned pair
+            return None
     total, density = config.num_trainable_params, config.density
     if total is None and density is None:
         return None if free else sum(fixed.values())

@@ -34,6 +34,9 @@ BAD_PART_FIELDS = [
     ("mask_axis", {"mask": "adjacent", "mask_axis": True, "density": 0.5}, r"`mask_axis`.*\[0, 1\]"),
     ("mask_axis", {"mask": "adjacent", "mask_axis": 1.0, "density": 0.5}, r"`mask_axis`.*\[0, 1\]"),
     ("mask_axis", {"mask": "adjacent", "mask_axis": "0", "density": 0.5}, r"`mask_axis`.*\[0, 1\]"),
+    ("mask_pairing", {"mask": "discrete", "density": 0.5, "mask_pairing": "paired"},
+     r"`mask_pairing`.*\['aligned', 'independent'\]"),
+    ("mask_pairing", {"mask": "adjacent", "mask_axis": 1, "density": 0.5}, r"mask_axis=1 with mask_pairing='aligned'"),
     ("num_trainable_params", {"mask": "discrete", "num_trainable_params": 0}, r"`num_trainable_params`.*>= 1"),
     ("num_trainable_params", {"mask": "discrete", "num_trainable_params": -5}, r"`num_trainable_params`.*>= 1"),
     ("num_trainable_params", {"mask": "discrete", "num_trainable_params": 2.5}, r"`num_trainable_params`.*int"),
@@ -159,6 +162,7 @@ def test_unknown_fields_are_a_value_error_listing_the_allowed_ones(make, allowed
 def test_good_values_of_every_type_pass():
     """The checks refuse wrong types, not valid ones (ints where floats are allowed, tuples for lists...)."""
     part = APETPart(operation="lora", r=1, lora_alpha=16, lora_dropout=0, mask="adjacent", mask_axis=1, density=1,
+                    mask_pairing="independent",
                     target_modules=("value", "query"), exclude_modules="x")
     assert part.target_modules == ["query", "value"] and part.density == 1
     config = APETConfig(parts=(part, {"operation": "bias"}), num_trainable_params=None, seed=0, inference_mode=True,

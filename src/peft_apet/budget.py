@@ -76,3 +76,64 @@ def split_config_budget(
             )
     shares = allocate_budget([capacities[op] for op in free], remaining)
     return {**fixed, **dict(zip(free, shares))}
+
+
+def split_aligned_pair(k: int, units: int, first_line: int, second_line: int, mask: str) -> tuple[int, int]:
+    """Entries `(k_first, k_second)` of a two-matrix part's module whose masks share rank (bottleneck) units.
+
+    The first matrix (LoRA A `(units, in)`, adapter down `(units, d)`) holds a unit's entries on row `j`
+    (`first_line` of them), the second (LoRA B `(out, units)`, adapter up `(d, units)`) on column `j`
+    (`second_line`). An entry of one matrix can receive a gradient only if its unit has an entry in the other, so:
+    - `"discrete"`: the proportional split, moved as little as needed so that `c = min(units, k_first,
+      k_second)` units can hold both sides (`k_first <= c * first_line`, `k_second <= c * second_line`);
+    - `"adjacent"`: whole units, `c = ceil(k / (first_line + second_line))`; the last unit's row and column
+      are both partial, split proportionally. With one entry past whole units (`k = (c - 1) L + 1`) that entry
+      has no partner: it goes to the first matrix and cannot learn (`peft_apet.plan` avoids such counts where
+      another module can take the entry).
+    `k < 2` gives `(k, 0)`: no pair fits.
+    """
+    if k < 2:
+        return k, 0
+    if mask == "adjacent":
+        length = first_line + second_line
+        units_used = -(-k // length)
+        rem = k - (units_used - 1) * length
+        if rem == 1:
+            return (units_used - 1) * first_line + 1, (units_used - 1) * second_line
+        rem_first = min(max(round(rem * first_line / length), 1, rem - second_line), first_line, rem - 1)
+        return (units_used - 1) * first_line + rem_first, (units_used - 1) * second_line + rem - rem_first
+
+    def fits(k_first: int) -> bool:
+        k_second = k - k_first
+        c = min(units, k_first, k_second)
+        return k_first >= 1 and k_second >= 1 and k_first <= c * first_line and k_second <= c * second_line
+
+    start = allocate_budget([units * first_line, units * second_line], k)[0]
+    for step in range(k):
+        for k_first in (start - step, start + step):
+            if 1 <= k_first < k and fits(k_first):
+                return k_first, k - k_first
+    raise ValueError(f"no split of {k} entries fits a pair of {units} units")  # unreachable for k <= capacity
+
+
+def avoid_unpaired_counts(counts: list[int], capacities: list[int], unit_lengths: list[int], mask: str) -> list[int]:
+    """Move single entries between modules of a two-matrix part so that no module is left with an entry that
+    has no partner: a count of 1 (discrete), or one entry past whole units (adjacent, `count % L == 1` with
+    `L` the module's unit length `first_line + second_line`). The total stays exact. A module's lone entry goes
+    to the module with the most entries that can take it without becoming unpaired itself (ties in model order);
+    where none can, the count stays (and the entry is reported as unable to learn)."""
+    counts = list(counts)
+
+    def unpaired(i: int, c: int) -> bool:
+        return c == 1 if mask == "discrete" else c % unit_lengths[i] == 1
+
+    for i in range(len(counts)):
+        if not unpaired(i, counts[i]):
+            continue
+        takers = [j for j in range(len(counts)) if j != i and 1 <= counts[j] < capacities[j]
+                  and not unpaired(j, counts[j] + 1)]
+        if takers:
+            j = max(takers, key=lambda t: (counts[t], -t))
+            counts[i] -= 1
+            counts[j] += 1
+    return counts

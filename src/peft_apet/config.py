@@ -39,6 +39,9 @@ MASK_STRATEGIES = ("random", "magnitude", "gradient", "fisher", "sam")
 # tensor, so that a score taken at the pre-trained model says what training that entry would do.
 SCORED_OPERATIONS = ("delta", "bias")
 SELECTION_SCOPES = ("module", "global")
+# How the masks of a two-matrix part (lora A/B, adapter down/up) relate; see `peft_apet.masks.aligned_pair_masks`.
+MASK_PAIRINGS = ("aligned", "independent")
+PAIRED_OPERATIONS = ("lora", "adapter")
 
 # Fields that only make sense for one operation, with the default filled in when that operation is used.
 _OPERATION_FIELDS: dict[str, dict[str, Any]] = {
@@ -171,6 +174,16 @@ class APETPart:
     tokenizer_name_or_path: str | None = field(
         default=None, metadata={"help": "prompt: tokenizer used to encode `prompt_init_text`."}
     )
+    mask_pairing: str = field(
+        default="aligned",
+        metadata={
+            "help": "lora and adapter parts with a mask: 'aligned' draws the two matrices' masks on shared rank "
+            "(bottleneck) units, so every trainable entry can receive a gradient (adjacent masks then take whole "
+            "units: rows of A / down, columns of B / up, and `mask_axis` must stay 0); 'independent' draws each "
+            "matrix's mask on its own, as in the APET paper (some entries may never learn). Parts read from an "
+            "adapter_config.json without this field (peft-apet 0.1) are 'independent'."
+        },
+    )
     mask_strategy: str = field(
         default="random",
         metadata={
@@ -207,6 +220,14 @@ class APETPart:
                     )
         _check_choice("mask", self.mask, MASKS, allow_none=True)
         _check_choice("mask_axis", self.mask_axis, (0, 1))
+        _check_choice("mask_pairing", self.mask_pairing, MASK_PAIRINGS)
+        if (self.operation in PAIRED_OPERATIONS and self.mask == "adjacent" and self.mask_pairing == "aligned"
+                and self.mask_axis != 0):
+            raise ValueError(
+                f"{owner}: mask_axis={self.mask_axis} with mask_pairing='aligned': aligned adjacent masks train whole "
+                "rank units (rows of the first matrix, columns of the second), so `mask_axis` must be 0; set "
+                "mask_pairing='independent' to mask columns of both matrices."
+            )
         _check_budget(owner, self.num_trainable_params, self.density)
         has_budget = self.num_trainable_params is not None or self.density is not None
         if has_budget and self.mask is None:
@@ -430,6 +451,11 @@ class APETConfig(PeftConfig):
                 "adapter_config.json, it was probably saved by a newer peft-apet: upgrade with "
                 "`pip install -U peft-apet` rather than load it with those settings silently ignored."
             )
+        parts = kwargs.get("parts")
+        if isinstance(parts, list):  # PEFT's `from_pretrained` builds the config from what this returns
+            # a part saved before mask pairing existed (peft-apet 0.1) drew its masks independently
+            kwargs = {**kwargs, "parts": [{"mask_pairing": "independent", **p} if isinstance(p, dict) else p
+                                          for p in parts]}
         return kwargs
 
     # ----------------------------------------------------------------- presets
@@ -472,12 +498,16 @@ class APETConfig(PeftConfig):
         num_trainable_params: int | None = None,
         density: float | None = None,
         exclude_modules: list[str] | str | None = None,
+        mask_pairing: str = "aligned",
         **config_kwargs: Any,
     ) -> APETConfig:
-        """LoRA (Hu et al.): `h + (lora_alpha / r) · dropout(h) A^T B^T` with A `(r, in)`, B `(out, r)`."""
+        """LoRA (Hu et al.): `h + (lora_alpha / r) · dropout(h) A^T B^T` with A `(r, in)`, B `(out, r)`.
+
+        With a mask, `mask_pairing="aligned"` (default) draws A's and B's masks on shared rank units so that every
+        trainable entry can learn; `"independent"` draws them apart, as in the APET paper."""
         part = dict(operation="lora", r=r, lora_alpha=float(lora_alpha), lora_dropout=float(lora_dropout),
                     target_modules=target_modules, exclude_modules=exclude_modules, mask=mask, mask_axis=mask_axis,
-                    num_trainable_params=num_trainable_params, density=density)
+                    num_trainable_params=num_trainable_params, density=density, mask_pairing=mask_pairing)
         return cls._single(part, config_kwargs)
 
     @classmethod
@@ -491,16 +521,17 @@ class APETConfig(PeftConfig):
         num_trainable_params: int | None = None,
         density: float | None = None,
         exclude_modules: list[str] | str | None = None,
+        mask_pairing: str = "aligned",
         **config_kwargs: Any,
     ) -> APETConfig:
         """Houlsby adapter: `y + σ(y W_down^T) W_up^T` after each targeted module's output `y`.
 
         W_down is `(bottleneck, d)`, W_up `(d, bottleneck)`; defaults place it after the attention output
-        projection and the feed-forward output projection of every block.
+        projection and the feed-forward output projection of every block. `mask_pairing` as for `lora`.
         """
         part = dict(operation="adapter", bottleneck=bottleneck, activation=activation, target_modules=target_modules,
                     exclude_modules=exclude_modules, mask=mask, mask_axis=mask_axis,
-                    num_trainable_params=num_trainable_params, density=density)
+                    num_trainable_params=num_trainable_params, density=density, mask_pairing=mask_pairing)
         return cls._single(part, config_kwargs)
 
     @classmethod

@@ -20,7 +20,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-from .masked_weight import MaskedWeight
+from .masked_weight import PAIRS, MaskedWeight, aligned_indices
 from .ops import adapter_output, adjacent_delta_output, lora_output, masked_delta_linear
 from .plan import ModulePlan, is_conv1d
 
@@ -48,8 +48,10 @@ class APETLayer(BaseTunerLayer):
                      init_values: dict[str, torch.Tensor] | None = None, inference_mode: bool = False) -> None:
         """Create the tensors of `plan` for `adapter_name` (on the base layer's device and dtype)."""
         init_values = init_values or {}
+        indices = aligned_indices(plan.tensors)
         self.apet_weights[adapter_name] = nn.ModuleDict(
-            {role: MaskedWeight(t, init_weights, init_values.get(role)) for role, t in plan.tensors.items()}
+            {role: MaskedWeight(t, init_weights, init_values.get(role), indices.get(role))
+             for role, t in plan.tensors.items()}
         )
         self.apet_settings[adapter_name] = dict(plan.settings)
         if "lora_A" in plan.tensors:
@@ -62,6 +64,17 @@ class APETLayer(BaseTunerLayer):
         """Operations `adapter_name` has on this layer, e.g. `["delta", "lora"]`."""
         roles = self.apet_weights[adapter_name] if adapter_name in self.apet_weights else {}
         return list(dict.fromkeys(ROLE_OPERATION[r] for r in roles))
+
+    def learnable_entries(self, adapter_name: str) -> dict[str, int]:
+        """By role, the trainable entries of `adapter_name` that can receive a gradient (in a two-matrix path, those
+        whose rank unit has a trainable entry in the other matrix; see `MaskedWeight.learnable_entries`)."""
+        weights = self.apet_weights[adapter_name]
+        partners = {a: (b, True) for a, b in PAIRS} | {b: (a, False) for a, b in PAIRS}
+        out = {}
+        for role, weight in weights.items():
+            partner, first = partners.get(role, (None, True))
+            out[role] = weight.learnable_entries(weights[partner] if partner in weights else None, first)
+        return out
 
     def _active_weights(self) -> list[tuple[str, nn.ModuleDict]]:
         return [(a, self.apet_weights[a]) for a in self.active_adapters if a in self.apet_weights]

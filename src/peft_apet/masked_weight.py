@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .index_codec import encode_indices, encoded_size, stored_positions
-from .masks import build_mask, flat_indices
+from .masks import aligned_pair_masks, build_mask, flat_indices, learnable_pair_entries
 from .plan import TensorPlan
 
 # How a tensor is initialised, by role: "zeros" keeps the adapter an identity at init.
@@ -33,20 +33,38 @@ INIT_BY_ROLE = {
 }
 
 
+# The two matrices of each two-matrix path: the first holds rank (bottleneck) unit j on row j, the second on column j.
+PAIRS = (("lora_A", "lora_B"), ("adapter_down", "adapter_up"))
 # First matrices of two-matrix paths (see `peft_apet.masks.build_mask`).
-FIRST_OF_PAIR = ("lora_A", "adapter_down")
+FIRST_OF_PAIR = tuple(first for first, _ in PAIRS)
+
+
+def aligned_indices(tensors: dict[str, TensorPlan]) -> dict[str, torch.Tensor]:
+    """Mask indices of the planned pairs whose masks are aligned, drawn together (by role); other tensors draw
+    their own masks in `MaskedWeight`."""
+    out = {}
+    for first, second in PAIRS:
+        a, b = tensors.get(first), tensors.get(second)
+        if a is None or b is None or a.pairing != "aligned":
+            continue
+        out[first], out[second] = aligned_pair_masks(a.shape[0], a.shape[1], b.shape[0], a.num_entries,
+                                                     b.num_entries, a.mask, a.seed)
+    return out
 
 
 class MaskedWeight(nn.Module):
     """A masked trainable tensor of logical shape `plan.shape` with `plan.num_entries` trainable entries."""
 
-    def __init__(self, plan: TensorPlan, init_weights: bool = True, init_values: torch.Tensor | None = None):
+    def __init__(self, plan: TensorPlan, init_weights: bool = True, init_values: torch.Tensor | None = None,
+                 index: torch.Tensor | None = None):
+        """`index`: the compact mask (`peft_apet.masks`) when drawn elsewhere (aligned pairs); else drawn here."""
         super().__init__()
         self.shape = tuple(plan.shape)
         self.mask = plan.mask
         self.axis = plan.axis
-        ordered = plan.role in FIRST_OF_PAIR and plan.axis == 0
-        index = build_mask(self.shape, plan.mask, plan.num_entries, plan.axis, plan.seed, ordered)
+        if index is None:
+            ordered = plan.role in FIRST_OF_PAIR and plan.axis == 0
+            index = build_mask(self.shape, plan.mask, plan.num_entries, plan.axis, plan.seed, ordered)
         self.register_buffer("index", index)
         values = self._initial_values(plan, init_weights, init_values)
         self.values = nn.Parameter(values)
@@ -130,6 +148,16 @@ class MaskedWeight(nn.Module):
             # torch hands each module a copy of the caller's dict: replacing the entry changes nothing of theirs
             state_dict[key] = positions
         super()._load_from_state_dict(state_dict, prefix, *args)
+
+    def learnable_entries(self, partner: MaskedWeight | None, first: bool) -> int:
+        """Trainable entries that can receive a gradient: all of them, except in a two-matrix path, where an entry
+        learns only if its rank unit has a trainable entry in `partner` (see `masks.learnable_pair_entries`).
+        `first`: whether this is the first matrix (units on rows) rather than the second (units on columns)."""
+        if partner is None or (self.mask is None and partner.mask is None):
+            return self.num_entries
+        a, b = (self, partner) if first else (partner, self)
+        a_units, b_units = a.flat_indices() // a.shape[1], b.flat_indices() % b.shape[1]
+        return learnable_pair_entries(a_units, b_units)[0 if first else 1]
 
     def extra_repr(self) -> str:
         return f"shape={self.shape}, mask={self.mask}, axis={self.axis}, trainable={self.num_entries}"

@@ -140,3 +140,65 @@ def build_mask(shape: tuple[int, ...], mask: str | None, k: int, axis: int, seed
     if mask == "adjacent":
         return adjacent_mask(shape, k, axis, seed, ordered)
     raise ValueError(f"`mask` must be one of ['adjacent', 'discrete'] or None, got {mask!r}")
+
+
+def _sample_besides(rows: int, length: int, taken: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    """`k` distinct `(row, slot)` positions of a `(rows, length)` grid, none at `(r, taken[r])`: int64 `(k, 2)`."""
+    if k == 0:
+        return torch.empty(0, 2, dtype=torch.int64)
+    free = _sample_distinct(rows * (length - 1), k, generator)
+    row, slot = free // (length - 1), free % (length - 1)
+    return torch.stack([row, slot + (slot >= taken[row]).long()], dim=1)
+
+
+def aligned_pair_masks(units: int, first_line: int, second_line: int, k_first: int, k_second: int, mask: str,
+                       seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Compact indices of the masks of a two-matrix path, drawn so that every entry can receive a gradient.
+
+    The first matrix is `(units, first_line)` (LoRA A, adapter down) and holds unit `j` on row `j`; the second is
+    `(second_line, units)` (LoRA B, adapter up) and holds unit `j` on column `j`. Units are chosen first (seeded,
+    uniformly), then entries within them:
+    - `"discrete"`: `c = min(units, k_first, k_second)` units, each with at least one entry in both matrices
+      (a random one on its row and one on its column); the other entries are uniform over those units' row and
+      column entries. Needs `k_first <= c * first_line` and `k_second <= c * second_line`
+      (`peft_apet.budget.split_aligned_pair` chooses such counts).
+    - `"adjacent"`: whole units, the first matrix by rows (`axis=0`) and the second by columns (`axis=1`), both
+      listing the same units, so that their partial lines (the last listed) belong to the same unit.
+    Returns the indices in the formats of `build_mask` (int32, sorted).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    if mask == "adjacent":
+        used = max(math.ceil(k_first / first_line), math.ceil(k_second / second_line))
+        lines = _sample_distinct(units, used, generator)
+        return (lines[: math.ceil(k_first / first_line)].to(INDEX_DTYPE),
+                lines[: math.ceil(k_second / second_line)].to(INDEX_DTYPE))
+    c = min(units, k_first, k_second)
+    if c == 0:  # fewer than one entry per matrix: no pair to align (the entry cannot learn; the tuner warns)
+        return (discrete_mask((units, first_line), k_first, seed),
+                discrete_mask((second_line, units), k_second, seed + 1))
+    if k_first > c * first_line or k_second > c * second_line:
+        raise ValueError(f"{k_first} + {k_second} entries do not fit {c} shared units of lengths "
+                         f"{first_line} / {second_line}")
+    chosen = _sample_distinct(units, c, generator)
+    one_first = torch.randint(0, first_line, (c,), generator=generator)
+    one_second = torch.randint(0, second_line, (c,), generator=generator)
+    rest_first = _sample_besides(c, first_line, one_first, k_first - c, generator)
+    rest_second = _sample_besides(c, second_line, one_second, k_second - c, generator)
+    first_rows = torch.cat([torch.arange(c), rest_first[:, 0]])
+    first_cols = torch.cat([one_first, rest_first[:, 1]])
+    second_units = torch.cat([torch.arange(c), rest_second[:, 0]])
+    second_rows = torch.cat([one_second, rest_second[:, 1]])
+    first = (chosen[first_rows] * first_line + first_cols).sort().values
+    second = (second_rows * units + chosen[second_units]).sort().values
+    return first.to(INDEX_DTYPE), second.to(INDEX_DTYPE)
+
+
+def learnable_pair_entries(first_rows: torch.Tensor, second_cols: torch.Tensor) -> tuple[int, int]:
+    """How many entries of a two-matrix path can receive a gradient, `(first, second)`.
+
+    `first_rows` `(k_first,)`: the unit (row) of each trainable entry of the first matrix; `second_cols`
+    `(k_second,)`: the unit (column) of each trainable entry of the second. An entry can learn only if its unit has
+    a trainable entry in the other matrix (the gradient of `A[j, c]` flows through column `j` of `B`, and that of
+    `B[i, j]` through row `j` of `A`)."""
+    first_units, second_units = first_rows.unique(), second_cols.unique()
+    return (int(torch.isin(first_rows, second_units).sum()), int(torch.isin(second_cols, first_units).sum()))

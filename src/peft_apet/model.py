@@ -7,6 +7,7 @@ Injection follows PEFT's `BaseTuner.inject_adapter`; APET adds one step before a
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -52,6 +53,7 @@ class APETModel(BaseTuner):
         choices = select_data_free_masks(model, self.peft_config[adapter_name])
         super().inject_adapter(model, adapter_name, **kwargs)
         install_masks(model, adapter_name, self.peft_config[adapter_name], choices)
+        self._warn_unlearnable(adapter_name)
 
     def _prepare_model(self, peft_config: APETConfig, model: nn.Module) -> None:
         # Runs before PEFT matches or replaces any module: every target, budget and checkpoint error surfaces here.
@@ -205,12 +207,37 @@ class APETModel(BaseTuner):
 
     # ------------------------------------------------------------------ inspection
     def adapter_summary(self, adapter_name: str | None = None) -> str:
-        """A table of every APET tensor of an adapter: module, role, shape, mask and trainable entries."""
-        adapter_name = adapter_name or self.active_adapters[0]
-        rows = [
-            (module_name, role, weight.shape, weight.mask, weight.num_entries)
-            for module_name, module in self.model.named_modules()
-            if isinstance(module, APETLayer) and adapter_name in module.apet_weights
-            for role, weight in module.apet_weights[adapter_name].items()
-        ]
-        return summary_table(rows)
+        """A table of every APET tensor of an adapter: module, role, shape, mask, entries that can learn (receive a
+        gradient: see `APETLayer.learnable_entries`) and trainable entries."""
+        rows, learnable = [], []
+        for module_name, module, name in self._apet_layers(adapter_name):
+            can_learn = module.learnable_entries(name)
+            for role, weight in module.apet_weights[name].items():
+                rows.append((module_name, role, weight.shape, weight.mask, weight.num_entries))
+                learnable.append(can_learn[role])
+        return summary_table(rows, learnable)
+
+    def learnable_entries(self, adapter_name: str | None = None) -> tuple[int, int]:
+        """`(learnable, trainable)`: the adapter's trainable entries, and how many of them can receive a gradient
+        (in a two-matrix path, an entry whose rank unit has no trainable entry in the other matrix cannot)."""
+        learnable = trainable = 0
+        for _, module, name in self._apet_layers(adapter_name):
+            learnable += sum(module.learnable_entries(name).values())
+            trainable += sum(w.num_entries for w in module.apet_weights[name].values())
+        return learnable, trainable
+
+    def _apet_layers(self, adapter_name: str | None) -> list[tuple[str, APETLayer, str]]:
+        name = adapter_name or self.active_adapters[0]
+        return [(module_name, module, name) for module_name, module in self.model.named_modules()
+                if isinstance(module, APETLayer) and name in module.apet_weights]
+
+    def _warn_unlearnable(self, adapter_name: str) -> None:
+        learnable, trainable = self.learnable_entries(adapter_name)
+        if trainable and trainable - learnable > 0.01 * trainable:
+            warnings.warn(
+                f"APET adapter '{adapter_name}': {trainable - learnable} of its {trainable} trainable entries "
+                f"({(trainable - learnable) / trainable:.1%}) can never receive a gradient (in a lora/adapter part, "
+                "their rank unit has no trainable entry in the other matrix). mask_pairing='aligned' (the default) "
+                "draws the two matrices' masks on shared units; see `adapter_summary()`.",
+                stacklevel=3,
+            )

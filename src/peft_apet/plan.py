@@ -16,7 +16,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, _ExcludedModule, check_targ
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
-from .budget import allocate_budget, density_to_count, split_config_budget
+from .budget import allocate_budget, avoid_unpaired_counts, density_to_count, split_aligned_pair, split_config_budget
 from .config import APETConfig, APETPart
 from .masks import stable_seed
 from .targets import ALL_LINEAR, ALL_WITH_BIAS, default_target_modules
@@ -45,6 +45,7 @@ class TensorPlan:
     axis: int
     num_entries: int
     seed: int
+    pairing: str | None = None  # "aligned": drawn with its partner matrix (`peft_apet.masks.aligned_pair_masks`)
 
     @property
     def capacity(self) -> int:
@@ -82,11 +83,15 @@ class AdapterPlan:
         return summary_table(rows)
 
 
-def summary_table(rows: list[tuple[str, str, tuple, str | None, int]]) -> str:
-    """Format `(module, tensor, shape, mask, trainable)` rows with a total line."""
-    lines = [f"{'module':<60} {'tensor':<13} {'shape':<14} {'mask':<9} {'trainable':>10}"]
-    lines += [f"{m:<60} {role:<13} {str(shape):<14} {str(mask):<9} {k:>10}" for m, role, shape, mask, k in rows]
-    lines.append(f"{'total':<99} {sum(r[-1] for r in rows):>10}")
+def summary_table(rows: list[tuple[str, str, tuple, str | None, int]], learnable: list[int] | None = None) -> str:
+    """Format `(module, tensor, shape, mask, trainable)` rows with a total line; `learnable` (per row: trainable
+    entries that can receive a gradient) adds a column."""
+    extra = (lambda n: f" {n:>10}") if learnable is not None else (lambda n: "")
+    learn = learnable if learnable is not None else [0] * len(rows)
+    lines = [f"{'module':<60} {'tensor':<13} {'shape':<14} {'mask':<9}{extra('learnable')} {'trainable':>10}"]
+    lines += [f"{m:<60} {role:<13} {str(shape):<14} {str(mask):<9}{extra(n)} {k:>10}"
+              for (m, role, shape, mask, k), n in zip(rows, learn)]
+    lines.append(f"{'total':<99}{extra(sum(learn))} {sum(r[-1] for r in rows):>10}")
     return "\n".join(lines)
 
 
@@ -241,10 +246,18 @@ def _tensor_shapes(part: APETPart, module: nn.Module, kind: str) -> dict[str, tu
     return {"lora_A": (part.r, in_f), "lora_B": (out_f, part.r)}
 
 
-def _split_within_module(shapes: dict[str, tuple[int, ...]], count: int) -> dict[str, int]:
+def _is_aligned(part: APETPart) -> bool:
+    return part.operation in ("lora", "adapter") and part.mask is not None and part.mask_pairing == "aligned"
+
+
+def _split_within_module(shapes: dict[str, tuple[int, ...]], count: int, part: APETPart) -> dict[str, int]:
     """Split a module's entries across its tensors, proportionally; for two-matrix parts (lora, adapter)
-    the second, zero-initialised matrix is given at least one entry so the path can start learning."""
+    the second, zero-initialised matrix is given at least one entry so the path can start learning, and aligned
+    masks split so that both matrices' entries sit on shared units (`peft_apet.budget.split_aligned_pair`)."""
     roles = list(shapes)
+    if _is_aligned(part):
+        (units, first_line), (second_line, _) = shapes[roles[0]], shapes[roles[1]]
+        return dict(zip(roles, split_aligned_pair(count, units, first_line, second_line, part.mask)))
     shares = allocate_budget([math.prod(shapes[r]) for r in roles], count)
     if len(roles) == 2 and count >= 2 and shares[1] == 0:
         shares = [shares[0] - 1, 1]
@@ -285,6 +298,7 @@ def plan_adapter(model: nn.Module, config: APETConfig, adapter_name: str = "defa
         elif part.density is not None:
             fixed[part.operation] = density_to_count(part.density, cap)
     part_counts = split_config_budget(capacities, fixed, config.num_trainable_params, config.density)
+    part_counts = _no_lone_entry_in_aligned_parts(config, part_counts, capacities, fixed)
 
     modules: dict[str, ModulePlan] = {}
     for part in config.parts:
@@ -296,19 +310,45 @@ def plan_adapter(model: nn.Module, config: APETConfig, adapter_name: str = "defa
             plan = modules.setdefault(name, ModulePlan(name, kinds[name], output_features(module) or 0))
             if part.operation == "prompt":
                 plan.features = module.embedding_dim
-            for role, k in _split_within_module(shapes, count).items():
+            aligned = _is_aligned(part)
+            for i, (role, k) in enumerate(_split_within_module(shapes, count, part).items()):
                 plan.tensors[role] = TensorPlan(
-                    role=role, shape=shapes[role], mask=part.mask, axis=part.mask_axis, num_entries=k,
-                    seed=stable_seed(config.seed, name, role))
+                    role=role, shape=shapes[role], mask=part.mask, axis=i if aligned else part.mask_axis,
+                    num_entries=k, seed=stable_seed(config.seed, name, role), pairing="aligned" if aligned else None)
             plan.settings.update(_operation_settings(part, module))
     ordered = {name: modules[name] for name, _ in candidates if name in modules}
     return AdapterPlan(ordered, part_counts)
 
 
+def _no_lone_entry_in_aligned_parts(config: APETConfig, counts: dict[str, int], capacities: dict[str, int],
+                                    fixed: dict[str, int]) -> dict[str, int]:
+    """A two-matrix part with aligned masks cannot use a single entry (no pair): refuse it as the part's own
+    budget, and move it from a config-level share to the largest other share that can take it."""
+    counts = dict(counts)
+    for part in config.parts:
+        op = part.operation
+        if not _is_aligned(part) or counts[op] != 1:
+            continue
+        if op in fixed:
+            raise ValueError(
+                f"part '{op}': a budget of 1 entry cannot hold a pair of aligned entries (one in each matrix); give "
+                "it at least 2 (`num_trainable_params`) or set mask_pairing='independent'."
+            )
+        takers = [o for o in counts if o != op and o not in fixed and 1 <= counts[o] < capacities[o]]
+        if takers:
+            taker = max(takers, key=lambda o: counts[o])
+            counts[op], counts[taker] = 0, counts[taker] + 1
+    return counts
+
+
 def _module_counts(part: APETPart, names: list[str], capacities: list[int], total: int) -> list[int]:
     """Entries of each module of a part: split by capacity, or as a mask strategy chose them (`part.mask_counts`)."""
     if part.mask_counts is None:
-        return allocate_budget(capacities, total)
+        counts = allocate_budget(capacities, total)
+        if _is_aligned(part):
+            unit_lengths = [c // (part.r if part.operation == "lora" else part.bottleneck) for c in capacities]
+            counts = avoid_unpaired_counts(counts, capacities, unit_lengths, part.mask)
+        return counts
     recorded = part.mask_counts
     if set(recorded) != set(names) or sum(recorded.values()) != total or any(
             recorded[n] > c for n, c in zip(names, capacities)):
