@@ -273,8 +273,8 @@ def apet_config(structure: str, mask: str | None, budget: int | None, task: Task
     common = dict(task_type=task_type(task), seed=seed, mask=mask, num_trainable_params=budget)
     if structure == "delta":
         return APETConfig.delta(**common)
-    if structure == "lora":
-        return APETConfig.lora(r=8, lora_alpha=16, **common)
+    if structure == "lora":  # the paper's independent A/B masks, as the committed results were measured
+        return APETConfig.lora(r=8, lora_alpha=16, mask_pairing="independent", **common)
     raise ValueError(f"unknown structure {structure!r}")
 
 

@@ -193,3 +193,19 @@ def test_pairing_benchmark_smoke(tmp_path):
     independent_adjacent = [r for r in rows if r["pairing"] == "independent" and r["mask"] == "adjacent"]
     assert independent_adjacent and all(r["unlearnable_structural"] > 0 for r in independent_adjacent)
     assert (tmp_path / "results.md").read_text().count("| aligned |") == 6
+
+
+def test_readme_numbers_come_from_the_pairing_results():
+    """The README's shares of unlearnable budget are the min-max of the committed `benchmarks/pairing.py` results."""
+    rows = json.loads((ROOT / "benchmarks" / "results" / "pairing" / "results.json").read_text())["rows"]
+
+    def span(key: str, **where) -> str:
+        shares = [r[key] / r["trainable"] for r in rows if all(r[k] == v for k, v in where.items())]
+        return f"{min(shares):.0%}-{max(shares):.0%}".replace("%-", "-")
+
+    readme = (ROOT / "README.md").read_text()
+    lora = span("unlearnable_structural", part="lora", mask="adjacent", pairing="independent")
+    adapter = span("unlearnable_structural", part="adapter", mask="adjacent", pairing="independent", activation="gelu")
+    relu = span("zero_gradient", part="adapter", pairing="aligned", activation="relu")
+    assert f"{lora} of an adjacent masked LoRA's entries and {adapter} of an adjacent" in readme.replace("\n", " ")
+    assert f"({relu} of its entries got no gradient" in readme.replace("\n", " ")
