@@ -19,6 +19,7 @@ from .layer import APETLayer, Linear, OutputLayer, PromptEmbedding
 from .plan import AdapterPlan, ModulePlan, plan_adapter, summary_table
 from .prompt import prepend_prompt
 from .selection import install_masks, select_data_free_masks
+from .tokens import TOKENS_ROLE, token_layers
 
 LAYER_CLASSES = {"linear": Linear, "output": OutputLayer, "embedding": PromptEmbedding}
 
@@ -213,4 +214,7 @@ class APETModel(BaseTuner):
             if isinstance(module, APETLayer) and adapter_name in module.apet_weights
             for role, weight in module.apet_weights[adapter_name].items()
         ]
+        rows += [(name, TOKENS_ROLE, tuple(layer.trainable_tokens_delta[adapter_name].shape), None,
+                  layer.trainable_tokens_delta[adapter_name].numel())
+                 for name, layer in token_layers(self.model, adapter_name)]
         return summary_table(rows)
