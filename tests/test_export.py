@@ -224,3 +224,24 @@ def test_apet_loader_on_a_lora_folder_says_what_it_is(tmp_path):
         APETConfig.from_pretrained(str(tmp_path / "lora"))
     reloaded = PeftModel.from_pretrained(tiny_bert(), tmp_path / "lora")  # plain PEFT loads it, here too
     assert reloaded.peft_config["default"].peft_type == "LORA"
+
+
+def test_merging_new_biases_warns_and_the_config_flags_make_them_load(tmp_path, saved_base):
+    """BitFit on a bias-free Llama creates biases; merged, they are tensors LlamaConfig does not declare by default."""
+    base_dir = saved_base("llama")
+    config = APETConfig.combine(APETConfig.lora(r=2), APETConfig.bitfit(), task_type="CAUSAL_LM", init_weights=False)
+    model = _apet_model("llama", base_dir, config)
+    expected = model_output(model, model_inputs("llama"))
+    with pytest.warns(UserWarning, match=r"gave layers without a bias one.*attention_bias = config.mlp_bias = True"):
+        merged = model.merge_and_unload()
+    merged.config.attention_bias = merged.config.mlp_bias = True  # every projection got a bias (the defaults)
+    merged.save_pretrained(tmp_path / "merged")
+    fresh = _fresh_outputs(tmp_path, "llama", tmp_path / "merged", block=("peft", "peft_apet"))
+    torch.testing.assert_close(fresh, expected, atol=1e-5, rtol=0)
+
+    lora_only = _apet_model("llama", base_dir, APETConfig.lora(task_type="CAUSAL_LM", init_weights=False))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no bias part: no warning
+        lora_only.merge_and_unload()

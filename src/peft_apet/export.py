@@ -13,12 +13,14 @@ mergeable ones (`delta`, `bias`, `lora`) with `merge_and_unload()` and save that
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 from huggingface_hub import ModelCard, ModelCardData
 from peft import LoraConfig, PeftModel
 from peft.utils import SAFETENSORS_WEIGHTS_NAME, get_peft_model_state_dict
 from safetensors.torch import save_file
+from torch import nn
 
 from .checks import _APET_KEY, PEFT_PREFIX
 from .config import APETConfig
@@ -165,3 +167,24 @@ def _write_card(output_dir: str, config: APETConfig, adapter_name: str, settings
         lines.append("- targets mix `Conv1D` and `nn.Linear` layers: PEFT sets `fan_in_fan_out` per layer when loading")
     card.text = "\n".join(lines) + "\n"
     card.save(os.path.join(output_dir, "README.md"))
+
+
+def modules_gaining_a_bias(model: nn.Module, adapter_names: list[str]) -> list[str]:
+    """Names of the layers whose base layer has (or had) no bias and gets one by merging a `bias` part of
+    `adapter_names`: after `merge_and_unload` their biases are new tensors the architecture may not declare."""
+    return [name for name, module in model.named_modules()
+            if isinstance(module, APETLayer) and (module._created_bias or (
+                getattr(module.get_base_layer(), "bias", False) is None
+                and any(a in module.apet_weights and "bias" in module.apet_weights[a] for a in adapter_names)))]
+
+
+def warn_new_biases(model: nn.Module, names: list[str]) -> None:
+    """Warn that a merged model has biases its architecture may not load back (see `modules_gaining_a_bias`)."""
+    shown = ", ".join(names[:3]) + (f", ... ({len(names)} modules)" if len(names) > 3 else "")
+    warnings.warn(
+        f"merging an APET bias part gave layers without a bias one ({shown}). The merged model computes the adapter's "
+        f"outputs, but `save_pretrained` folders load those biases only where {type(model).__name__}'s config declares "
+        "them: transformers drops them otherwise (UNEXPECTED keys). Set the config's bias flags before saving where "
+        "the architecture has them (e.g. `config.attention_bias = config.mlp_bias = True` for Llama when every "
+        "projection got a bias), or serve the adapter unmerged.",
+        UserWarning, stacklevel=3)

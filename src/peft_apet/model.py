@@ -15,6 +15,7 @@ from torch import nn
 
 from .checks import check_checkpoint_fits_plan, check_merge_is_finite, check_state_fits_model
 from .config import APETConfig
+from .export import modules_gaining_a_bias, warn_new_biases
 from .layer import APETLayer, Linear, OutputLayer, PromptEmbedding
 from .plan import AdapterPlan, ModulePlan, plan_adapter, summary_table
 from .prompt import prepend_prompt
@@ -145,8 +146,12 @@ class APETModel(BaseTuner):
                                      adapter_names: list[str] | None = None) -> nn.Module:
         if merge and safe_merge:
             check_merge_is_finite(self.model, adapter_names or self.active_adapters)
-        return super()._unload_and_optionally_merge(merge=merge, progressbar=progressbar, safe_merge=safe_merge,
-                                                    adapter_names=adapter_names)
+        new_biases = modules_gaining_a_bias(self.model, adapter_names or self.active_adapters) if merge else []
+        model = super()._unload_and_optionally_merge(merge=merge, progressbar=progressbar, safe_merge=safe_merge,
+                                                     adapter_names=adapter_names)
+        if new_biases:
+            warn_new_biases(model, new_biases)
+        return model
 
     # ------------------------------------------------------------------ prompts
     def _active_prompt(self) -> tuple[PromptEmbedding | None, str | None]:

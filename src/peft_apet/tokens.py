@@ -59,16 +59,25 @@ def _base_of(module: nn.Module) -> nn.Module:
     return module
 
 
-def _rows_and_dim(name: str, module: nn.Module) -> tuple[int, int]:
+def _output_embedding(model: nn.Module) -> nn.Module | None:
+    try:
+        head = model.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    return _base_of(head) if head is not None else None
+
+
+def _rows_and_dim(name: str, module: nn.Module, output_embedding: nn.Module | None) -> tuple[int, int]:
     if isinstance(module, nn.Embedding):
         return module.num_embeddings, module.embedding_dim
-    if isinstance(module, nn.Linear):
+    # PEFT's token layer computes `x W^T` without a bias: only a bias-free output embedding (LM head) qualifies
+    if isinstance(module, nn.Linear) and module is output_embedding and module.bias is None:
         return module.out_features, module.in_features
     if isinstance(module, BaseTunerLayer):
         raise ValueError(f"`trainable_token_indices`: module {name} already carries another adapter "
                          f"({type(module).__name__}); token rows and adapter parts cannot share a module.")
     raise ValueError(f"`trainable_token_indices`: module {name} is a {type(module).__name__}; token rows train "
-                     "rows of an nn.Embedding (or of an nn.Linear output layer).")
+                     "rows of an nn.Embedding or of the model's bias-free output embedding (LM head).")
 
 
 def _named_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -115,6 +124,7 @@ def plan_trainable_tokens(model: nn.Module, config: APETConfig, modules_to_save:
         raise ValueError(f"`trainable_token_indices` targets {clash}, which `modules_to_save` trains in full; give "
                          "each module to one of them.")
     modules = _named_modules(model)
+    output_embedding = _output_embedding(model)
     owners: dict[int, TokenPlan] = {}  # id(weight) -> rows; tied modules share one weight
     for key, ids in targets.items():
         matched = [(name, module) for name, module in modules if name.endswith(key)]
@@ -122,7 +132,7 @@ def plan_trainable_tokens(model: nn.Module, config: APETConfig, modules_to_save:
             raise ValueError(f"`trainable_token_indices`: {key!r} matches no module of the model (PEFT matches name "
                              f"suffixes). Embedding layers: {[n for n, m in modules if isinstance(m, nn.Embedding)]}.")
         for name, module in matched:
-            rows, dim = _rows_and_dim(name, module)
+            rows, dim = _rows_and_dim(name, module, output_embedding)
             if max(ids) >= rows:
                 raise ValueError(f"`trainable_token_indices`: id {max(ids)} is out of range for {name}, which has "
                                  f"{rows} rows (resize the embedding first, e.g. `model.resize_token_embeddings`).")
