@@ -245,3 +245,20 @@ def test_merging_new_biases_warns_and_the_config_flags_make_them_load(tmp_path, 
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no bias part: no warning
         lora_only.merge_and_unload()
+
+
+def test_readme_serving_example_runs(tmp_path):
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).parents[1]
+    block = next(b for b in re.findall(r"```python\n(.*?)```", (root / "README.md").read_text(), re.S)
+                 if "export_lora" in b)
+    (tmp_path / "serving.py").write_text(block)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(root / "src")}
+    result = subprocess.run([sys.executable, "serving.py"], cwd=tmp_path, capture_output=True, text=True, env=env,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.strip().splitlines()
+    assert any(line.startswith("trainable params: 3,192 ") for line in lines) and lines[-1] == "True True"
+    assert json.loads((tmp_path / "lora-export" / "adapter_config.json").read_text())["peft_type"] == "LORA"

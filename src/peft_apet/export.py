@@ -187,4 +187,4 @@ def warn_new_biases(model: nn.Module, names: list[str]) -> None:
         "them: transformers drops them otherwise (UNEXPECTED keys). Set the config's bias flags before saving where "
         "the architecture has them (e.g. `config.attention_bias = config.mlp_bias = True` for Llama when every "
         "projection got a bias), or serve the adapter unmerged.",
-        UserWarning, stacklevel=3)
+        UserWarning, stacklevel=4)
