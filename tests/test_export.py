@@ -28,28 +28,31 @@ FACTORIES = {"bert": (tiny_bert, AutoModelForSequenceClassification, "SEQ_CLS"),
              "llama": (tiny_llama, AutoModelForCausalLM, "CAUSAL_LM")}
 
 
-def _fresh_outputs(tmp_path, model_name: str, base_dir, adapter_dir=None, block=("peft_apet",)) -> torch.Tensor:
-    """Logits of `base_dir` (+ the adapter in `adapter_dir`, loaded by plain PEFT) in a new process where the modules
-    in `block` cannot be imported."""
+def _fresh_outputs(tmp_path, model_name: str, runs: list, block=("peft_apet",)) -> list[torch.Tensor]:
+    """Logits of each `(base_dir, adapter_dir or None)` in `runs` (the adapter loaded by plain PEFT), computed in one
+    new process where the modules in `block` cannot be imported."""
     auto_class = FACTORIES[model_name][1].__name__
     inputs = tmp_path / "inputs.pt"
     torch.save({k: v for k, v in model_inputs(model_name).items() if k != "labels"}, inputs)
     out = tmp_path / "fresh_logits.pt"
+    runs = [(str(base), str(adapter) if adapter else None) for base, adapter in runs]
     script = textwrap.dedent(f"""
         import sys
         for name in {list(block)!r}:
             sys.modules[name] = None  # any `import {{name}}` now raises ImportError
         import torch
         import transformers
-        base = transformers.{auto_class}.from_pretrained({str(base_dir)!r}).eval()
-        if {str(adapter_dir) if adapter_dir else None!r} is not None:
-            from peft import PeftModel
-            base = PeftModel.from_pretrained(base, {str(adapter_dir)!r}).eval()
-        with torch.no_grad():
-            logits = base(**torch.load({str(inputs)!r})).logits
+        outputs = []
+        for base_dir, adapter_dir in {runs!r}:
+            model = transformers.{auto_class}.from_pretrained(base_dir).eval()
+            if adapter_dir is not None:
+                from peft import PeftModel
+                model = PeftModel.from_pretrained(model, adapter_dir).eval()
+            with torch.no_grad():
+                outputs.append(model(**torch.load({str(inputs)!r})).logits)
         assert not any(m == "peft_apet" or m.startswith("peft_apet.") for m in sys.modules if sys.modules[m]), \\
             "peft_apet was imported"
-        torch.save(logits, {str(out)!r})
+        torch.save(outputs, {str(out)!r})
     """)
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
@@ -115,8 +118,7 @@ def test_export_lora_loads_in_plain_peft_with_the_same_outputs(tmp_path, saved_b
     if model_name == "bert":
         assert {"base_model.model.classifier.weight", "base_model.model.classifier.bias"} <= keys
 
-    fresh = _fresh_outputs(tmp_path, model_name, base_dir, out)
-    base_only = _fresh_outputs(tmp_path, model_name, base_dir)
+    fresh, base_only = _fresh_outputs(tmp_path, model_name, [(base_dir, out), (base_dir, None)])
     assert (expected - base_only).abs().max() > 1e-3  # the adapter matters...
     torch.testing.assert_close(fresh, expected, atol=1e-5, rtol=0)  # ...and plain PEFT reproduces it
 
@@ -170,8 +172,8 @@ def test_merged_model_loads_without_peft_or_peft_apet(tmp_path, saved_base, mode
     expected = model_output(model, model_inputs(model_name))
     merged = model.merge_and_unload()
     merged.save_pretrained(tmp_path / "merged")
-    fresh = _fresh_outputs(tmp_path, model_name, tmp_path / "merged", block=("peft", "peft_apet"))
-    base_only = _fresh_outputs(tmp_path, model_name, base_dir, block=("peft", "peft_apet"))
+    fresh, base_only = _fresh_outputs(tmp_path, model_name, [(tmp_path / "merged", None), (base_dir, None)],
+                                      block=("peft", "peft_apet"))
     assert (expected - base_only).abs().max() > 1e-3
     torch.testing.assert_close(fresh, expected, atol=1e-5, rtol=0)
 
@@ -236,7 +238,7 @@ def test_merging_new_biases_warns_and_the_config_flags_make_them_load(tmp_path, 
         merged = model.merge_and_unload()
     merged.config.attention_bias = merged.config.mlp_bias = True  # every projection got a bias (the defaults)
     merged.save_pretrained(tmp_path / "merged")
-    fresh = _fresh_outputs(tmp_path, "llama", tmp_path / "merged", block=("peft", "peft_apet"))
+    (fresh,) = _fresh_outputs(tmp_path, "llama", [(tmp_path / "merged", None)], block=("peft", "peft_apet"))
     torch.testing.assert_close(fresh, expected, atol=1e-5, rtol=0)
 
     lora_only = _apet_model("llama", base_dir, APETConfig.lora(task_type="CAUSAL_LM", init_weights=False))

@@ -1,6 +1,6 @@
 """Serving APET adapters where `peft_apet` is not installed: export to a standard PEFT LoRA folder.
 
-Engines that serve adapters (vLLM, TGI, PEFT itself without plugins) load LoRA folders: an `adapter_config.json`
+PEFT without plugins, and LoRA servers such as vLLM or TGI, load LoRA folders: an `adapter_config.json`
 of a `LoraConfig` and `lora_A` / `lora_B` weights in `adapter_model.safetensors`. An APET adapter whose only part
 is `lora` is such a LoRA, masked or not: a masked `A` or `B` is a LoRA matrix with zeros off the mask, and
 `scaling = lora_alpha / r` is PEFT's. `export_lora` writes it in that form, together with the `modules_to_save`

@@ -121,7 +121,7 @@ def card_header(model: PeftModel) -> str:
         lines += ["", f"Adapter{'s' if len(lora) > 1 else ''} {', '.join(f'`{n}`' for n in lora)} "
                   f"{'are' if len(lora) > 1 else 'is'} LoRA-shaped: `peft_apet.export_lora(model, \"lora-folder\", "
                   f"adapter_name=\"{lora[0]}\")` writes a standard PEFT LoRA folder that loads without peft-apet "
-                  "(PEFT, vLLM, TGI)."]
+                  "(PEFT; LoRA servers read the same format)."]
     return "\n".join([*lines, HEADER_END])
 
 
