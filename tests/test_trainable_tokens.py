@@ -152,3 +152,27 @@ def test_checkpoint_rows_must_fit_the_config(tmp_path):
 def test_configs_without_rows_save_as_before():
     assert "trainable_token_indices" not in APETConfig.lora().to_dict()  # readable by peft-apet 0.1
     assert APETConfig.lora(trainable_token_indices=(4, 2)).to_dict()["trainable_token_indices"] == [4, 2]
+
+
+@pytest.mark.parametrize("name,indices", [("gpt2", IDS), ("llama", {"embed_tokens": IDS, "lm_head": [5, 6]})])
+def test_same_rows_and_count_as_peft_lora(name, indices):
+    """What a PEFT user expects: the rows PEFT's LoRA trains for the same `trainable_token_indices`, same outputs."""
+    from peft import LoraConfig
+
+    factory, task_type = MODELS[name]
+    targets = ["c_attn"] if name == "gpt2" else ["q_proj", "v_proj"]
+    apet = get_peft_model(factory(), APETConfig.lora(r=2, target_modules=targets, task_type=task_type,
+                                                     trainable_token_indices=indices))
+    lora = get_peft_model(factory(), LoraConfig(r=2, target_modules=targets, task_type=task_type,
+                                                trainable_token_indices=indices))
+    assert _trainable(apet) == _trainable(lora)
+    rows = {n: p.shape for n, p in apet.named_parameters() if "trainable_tokens_delta" in n}
+    assert rows == {n: p.shape for n, p in lora.named_parameters() if "trainable_tokens_delta" in n}
+    with torch.no_grad():  # the same trained rows give the same outputs (the LoRA paths start at zero in both)
+        for model in (apet, lora):
+            for n, p in model.named_parameters():
+                if "trainable_tokens_delta" in n:
+                    p.copy_(torch.linspace(-1, 1, p.numel()).view_as(p))
+    inputs = model_inputs(name)
+    inputs["input_ids"][:, :3] = torch.tensor(IDS)
+    torch.testing.assert_close(model_output(apet, inputs), model_output(lora, inputs))
