@@ -153,6 +153,12 @@ def test_export_lora_refuses_other_adapters_and_merged_ones(tmp_path):
     model.unmerge_adapter()
     export_lora(model, tmp_path / "x")
     assert (tmp_path / "x" / "adapter_model.safetensors").is_file()
+    export_lora(model, tmp_path / "x")  # an earlier export may be replaced...
+    model.save_pretrained(tmp_path / "apet")
+    saved = {f: (tmp_path / "apet" / f).read_bytes() for f in os.listdir(tmp_path / "apet")}
+    with pytest.raises(ValueError, match=r"already holds an adapter of type APET.*Nothing was written"):
+        export_lora(model, tmp_path / "apet")  # ...but not the APET adapter itself
+    assert {f: (tmp_path / "apet" / f).read_bytes() for f in os.listdir(tmp_path / "apet")} == saved
 
 
 MERGE_CASES = {

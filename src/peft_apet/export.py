@@ -12,13 +12,14 @@ mergeable ones (`delta`, `bias`, `lora`) with `merge_and_unload()` and save that
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 
 import torch
 from huggingface_hub import ModelCard, ModelCardData
 from peft import LoraConfig, PeftModel
-from peft.utils import SAFETENSORS_WEIGHTS_NAME, get_peft_model_state_dict
+from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, get_peft_model_state_dict
 from safetensors.torch import save_file
 from torch import nn
 
@@ -141,11 +142,27 @@ def export_lora(peft_model: PeftModel, output_dir: str | os.PathLike, adapter_na
         inference_mode=True,
     )
     output_dir = os.fspath(output_dir)
+    _check_not_another_adapter(output_dir)
     os.makedirs(output_dir, exist_ok=True)
     lora_config.save_pretrained(output_dir)
     save_file(state, os.path.join(output_dir, SAFETENSORS_WEIGHTS_NAME), metadata={"format": "pt"})
     _write_card(output_dir, config, adapter_name, settings)
     return lora_config
+
+
+def _check_not_another_adapter(output_dir: str) -> None:
+    """Refuse to overwrite a folder holding an adapter other than a LoRA (e.g. the APET adapter being exported)."""
+    path = os.path.join(output_dir, CONFIG_NAME)
+    if not os.path.isfile(path):
+        return
+    try:
+        with open(path) as f:
+            peft_type = json.load(f).get("peft_type")
+    except (OSError, ValueError, AttributeError):
+        peft_type = "unreadable"
+    if peft_type != "LORA":
+        raise ValueError(f"`output_dir` {output_dir} already holds an adapter of type {peft_type} ({path}); export "
+                         "to another folder rather than overwrite it. Nothing was written.")
 
 
 def _write_card(output_dir: str, config: APETConfig, adapter_name: str, settings: dict) -> None:
