@@ -120,6 +120,13 @@ BAD_CONFIG_FIELDS = [
     ("selection_scope", {"parts": [{"operation": "delta", "mask": "adjacent", "density": 0.1,
                                     "mask_strategy": "magnitude"}], "selection_scope": "global"},
      r"'global' needs discrete masks"),
+    ("trainable_token_indices", {"parts": _PART, "trainable_token_indices": [1, -2]},
+     r"`trainable_token_indices`.*ints >= 0"),
+    ("trainable_token_indices", {"parts": _PART, "trainable_token_indices": [3, 3]},
+     r"`trainable_token_indices`.*repeats token ids \[3\]"),
+    ("trainable_token_indices", {"parts": _PART, "trainable_token_indices": {"embed": []}},
+     r"`trainable_token_indices\['embed'\]`.*non-empty list"),
+    ("trainable_token_indices", {"parts": _PART, "trainable_token_indices": 5}, r"`trainable_token_indices`.*list"),
 ]
 # Set by PEFT itself, not by users: `peft_type` is always APET, the other two are bookkeeping.
 UNCHECKED_CONFIG_FIELDS = {"peft_type", "auto_mapping", "peft_version"}

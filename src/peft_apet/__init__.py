@@ -6,6 +6,7 @@ rest of PEFT's API work with APET adapters.
 
 from .calibration import calibrate_masks
 from .config import APETConfig, APETPart
+from .export import export_lora
 from .layer import APETLayer, Linear, OutputLayer, PromptEmbedding
 from .masked_weight import MaskedWeight
 from .masks import adjacent_mask, discrete_mask
@@ -33,6 +34,7 @@ __all__ = [
     "calibrate_masks",
     "count_trainable_parameters",
     "discrete_mask",
+    "export_lora",
     "is_registered",
     "plan_adapter",
     "register_apet",

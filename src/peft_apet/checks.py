@@ -33,6 +33,7 @@ from .index_codec import stored_positions
 from .layer import APETLayer
 from .masks import line_length, num_lines
 from .plan import AdapterPlan, TensorPlan
+from .tokens import TOKENS_KEY
 
 PEFT_PREFIX = "base_model.model."
 _APET_KEY = re.compile(r"^(?P<module>.+)\.apet_weights\.(?P<role>[^.]+)\.(?P<tensor>[^.]+)$")
@@ -187,8 +188,15 @@ def check_checkpoint_fits_plan(config: APETConfig, plan: AdapterPlan, model: nn.
             return  # a pickle checkpoint: PEFT reads it with torch.load(weights_only=True)
         raise FileNotFoundError(f"{folder} has an adapter_config.json but no {SAFETENSORS_WEIGHTS_NAME}.")
     expected = {(m.name, role): t for m in plan.modules.values() for role, t in m.tensors.items()}
-    _raise(path, _problems(expected, _read_checkpoint(path), lambda key: _tensor_shape(model, key.removeprefix(
-        PEFT_PREFIX))), "Nothing was loaded or changed.")
+    # trainable token rows (peft_apet.tokens): saved by PEFT's wrapper, which does not exist before injection
+    rows = {f"{PEFT_PREFIX}{t.name}.{TOKENS_KEY}": t.shape for t in plan.tokens.values()}
+    checkpoint = _read_checkpoint(path)
+    problems = _problems(expected, checkpoint, lambda key: rows[key] if key in rows else _tensor_shape(
+        model, key.removeprefix(PEFT_PREFIX)))
+    missing_rows = [key.removeprefix(PEFT_PREFIX) for key in rows if key not in checkpoint.other]
+    if missing_rows:
+        problems.append(f"it has no trainable token rows {_names(missing_rows)}")
+    _raise(path, problems, "Nothing was loaded or changed.")
 
 
 def check_state_fits_model(model: nn.Module, adapter_name: str, state_dict: Mapping[str, torch.Tensor]) -> None:

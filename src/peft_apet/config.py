@@ -101,6 +101,28 @@ def _check_json_dict(name: str, value: Any) -> None:
         raise ValueError(f"{name} must hold JSON values (it is saved in adapter_config.json): {e}") from e
 
 
+def _checked_token_ids(name: str, value: Any) -> list[int]:
+    if (not isinstance(value, (list, tuple)) or not value
+            or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value)):
+        raise ValueError(f"{name} must be a non-empty list of token ids (ints >= 0), got {value!r}.")
+    repeated = sorted({i for i in value if list(value).count(i) > 1})
+    if repeated:
+        raise ValueError(f"{name} repeats token ids {repeated}; give each id once.")
+    return list(value)
+
+
+def _checked_token_indices(value: Any) -> list[int] | dict[str, list[int]] | None:
+    """`trainable_token_indices` checked: None, a list of distinct ids >= 0, or a dict module name -> such a list."""
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        if not value or not all(isinstance(k, str) and k for k in value):
+            raise ValueError("`trainable_token_indices` as a dict must map module names (non-empty str) to token ids, "
+                             f"got {value!r}.")
+        return {k: _checked_token_ids(f"`trainable_token_indices[{k!r}]`", v) for k, v in value.items()}
+    return _checked_token_ids("`trainable_token_indices`", value)
+
+
 def _check_target_modules(name: str, value: Any) -> None:
     if value is None or isinstance(value, str) and value:
         return
@@ -343,6 +365,15 @@ class APETConfig(PeftConfig):
     modules_to_save: list[str] | None = field(
         default=None, metadata={"help": "Modules trained in full and saved besides the adapter (e.g. a new head)."}
     )
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = field(
+        default=None,
+        metadata={
+            "help": "Embedding rows trained in full besides the parts, as PEFT's LoRA offers (e.g. for new special "
+            "tokens): a list of token ids of the input embedding, or a dict of module name (suffix, as PEFT matches "
+            "it) -> token ids. Applied with PEFT's `TrainableTokensWrapper`; the rows count in the budget "
+            "(ids x embedding dim), are saved alone (not the whole embedding) and merge into the embedding."
+        },
+    )
     selection_scope: str = field(
         default="module",
         metadata={
@@ -386,6 +417,7 @@ class APETConfig(PeftConfig):
                     isinstance(m, str) for m in self.modules_to_save):
                 raise ValueError(f"`modules_to_save` must be a list of module names, got {self.modules_to_save!r}.")
             self.modules_to_save = list(self.modules_to_save)
+        self.trainable_token_indices = _checked_token_indices(self.trainable_token_indices)
         _check_choice("selection_scope", self.selection_scope, SELECTION_SCOPES)
         if self.selection_scope == "global":
             scored = [p for p in parts if p.mask_strategy != "random"]
@@ -423,6 +455,8 @@ class APETConfig(PeftConfig):
             # PeftModelForSequenceClassification appends its head names on every load: save each name once, so
             # that save -> load -> save writes the same adapter_config.json.
             out["modules_to_save"] = list(dict.fromkeys(out["modules_to_save"]))
+        if out["trainable_token_indices"] is None:
+            del out["trainable_token_indices"]  # adapters without token rows stay readable by peft-apet 0.1
         return out
 
     @classmethod
@@ -443,6 +477,10 @@ class APETConfig(PeftConfig):
     @classmethod
     def check_kwargs(cls, **kwargs):
         """Refuse fields this version does not know (a config from a newer peft-apet) instead of dropping them."""
+        peft_type = kwargs.get("peft_type", APETPeftType.APET.value)
+        if peft_type != APETPeftType.APET.value:
+            raise ValueError(f"this is a {peft_type} adapter, not an APET one: load it with PEFT "
+                             "(`PeftModel.from_pretrained(base, folder)` or `PeftConfig.from_pretrained(folder)`).")
         known = {f.name for f in fields(cls)} | {"auto_mapping", "peft_version", "runtime_config"}
         unknown = sorted(set(kwargs) - known)
         if unknown:

@@ -16,10 +16,12 @@ from torch import nn
 
 from .checks import check_checkpoint_fits_plan, check_merge_is_finite, check_state_fits_model
 from .config import APETConfig
+from .export import modules_gaining_a_bias, warn_new_biases
 from .layer import APETLayer, Linear, OutputLayer, PromptEmbedding
 from .plan import AdapterPlan, ModulePlan, plan_adapter, summary_table
 from .prompt import prepend_prompt
 from .selection import install_masks, select_data_free_masks
+from .tokens import TOKENS_ROLE, token_layers
 
 LAYER_CLASSES = {"linear": Linear, "output": OutputLayer, "embedding": PromptEmbedding}
 
@@ -146,8 +148,12 @@ class APETModel(BaseTuner):
                                      adapter_names: list[str] | None = None) -> nn.Module:
         if merge and safe_merge:
             check_merge_is_finite(self.model, adapter_names or self.active_adapters)
-        return super()._unload_and_optionally_merge(merge=merge, progressbar=progressbar, safe_merge=safe_merge,
-                                                    adapter_names=adapter_names)
+        new_biases = modules_gaining_a_bias(self.model, adapter_names or self.active_adapters) if merge else []
+        model = super()._unload_and_optionally_merge(merge=merge, progressbar=progressbar, safe_merge=safe_merge,
+                                                     adapter_names=adapter_names)
+        if new_biases:
+            warn_new_biases(model, new_biases)
+        return model
 
     # ------------------------------------------------------------------ prompts
     def _active_prompt(self) -> tuple[PromptEmbedding | None, str | None]:
@@ -208,13 +214,18 @@ class APETModel(BaseTuner):
     # ------------------------------------------------------------------ inspection
     def adapter_summary(self, adapter_name: str | None = None) -> str:
         """A table of every APET tensor of an adapter: module, role, shape, mask, entries that can learn (receive a
-        gradient: see `APETLayer.learnable_entries`) and trainable entries."""
+        gradient: see `APETLayer.learnable_entries`) and trainable entries; token rows last."""
+        adapter_name = adapter_name or self.active_adapters[0]
         rows, learnable = [], []
         for module_name, module, name in self._apet_layers(adapter_name):
             can_learn = module.learnable_entries(name)
             for role, weight in module.apet_weights[name].items():
                 rows.append((module_name, role, weight.shape, weight.mask, weight.num_entries))
                 learnable.append(can_learn[role])
+        for module_name, layer in token_layers(self.model, adapter_name):
+            delta = layer.trainable_tokens_delta[adapter_name]
+            rows.append((module_name, TOKENS_ROLE, tuple(delta.shape), None, delta.numel()))
+            learnable.append(delta.numel())
         return summary_table(rows, learnable)
 
     def learnable_entries(self, adapter_name: str | None = None) -> tuple[int, int]:

@@ -103,6 +103,36 @@ def _replace_section(text: str, section: str) -> str:
     return before.rstrip("\n") + "\n\n" + section + "\n" + (after + "\n" if after else "")
 
 
+HEADER_START = "<!-- peft-apet:load -->"
+HEADER_END = "<!-- peft-apet:load-end -->"
+
+
+def _lora_shaped(model: PeftModel, adapter_name: str) -> bool:
+    return all(part.operation == "lora" for part in model.peft_config[adapter_name].parts)
+
+
+def card_header(model: PeftModel) -> str:
+    """The lines at the top of an APET adapter's card: how to load it and, for LoRA-shaped adapters, to export it."""
+    lines = [HEADER_START,
+             "**An APET adapter for PEFT.** To load it: `pip install peft-apet`, then `import peft_apet` before "
+             "`PeftModel.from_pretrained` (without the import PEFT fails with `KeyError: 'APET'`)."]
+    lora = [name for name in _apet_adapters(model) if _lora_shaped(model, name)]
+    if lora:
+        lines += ["", f"Adapter{'s' if len(lora) > 1 else ''} {', '.join(f'`{n}`' for n in lora)} "
+                  f"{'are' if len(lora) > 1 else 'is'} LoRA-shaped: `peft_apet.export_lora(model, \"lora-folder\", "
+                  f"adapter_name=\"{lora[0]}\")` writes a standard PEFT LoRA folder that loads without peft-apet "
+                  "(PEFT; LoRA servers read the same format)."]
+    return "\n".join([*lines, HEADER_END])
+
+
+def _replace_header(text: str, header: str) -> str:
+    """`text` with its APET loading lines replaced by `header`, or `header` put first; idempotent."""
+    start, end = text.find(HEADER_START), text.find(HEADER_END)
+    if start != -1 and end > start:
+        text = text[:start] + text[end + len(HEADER_END):]
+    return header + "\n\n" + text.lstrip("\n")
+
+
 def update_model_card(model: PeftModel, output_dir: str) -> None:
     """Add the APET tags and section to `output_dir/README.md` (created if missing); no-op without APET adapters."""
     if not _apet_adapters(model):
@@ -116,7 +146,7 @@ def update_model_card(model: PeftModel, output_dir: str) -> None:
         tags = [t for t in tags if t != f"base_model:adapter:{card.data.base_model}"]
         card.data.base_model = None
     card.data.tags = tags + [t for t in TAGS if t not in tags]
-    card.text = _replace_section(card.text, card_section(model))
+    card.text = _replace_header(_replace_section(card.text, card_section(model)), card_header(model))
     card.save(filename)
 
 

@@ -20,6 +20,7 @@ from .budget import allocate_budget, avoid_unpaired_counts, density_to_count, sp
 from .config import APETConfig, APETPart
 from .masks import stable_seed
 from .targets import ALL_LINEAR, ALL_WITH_BIAS, default_target_modules
+from .tokens import TOKENS_ROLE, TokenPlan, plan_trainable_tokens
 
 # Tensors each operation owns, in allocation order. For two-matrix parts the zero-initialised matrix comes
 # last; see `_split_within_module`.
@@ -71,15 +72,18 @@ class ModulePlan:
 class AdapterPlan:
     modules: dict[str, ModulePlan]
     part_counts: dict[str, int]
+    tokens: dict[str, TokenPlan] = field(default_factory=dict)  # trainable token rows (peft_apet.tokens)
 
     @property
     def num_trainable_params(self) -> int:
-        return sum(t.num_entries for m in self.modules.values() for t in m.tensors.values())
+        return (sum(t.num_entries for m in self.modules.values() for t in m.tensors.values())
+                + sum(t.num_entries for t in self.tokens.values()))
 
     def summary(self) -> str:
         """A table: module, tensor, shape, mask and trainable entries."""
         rows = [(m.name, t.role, t.shape, t.mask, t.num_entries)
                 for m in self.modules.values() for t in m.tensors.values()]
+        rows += [(t.name, TOKENS_ROLE, t.shape, None, t.num_entries) for t in self.tokens.values()]
         return summary_table(rows)
 
 
@@ -282,6 +286,11 @@ def plan_adapter(model: nn.Module, config: APETConfig, adapter_name: str = "defa
                 raise ValueError(f"module {name} is targeted as {kinds[name]} and as {kind} by different parts.")
             entries.append((name, module, _tensor_shapes(part, module, kind)))
         per_part[part.operation] = entries
+    tokens = plan_trainable_tokens(model, config, modules_to_save)
+    shared = [name for name in tokens if name in kinds]
+    if shared:
+        raise ValueError(f"`trainable_token_indices` trains rows of {shared}, which parts of the adapter also target; "
+                         "a module takes token rows or parts, not both.")
 
     capacities = {op: sum(math.prod(s) for _, _, shapes in e for s in shapes.values()) for op, e in per_part.items()}
     fixed = {}
@@ -297,7 +306,10 @@ def plan_adapter(model: nn.Module, config: APETConfig, adapter_name: str = "defa
             fixed[part.operation] = part.num_trainable_params
         elif part.density is not None:
             fixed[part.operation] = density_to_count(part.density, cap)
+    if tokens:  # whole rows: fixed entries of the exact total, like an unmasked part
+        capacities[TOKENS_ROLE] = fixed[TOKENS_ROLE] = sum(t.num_entries for t in tokens.values())
     part_counts = split_config_budget(capacities, fixed, config.num_trainable_params, config.density)
+    part_counts.pop(TOKENS_ROLE, None)
     part_counts = _no_lone_entry_in_aligned_parts(config, part_counts, capacities, fixed)
 
     modules: dict[str, ModulePlan] = {}
@@ -317,7 +329,7 @@ def plan_adapter(model: nn.Module, config: APETConfig, adapter_name: str = "defa
                     num_entries=k, seed=stable_seed(config.seed, name, role), pairing="aligned" if aligned else None)
             plan.settings.update(_operation_settings(part, module))
     ordered = {name: modules[name] for name, _ in candidates if name in modules}
-    return AdapterPlan(ordered, part_counts)
+    return AdapterPlan(ordered, part_counts, tokens)
 
 
 def _no_lone_entry_in_aligned_parts(config: APETConfig, counts: dict[str, int], capacities: dict[str, int],
@@ -372,7 +384,8 @@ def _operation_settings(part: APETPart, module: nn.Module) -> dict[str, object]:
 
 
 def count_trainable_parameters(model: nn.Module, config: APETConfig) -> int:
-    """How many parameters `config` would train on `model` (adapter entries, not `modules_to_save`).
+    """How many parameters `config` would train on `model` (adapter entries and trainable token rows, not
+    `modules_to_save`).
 
     The model is not modified. Use it to give an APET variant the budget of another method, e.g.
     `APETConfig.lora(mask="discrete", num_trainable_params=count_trainable_parameters(model, APETConfig.bitfit()))`.
