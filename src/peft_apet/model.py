@@ -7,6 +7,7 @@ Injection follows PEFT's `BaseTuner.inject_adapter`; APET adds one step before a
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -15,7 +16,9 @@ from torch import nn
 
 from .checks import check_checkpoint_fits_plan, check_merge_is_finite, check_state_fits_model
 from .config import APETConfig
+from .index_codec import encode_indices
 from .layer import APETLayer, Linear, OutputLayer, PromptEmbedding
+from .masked_weight import MaskedWeight
 from .plan import AdapterPlan, ModulePlan, plan_adapter, summary_table
 from .prompt import prepend_prompt
 from .selection import install_masks, select_data_free_masks
@@ -97,6 +100,22 @@ class APETModel(BaseTuner):
                                            state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         check_state_fits_model(model, adapter_name, state_dict)  # before load_state_dict copies anything
         return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+
+    @classmethod
+    def _get_adapter_state_dict(cls, model: nn.Module, config: APETConfig, adapter_name: str,
+                                state_dict: dict[str, torch.Tensor], unwanted_adapter_names: list[str]) -> dict:
+        """As PEFT's, with every discrete mask's `index` in its saved form (the uint8 code).
+
+        `MaskedWeight._save_to_state_dict` codes the index, but a state dict built without `state_dict()` holds the
+        raw int32 positions: DeepSpeed ZeRO-3 collects its consolidated state dict module by module, and the Trainer
+        saves that. Coding it here makes every save path write the same folder."""
+        entries = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        for key, tensor in entries.items():
+            if key.endswith(".index") and tensor.dtype != torch.uint8:
+                module = model.get_submodule(key[: -len(".index")])
+                if isinstance(module, MaskedWeight) and module.mask == "discrete":
+                    entries[key] = encode_indices(tensor, math.prod(module.shape)).to(tensor.device)
+        return entries
 
     def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
         # APET layers put their tensors on the base layer's device in `update_layer`; PEFT's generic version also
