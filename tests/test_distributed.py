@@ -1,4 +1,4 @@
-"""Training beyond one process with the HF `Trainer` (CPU, gloo, 2 processes): DDP, FSDP2/FSDP1, DeepSpeed ZeRO-2/3.
+"""Training beyond one process with the HF `Trainer` (CPU, gloo, 2 processes): DDP, FSDP2, DeepSpeed ZeRO-2/3.
 
 Every case launches `dist_train.py` under `torchrun --standalone --nproc_per_node 2` and compares with one process
 over the same global batches (same data order, dropout off):
@@ -241,13 +241,6 @@ def test_fsdp2_each_part(tmp_path, one_process, model, adapter):
 
 @needs_gloo
 @pytest.mark.slow
-@pytest.mark.parametrize("model", ["bert", "llama"])
-def test_fsdp1_trains_saves_and_resumes_like_one_process(tmp_path, one_process, model):
-    check_fsdp(tmp_path, one_process, "fsdp1", model, "combined")
-
-
-@needs_gloo
-@pytest.mark.slow
 def test_trainer_fsdp_on_cpu_without_the_gate_is_ddp(tmp_path, one_process):
     """What a user gets today: accelerate ignores the Trainer's FSDP plugin on CPU and trains plain DDP."""
     run = tmp_path / "fallback"
@@ -274,7 +267,11 @@ def check_zero(tmp_path, one_process, stage: int, model: str) -> None:
     if stage == 3:
         merge = json.loads((run / "merge.json").read_text())
         assert merge["adapter_effect_max_abs"] > 1e-3  # merging a no-op adapter would prove nothing
-        assert merge["merged_max_abs_diff"] <= 1e-5 and merge["unmerged_max_abs_diff"] <= 1e-5
+        if model == "bert":  # biases, LoRA and deltas merge into tensors ZeRO-3 partitions
+            assert merge["merged_max_abs_diff"] <= 1e-5 and merge["unmerged_max_abs_diff"] <= 1e-5
+        else:  # BitFit adds biases to Llama's bias-free projections: merging would create parameters
+            assert "ZeRO-3" in merge["refused"] and "has no bias" in merge["refused"]
+            assert merge["unchanged_max_abs_diff"] == 0.0
         numbers.update(merge)
     only_rank_0_wrote(run)
     record(f"zero{stage}/{model}/combined", **numbers)
@@ -368,3 +365,22 @@ def test_a_state_dict_not_built_by_state_dict_saves_the_same_adapter():
     assert got.keys() == expected.keys()
     for key in expected:
         assert torch.equal(got[key], expected[key]) and got[key].dtype == expected[key].dtype, key
+
+
+def test_merge_that_would_add_a_parameter_is_refused_under_zero3():
+    """Llama's projections have no bias: merging a BitFit part creates one, which ZeRO-3 would not partition. With the
+    weights marked as ZeRO-3 parameters (`ds_id`, as DeepSpeed marks them), the merge is refused before any change."""
+    from dist_train import config
+    from peft import get_peft_model
+
+    model = get_peft_model(base_model("llama"), config("llama", "combined"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for name, param in model.named_parameters():
+        if "base_layer" in name:
+            param.ds_id = 0
+    with pytest.raises(ValueError, match="under DeepSpeed ZeRO-3"):
+        model.merge_adapter()
+    with pytest.raises(ValueError, match="under DeepSpeed ZeRO-3"):
+        model.merge_and_unload()
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)

@@ -154,13 +154,34 @@ class APETModel(BaseTuner):
                     "keep the adapter unmerged for inference instead."
                 )
 
+    def _check_merge_adds_no_parameter_under_zero3(self, adapter_names: list[str]) -> None:
+        """Refuse, before anything changes, a merge that would give a ZeRO-3-partitioned layer a new parameter.
+
+        Merging a bias part into a layer without a bias creates one; DeepSpeed ZeRO-3 manages only the parameters
+        it partitioned at start, and its next forward fails on the new one."""
+        for key, module in self.model.named_modules():
+            if not isinstance(module, APETLayer):
+                continue
+            base = module.get_base_layer()
+            if not hasattr(getattr(base, "weight", None), "ds_id") or getattr(base, "bias", None) is not None:
+                continue
+            if any(name in module.apet_weights and "bias" in module.apet_weights[name] for name in adapter_names):
+                raise ValueError(
+                    f"cannot merge the APET bias of '{key}' under DeepSpeed ZeRO-3: the base layer has no bias, and "
+                    "merging would add a parameter ZeRO-3 does not partition. Save the adapter and merge it into an "
+                    "unpartitioned model (PeftModel.from_pretrained(base, folder).merge_and_unload())."
+                )
+
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        self._check_merge_adds_no_parameter_under_zero3(adapter_names or self.active_adapters)
         if safe_merge:  # check every layer first: a NaN in the last layer must not leave the first ones merged
             check_merge_is_finite(self.model, adapter_names or self.active_adapters)
         super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
 
     def _unload_and_optionally_merge(self, merge: bool = True, progressbar: bool = False, safe_merge: bool = False,
                                      adapter_names: list[str] | None = None) -> nn.Module:
+        if merge:
+            self._check_merge_adds_no_parameter_under_zero3(adapter_names or self.active_adapters)
         if merge and safe_merge:
             check_merge_is_finite(self.model, adapter_names or self.active_adapters)
         return super()._unload_and_optionally_merge(merge=merge, progressbar=progressbar, safe_merge=safe_merge,
