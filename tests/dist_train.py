@@ -42,7 +42,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from conftest import VOCAB, tiny_bert, tiny_llama  # noqa: E402
 
 # FSDP1 (deprecated by transformers) is left out: on CPU its full-state-dict save crashes (see README).
-BACKENDS = ("none", "ddp", "fsdp2", "zero2", "zero3")
+# "launcher": no backend in TrainingArguments; `accelerate launch --config_file ...` chose it (FSDP or DeepSpeed).
+BACKENDS = ("none", "ddp", "fsdp2", "zero2", "zero3", "launcher")
 ADAPTERS = ("delta", "lora", "combined")
 LENGTH = 8
 
@@ -194,7 +195,8 @@ def make_trainer(args: argparse.Namespace, output_dir: Path, save_steps: int = 0
         save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500, logging_steps=1, report_to=[],
         seed=0, data_seed=0,
         # accelerate turns DeepSpeed off under use_cpu=True; DeepSpeed picks its CPU accelerator (DS_ACCELERATOR=cpu).
-        use_cpu=not args.backend.startswith("zero"), disable_tqdm=True, dataloader_num_workers=0,
+        use_cpu=not (args.backend in ("zero2", "zero3") or os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"),
+        disable_tqdm=True, dataloader_num_workers=0,
         # Losses that do not count tokens (sequence classification) would otherwise be scaled by the world size.
         average_tokens_across_devices=False, **backend_arguments(args.backend, args.model))
     model = get_peft_model(base_model(args.model), config(args.model, args.adapter))
@@ -268,9 +270,9 @@ def main(args: argparse.Namespace) -> None:
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     record_adapter_writes(out)
-    if args.backend.startswith("fsdp") and not args.keep_cpu_gate:
+    if args.backend in ("fsdp2", "launcher") and not args.keep_cpu_gate:
         open_cpu_fsdp_gate()
-    if args.backend.startswith("zero") and not args.keep_cpu_gate:
+    if args.backend in ("zero2", "zero3", "launcher") and not args.keep_cpu_gate:
         open_cpu_deepspeed_gate()
     trainer = make_trainer(args, out / "trainer", save_steps=args.resume_at)
     trainer.train()

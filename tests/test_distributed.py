@@ -291,6 +291,26 @@ def test_zero_more(tmp_path, one_process, stage, model):
     check_zero(tmp_path, one_process, stage, model)
 
 
+@needs_gloo
+@needs_deepspeed
+@pytest.mark.slow
+def test_accelerate_launch_with_the_example_zero3_config(tmp_path, one_process):
+    """`accelerate launch --config_file examples/distributed/accelerate_zero3.yaml` (DeepSpeed config from the
+    example JSON, no backend in TrainingArguments) trains, saves and merges like `Trainer(deepspeed=...)`."""
+    run = tmp_path / "accelerate_zero3"
+    config = Path(__file__).parents[1] / "examples" / "distributed" / "accelerate_zero3.yaml"
+    seconds = launch([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), str(SCRIPT),
+                      str(run), "--backend", "launcher", "--merge-check"], run.with_suffix(".log"))
+    info = run_info(run)
+    assert info["deepspeed"] and info["world_size"] == 2 and info["values_local_numel"] < info["values_numel"]
+    diff = same_adapter(one_process("bert", "combined") / "adapter", run / "adapter")
+    merge = json.loads((run / "merge.json").read_text())
+    assert merge["adapter_effect_max_abs"] > 1e-3 and merge["merged_max_abs_diff"] <= 1e-5
+    only_rank_0_wrote(run)
+    record("accelerate_launch_zero3/bert/combined", max_abs_diff_vs_one_process=diff,
+           max_abs_diff_reloaded_logits=reload_difference(run, "bert"), launch_seconds=round(seconds, 1))
+
+
 # ----------------------------------------------------------------------------- DDP and gradient accumulation
 
 
