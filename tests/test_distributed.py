@@ -404,3 +404,31 @@ def test_merge_that_would_add_a_parameter_is_refused_under_zero3():
         model.merge_and_unload()
     after = model.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+
+# ----------------------------------------------------------------------------- README agrees with the results file
+
+RESULTS = Path(__file__).parents[1] / "benchmarks" / "results" / "distributed" / "results.json"
+
+
+def test_readme_scaling_out_cites_the_results_file():
+    """Every difference README "Scaling out" cites is the maximum of the committed results for what it names."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = " ".join(readme.split("### Scaling out", 1)[1].split("\n## ", 1)[0].split())
+    cases = json.loads(RESULTS.read_text())["cases"]
+
+    def worst(prefixes: tuple[str, ...], field: str = "max_abs_diff_vs_one_process") -> str:
+        found = [v[f] for k, v in cases.items() if k.startswith(prefixes) for f in v if f.startswith(field)]
+        assert found, prefixes
+        return f"{max(found):.1e}"
+
+    expected = [f"{worst(('fsdp2/',))} under FSDP2", f"{worst(('zero3/', 'accelerate_launch_zero3/'))} under ZeRO-3",
+                f"{worst(('zero2/',))} under ZeRO-2", f"{worst(('ddp/',))} under DDP",
+                f"{worst(('grad_accum_', 'ddp_grad_accum_'), 'max_abs_diff_vs')} for gradient accumulation",
+                f"logits by {worst(('zero3/bert/', 'accelerate_launch_zero3/'), 'merged_max_abs_diff')}"]
+    for phrase in expected:
+        assert phrase in section, phrase
+    assert all(v.get(f, 0.0) == 0.0 for v in cases.values()
+               for f in ("max_abs_diff_reloaded_logits", "max_abs_diff_resumed_vs_uninterrupted"))  # "bit-identical"
+    seconds = sorted(v["launch_seconds"] for v in cases.values() if "launch_seconds" in v)
+    assert f"each launch takes {round(seconds[0])}-{round(seconds[-1])} s" in section
