@@ -217,6 +217,8 @@ def describe(trainer) -> dict:
     return {"world_size": trainer.args.world_size, "fsdp": trainer.is_fsdp_enabled,
             "deepspeed": trainer.is_deepspeed_enabled, "wrapper": type(trainer.model_wrapped).__name__,
             "values_types": sorted({type(p).__name__ for p in values}),
+            # index buffers are never sharded: each rank holds all of them (compare with a one-process run)
+            "index_numel": sum(b.numel() for n, b in trainer.model_wrapped.named_buffers() if n.endswith(".index")),
             "values_numel": sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in values),
             # this rank's share: FSDP2 shards are DTensors; ZeRO-3 keeps a partition in `ds_tensor`
             "values_local_numel": sum(p.to_local().numel() if hasattr(p, "to_local")
