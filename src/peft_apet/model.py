@@ -7,6 +7,7 @@ Injection follows PEFT's `BaseTuner.inject_adapter`; APET adds one step before a
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any
 
@@ -17,7 +18,9 @@ from torch import nn
 from .checks import check_checkpoint_fits_plan, check_merge_is_finite, check_state_fits_model
 from .config import APETConfig
 from .export import modules_gaining_a_bias, warn_new_biases
+from .index_codec import encode_indices
 from .layer import APETLayer, Linear, OutputLayer, PromptEmbedding
+from .masked_weight import MaskedWeight
 from .plan import AdapterPlan, ModulePlan, plan_adapter, summary_table
 from .prompt import prepend_prompt
 from .selection import install_masks, select_data_free_masks
@@ -102,6 +105,22 @@ class APETModel(BaseTuner):
         check_state_fits_model(model, adapter_name, state_dict)  # before load_state_dict copies anything
         return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
 
+    @classmethod
+    def _get_adapter_state_dict(cls, model: nn.Module, config: APETConfig, adapter_name: str,
+                                state_dict: dict[str, torch.Tensor], unwanted_adapter_names: list[str]) -> dict:
+        """As PEFT's, with every discrete mask's `index` in its saved form (the uint8 code).
+
+        `MaskedWeight._save_to_state_dict` codes the index, but a state dict built without `state_dict()` holds the
+        raw int32 positions: DeepSpeed ZeRO-3 collects its consolidated state dict module by module, and the Trainer
+        saves that. Coding it here makes every save path write the same folder."""
+        entries = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        for key, tensor in entries.items():
+            if key.endswith(".index") and tensor.dtype != torch.uint8:
+                module = model.get_submodule(key[: -len(".index")])
+                if isinstance(module, MaskedWeight) and module.mask == "discrete":
+                    entries[key] = encode_indices(tensor, math.prod(module.shape)).to(tensor.device)
+        return entries
+
     def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
         # APET layers put their tensors on the base layer's device in `update_layer`; PEFT's generic version also
         # copies `weight`/`bias` onto modules without `base_layer`, which breaks unloading wrapped heads without a
@@ -139,13 +158,34 @@ class APETModel(BaseTuner):
                     "keep the adapter unmerged for inference instead."
                 )
 
+    def _check_merge_adds_no_parameter_under_zero3(self, adapter_names: list[str]) -> None:
+        """Refuse, before anything changes, a merge that would give a ZeRO-3-partitioned layer a new parameter.
+
+        Merging a bias part into a layer without a bias creates one; DeepSpeed ZeRO-3 manages only the parameters
+        it partitioned at start, and its next forward fails on the new one."""
+        for key, module in self.model.named_modules():
+            if not isinstance(module, APETLayer):
+                continue
+            base = module.get_base_layer()
+            if not hasattr(getattr(base, "weight", None), "ds_id") or getattr(base, "bias", None) is not None:
+                continue
+            if any(name in module.apet_weights and "bias" in module.apet_weights[name] for name in adapter_names):
+                raise ValueError(
+                    f"cannot merge the APET bias of '{key}' under DeepSpeed ZeRO-3: the base layer has no bias, and "
+                    "merging would add a parameter ZeRO-3 does not partition. Save the adapter and merge it into an "
+                    "unpartitioned model (PeftModel.from_pretrained(base, folder).merge_and_unload())."
+                )
+
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        self._check_merge_adds_no_parameter_under_zero3(adapter_names or self.active_adapters)
         if safe_merge:  # check every layer first: a NaN in the last layer must not leave the first ones merged
             check_merge_is_finite(self.model, adapter_names or self.active_adapters)
         super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
 
     def _unload_and_optionally_merge(self, merge: bool = True, progressbar: bool = False, safe_merge: bool = False,
                                      adapter_names: list[str] | None = None) -> nn.Module:
+        if merge:
+            self._check_merge_adds_no_parameter_under_zero3(adapter_names or self.active_adapters)
         if merge and safe_merge:
             check_merge_is_finite(self.model, adapter_names or self.active_adapters)
         new_biases = modules_gaining_a_bias(self.model, adapter_names or self.active_adapters) if merge else []
