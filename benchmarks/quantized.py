@@ -2,7 +2,7 @@
 
 One command, one process::
 
-    nice -n 10 python benchmarks/quantized.py --threads 1       # SmolLM2-135M in nf4 (real weights), ~20 min
+    nice -n 10 python benchmarks/quantized.py --threads 1       # SmolLM2-135M in nf4 (real weights), ~25 min
     python benchmarks/quantized.py --smoke --out /tmp/q          # tiny random Llama, synthetic task (the test)
 
 For each budget k (default 1e4, 1e5, 1e6) three methods train on a fresh copy of the same base, loaded with
@@ -14,12 +14,15 @@ For each budget k (default 1e4, 1e5, 1e6) three methods train on a fresh copy of
 - `apet-discrete` and `apet-adjacent`: an APET delta (the same projections, all layers) with exactly QLoRA's count,
   so k is equal to the parameter. The discrete delta is the side path `base(x) + x W~^T` of `peft_apet.quantized`.
 
-Measured per method (all in this one run, methods interleaved per k): the median step time (forward, backward,
-AdamW step; after warm-up steps), peak memory as the peak resident set size (RSS, sampled every 5 ms from
+Measured per method (one command; each method in a fresh Python process, so that none inherits memory another
+freed; `--in-process` and `--smoke` run them in this process): the median step time (forward, backward, AdamW
+step; after warm-up steps), peak memory as the peak resident set size (RSS, sampled every 5 ms from
 /proc/self/statm as in `benchmarks/cost.py`) during injection and training minus the RSS just before injection
-(the quantized base is loaded then), the trainable state (parameters + gradients + AdamW moments, read from the
-tensors), and, after the short run, Rotten Tomatoes generation accuracy on a fixed test prefix (the full-vocabulary
-argmax at the answer slot must be the label word, as in `benchmarks/paper_findings.py`, whose task code is used).
+(the quantized base is loaded then), the bytes autograd saves for backward in one forward pass
+(allocator-independent: what the side path keeps between forward and backward), the trainable state (parameters
++ gradients + AdamW moments, read from the tensors), and, after the short run, Rotten Tomatoes generation accuracy
+on a fixed test prefix (the full-vocabulary argmax at the answer slot must be the label word, as in
+`benchmarks/paper_findings.py`, whose task code is used).
 Ratios are APET / QLoRA at the same k. Nothing is asserted about speed: results.md states what was met.
 """
 
@@ -30,6 +33,7 @@ import datetime
 import json
 import shlex
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -78,8 +82,9 @@ class Settings:
 
 
 SETTINGS = {
-    "default": Settings("default", (10_000, 100_000, 1_000_000), batch_size=8, max_len=24, warmup=2, steps=10,
-                        test_size=200),
+    # sized to finish in about 25 minutes on 2 shared CPU cores (a step of the 4-bit 135M model takes seconds there)
+    "default": Settings("default", (10_000, 100_000, 1_000_000), batch_size=4, max_len=16, warmup=1, steps=6,
+                        test_size=64),
     "smoke": Settings("smoke", (200, 2_000), batch_size=4, max_len=8, warmup=1, steps=2, test_size=16),
 }
 
@@ -181,16 +186,51 @@ def run_method(method: str, k: int, task: Task, settings: Settings, log) -> dict
             times.append(time.perf_counter() - t)
             losses.append(loss.item())
     state = trainable_state_bytes(params, optimizer)
+    saved = saved_for_backward_bytes(model, collate(next(stream), task), task)
     test = evaluate(model, task.splits["test"], task, False, batch_size=16)
     record = {"method": method, "k": k, "trainable": sum(p.numel() for p in params), "qlora": description,
               "inject_s": inject_s, "step_s": times[settings.warmup:], "warmup_step_s": times[:settings.warmup],
               "losses": losses, "peak_rss_delta": sampler.peak - rss0, "rss_before": rss0, "state_bytes": state,
+              "saved_for_backward_bytes": saved,
               "test": test}
     log(f"  k={k} {method}: trainable {record['trainable']}, step {statistics.median(record['step_s']) * 1e3:.0f} ms, "
         f"peak +{record['peak_rss_delta'] / 2**20:.1f} MiB, state {state['total'] / 2**20:.2f} MiB, "
         f"gen acc {test.get('generation_accuracy', float('nan')):.3f}")
     del model, base, optimizer, params
     trim_memory()
+    return record
+
+
+def saved_for_backward_bytes(model: nn.Module, batch: dict, task: Task) -> int:
+    """Bytes of the distinct storages autograd keeps from one forward pass for the backward pass: the memory held
+    between forward and backward, independent of the allocator (RSS also counts what glibc keeps after a free)."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storages.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        logits = vocab_logits(model, batch, task, False)
+    del logits
+    return sum(storages.values())
+
+
+def run_isolated(method: str, k: int, settings: Settings, smoke: bool, log) -> dict:
+    """`run_method` in a fresh Python process, so that no method inherits another's freed-but-kept memory."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "record.json"
+        command = [sys.executable, __file__, "--one", method, str(k), "--record", str(out),
+                   "--threads", str(torch.get_num_threads()),
+                   "--settings", json.dumps(asdict(settings))] + (["--smoke"] if smoke else [])
+        proc = subprocess.run(command, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(proc.stderr[-2000:])
+        record = json.loads(out.read_text())
+    log(f"  k={k} {method}: trainable {record['trainable']}, step {statistics.median(record['step_s']) * 1e3:.0f} "
+        f"ms, peak +{record['peak_rss_delta'] / 2**20:.1f} MiB, saved for backward "
+        f"{record['saved_for_backward_bytes'] / 2**20:.1f} MiB, gen acc "
+        f"{record['test'].get('generation_accuracy', float('nan')):.3f}")
     return record
 
 
@@ -212,14 +252,17 @@ def summarise(records: list[dict]) -> list[dict]:
                 rows.append({"k": k, "method": r["method"], "error": r["error"]})
                 continue
             step, peak, state = statistics.median(r["step_s"]), r["peak_rss_delta"], r["state_bytes"]["total"]
+            saved = r["saved_for_backward_bytes"]
             row = {"k": k, "method": r["method"], "trainable": r["trainable"], "qlora": r["qlora"],
                    "step_ms": step * 1e3, "peak_mib": peak / 2**20, "state_mib": state / 2**20,
+                   "saved_mib": saved / 2**20,
                    "generation_accuracy": r["test"].get("generation_accuracy"), "accuracy": r["test"]["accuracy"],
                    "first_loss": r["losses"][0], "last_loss": r["losses"][-1]}
             if ref is not None:
                 ref_step = statistics.median(ref["step_s"])
                 row.update(step_ratio=step / ref_step, peak_ratio=peak / max(ref["peak_rss_delta"], 1),
-                           state_ratio=state / ref["state_bytes"]["total"])
+                           state_ratio=state / ref["state_bytes"]["total"],
+                           saved_ratio=saved / ref["saved_for_backward_bytes"])
             rows.append(row)
     return rows
 
@@ -242,33 +285,55 @@ def markdown(meta: dict, rows: list[dict], zero: dict) -> str:
         f"{s['test_size']} test examples; zero-shot: {_f(zero.get('generation_accuracy'), '.3f')} "
         f"(class accuracy {_f(zero.get('accuracy'), '.3f')}).", "",
         "Step time: median over the measured steps. Peak memory: peak RSS (5 ms sampler) during injection and "
-        "training above the RSS before injection. Trainable state: parameters + gradients + AdamW moments. Ratios: "
-        "APET / QLoRA at the same k (equal trainable counts).", "",
-        "| k | method | trainable | QLoRA config | step ms | step ratio | peak MiB | peak ratio | state MiB | "
-        "state ratio | loss first → last | gen. acc | class acc |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "training above the RSS before injection" + (", each method in a fresh process" if meta["isolated"] else "")
+        + ". Saved for backward: bytes of the distinct tensors autograd keeps from one forward pass "
+        "(allocator-independent). Trainable state: parameters + gradients + AdamW moments. Ratios: APET / QLoRA at "
+        "the same k (equal trainable counts).", "",
+        "| k | method | trainable | QLoRA config | step ms | step ratio | peak MiB | peak ratio | saved MiB | "
+        "saved ratio | state MiB | state ratio | loss first → last | gen. acc | class acc |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['k']:,} | {r['method']} | failed: {r['error']} |||||||||||")
+            lines.append(f"| {r['k']:,} | {r['method']} | failed: {r['error']} |||||||||||||")
             continue
         lines.append(
             f"| {r['k']:,} | {r['method']} | {r['trainable']:,} | {r['qlora']} | {r['step_ms']:.0f} | "
-            f"{_f(r.get('step_ratio'))} | {r['peak_mib']:.1f} | {_f(r.get('peak_ratio'))} | {r['state_mib']:.3f} | "
+            f"{_f(r.get('step_ratio'))} | {r['peak_mib']:.1f} | {_f(r.get('peak_ratio'))} | {r['saved_mib']:.1f} | "
+            f"{_f(r.get('saved_ratio'))} | {r['state_mib']:.3f} | "
             f"{_f(r.get('state_ratio'))} | {r['first_loss']:.2f} → {r['last_loss']:.2f} | "
             f"{_f(r['generation_accuracy'], '.3f')} | {r['accuracy']:.3f} |")
     lines += ["", "## Target: APET discrete delta at or below QLoRA's peak memory and step time at equal k", ""]
     for r in rows:
         if r["method"] == "apet-discrete" and "step_ratio" in r:
             met = r["step_ratio"] <= 1.0 and r["peak_ratio"] <= 1.0
-            lines.append(f"- k = {r['k']:,}: step ratio {r['step_ratio']:.2f}, peak-memory ratio "
-                         f"{r['peak_ratio']:.2f}: {'met' if met else 'not met'}.")
+            lines.append(f"- k = {r['k']:,}: step ratio {r['step_ratio']:.2f}, peak-RSS ratio "
+                         f"{r['peak_ratio']:.2f} (saved-for-backward ratio {r['saved_ratio']:.2f}): "
+                         f"{'met' if met else 'not met'}.")
     if meta.get("notes"):
         lines += ["", "## Notes", "", *[f"- {n}" for n in meta["notes"]]]
     return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------------------------------------- main
+def make_task(settings: Settings, smoke: bool, folder: Path) -> tuple[Task, str]:
+    if smoke:
+        return smoke_task(folder), "tiny random Llama (hidden 64, 2 layers)"
+    mode = Mode(name="quantized", models=("smollm2",), tasks=("rotten_tomatoes",), budgets=(), seeds=(0,), steps={},
+                max_len=settings.max_len, test_size=settings.test_size)
+    return load_model_task("smollm2", "rotten_tomatoes", mode), "SmolLM2-135M-Instruct"
+
+
+def _child(args: argparse.Namespace) -> int:
+    settings = Settings(**{**json.loads(args.settings), "budgets": ()})
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        task, _ = make_task(settings, args.smoke, Path(tmp))
+        record = run_method(args.one[0], int(args.one[1]), task, settings, lambda message: None)
+    args.record.write_text(json.dumps(record))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny random Llama and synthetic data (the test)")
@@ -276,7 +341,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 on a shared machine)")
     parser.add_argument("--budgets", default=None, help="comma-separated k (default 1e4,1e5,1e6)")
     parser.add_argument("--steps", type=int, default=None, help="measured steps per method")
+    parser.add_argument("--in-process", action="store_true", help="run every method in this process (smoke default)")
+    parser.add_argument("--one", nargs=2, default=None, help=argparse.SUPPRESS)  # METHOD K: a child of run_isolated
+    parser.add_argument("--record", type=Path, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--settings", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.one:
+        return _child(args)
     settings = SETTINGS["smoke" if args.smoke else "default"]
     if args.budgets:
         settings = Settings(**{**asdict(settings), "budgets": tuple(int(float(b)) for b in args.budgets.split(","))})
@@ -293,19 +364,16 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     log(f"start {command}")
     tmp = tempfile.TemporaryDirectory()
-    if args.smoke:
-        task, model_name = smoke_task(Path(tmp.name)), "tiny random Llama (hidden 64, 2 layers)"
-    else:
-        mode = Mode(name="quantized", models=("smollm2",), tasks=("rotten_tomatoes",), budgets=(), seeds=(0,),
-                    steps={}, max_len=settings.max_len, test_size=settings.test_size)
-        task, model_name = load_model_task("smollm2", "rotten_tomatoes", mode), "SmolLM2-135M-Instruct"
+    task, model_name = make_task(settings, args.smoke, Path(tmp.name))
     zero = zero_shot(task)
     log(f"zero-shot generation accuracy {zero.get('generation_accuracy')}")
     records = []
+    isolated = not (args.in_process or args.smoke)
     for k in settings.budgets:
         for method in METHODS:
             try:
-                records.append(run_method(method, k, task, settings, log))
+                records.append(run_isolated(method, k, settings, args.smoke, log) if isolated
+                               else run_method(method, k, task, settings, log))
             except Exception as e:  # noqa: BLE001 - a failed method is reported, the others still run
                 log(f"  k={k} {method}: FAILED {e!r}")
                 records.append({"method": method, "k": k, "error": repr(e)})
@@ -314,6 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "command": command, "machine": machine(),
             "threads": args.threads, "torch": torch.__version__, "bitsandbytes": bitsandbytes.__version__,
             "model": model_name, "settings": asdict(settings), "wall_s": time.perf_counter() - start,
+            "isolated": isolated,
             "notes": ["Short runs (a few steps): accuracy differences between methods are not meaningful at this "
                       "length; they show that each method trains on the 4-bit base."]}
     rows = summarise(records)

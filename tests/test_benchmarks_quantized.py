@@ -53,3 +53,11 @@ def test_report(smoke):
     for method in ("qlora", "apet-discrete", "apet-adjacent"):
         assert text.count(f"| {method} |") == 2
     assert "Target: APET discrete delta" in text
+
+
+def test_isolated_run_in_a_fresh_process():
+    import quantized
+
+    record = quantized.run_isolated("apet-discrete", 200, quantized.SETTINGS["smoke"], True, print)
+    assert record["trainable"] == 1088  # r=1 LoRA count of the first layer's 7 projections of the tiny Llama
+    assert record["saved_for_backward_bytes"] > 0 and record["peak_rss_delta"] > 0

@@ -34,7 +34,7 @@ from transformers import (  # noqa: E402
 
 from peft_apet import APETConfig  # noqa: E402
 from peft_apet.layer import APETLayer  # noqa: E402
-from peft_apet.quantized import dequantized_weight, sparse_delta_output  # noqa: E402
+from peft_apet.quantized import add_sparse_delta, dequantized_weight  # noqa: E402
 
 VOCAB = 96
 HIDDEN = 64  # bitsandbytes' CPU kernels need widths that are multiples of its block size (64)
@@ -407,14 +407,16 @@ def test_sparse_side_path_matches_dense_formula(k, dtype, tokens):
 
     delta = MaskedWeight(TensorPlan("delta", (96, 64), "discrete", 0, k, seed=5), init_weights=False)
     x = torch.randn(2, tokens // 2, 64, dtype=dtype, requires_grad=True)
-    out = sparse_delta_output(x, [delta])
+    base = torch.randn(2, tokens // 2, 96, dtype=dtype, requires_grad=True)  # stands in for the base output
+    out = add_sparse_delta(base * 1, x, [delta])
     g = torch.randn_like(out)
     (out * g).sum().backward()
     x_ref = x.detach().float().requires_grad_(True)
     values = delta.values.detach().clone().requires_grad_(True)
     dense = torch.zeros(96 * 64).index_add(0, delta.flat_indices(), values).view(96, 64)
-    ref = x_ref @ dense.T
+    ref = base.detach().float() + x_ref @ dense.T
     (ref * g.float()).sum().backward()
+    torch.testing.assert_close(base.grad, g)  # the base output's gradient passes through
     tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out.float(), ref, **tol)
     torch.testing.assert_close(x.grad.float(), x_ref.grad, **tol)

@@ -24,13 +24,13 @@ from .masked_weight import MaskedWeight
 from .ops import adapter_output, adjacent_delta_output, lora_output, masked_delta_linear
 from .plan import ModulePlan, is_conv1d, linear_shape
 from .quantized import (
+    add_sparse_delta,
     dequantized_weight,
     float_dtype,
     is_bnb_quantized,
     quantization_of,
     requantize_,
     restore_weight,
-    sparse_delta_output,
     stash_weight,
 )
 
@@ -256,8 +256,7 @@ class Linear(_WrappedLayer):
             return self.base_layer(x, *args, **kwargs)
         sparse = [w["delta"] for _, w in active if "delta" in w and w["delta"].mask != "adjacent"]
         if sparse and is_bnb_quantized(self.get_base_layer()):  # a side path: never reads the packed weight
-            result = self.base_layer(x, *args, **kwargs)
-            result = result + sparse_delta_output(x, sparse).to(result.dtype)
+            result = add_sparse_delta(self.base_layer(x, *args, **kwargs), x, sparse)
         elif sparse:
             # Composes the weight and calls F.linear: hooks on the base layer do not run on this path.
             result = masked_delta_linear(x, self.weight_out_in(), self.get_base_layer().bias, sparse)

@@ -5,7 +5,7 @@ Supported: bitsandbytes `Linear4bit` (nf4/fp4, with or without double quantizati
 `Int8Params`), so APET layers take the logical `(out, in)` from `out_features` / `in_features` and never use the
 stored weight in a matmul:
 
-- a discrete (or unmasked) delta enters as a side path `base(x) + x W~^T` (`sparse_delta_output`), computed from
+- a discrete (or unmasked) delta enters as a side path `base(x) + x W~^T` (`add_sparse_delta`), computed from
   the k values and their indices; the gradient through `base(x)` comes from bitsandbytes' own autograd, so no
   dequantized copy of W exists in forward or backward and the memory beyond the quantized base is O(k);
 - merging dequantizes one layer's weight (`dequantized_weight`), adds the adapter, and requantizes it with the
@@ -188,26 +188,31 @@ def float_dtype(module: nn.Module) -> torch.dtype:
 
 
 # ---------------------------------------------------------------------------------------------- sparse side path
-class _SparseDeltaSide(torch.autograd.Function):
-    """`x W~^T` `(..., out)` for a k-entry delta `W~` `(out, in)`; backward: `g W~` and the k value gradients.
+class _AddSparseDelta(torch.autograd.Function):
+    """`result += x W~^T` in place, for a k-entry delta `W~` `(out, in)`, `result` `(..., out)` the (contiguous)
+    output of the base layer; backward: the gradient of `result` passes through, `g W~` for `x`, and the k value
+    gradients.
 
-    Saves `x` and the values only. Uses CSR kernels where they apply (CPU fp32/fp64, density up to 1/16), gathers
-    below `tokens * k <= numel / 8`, and otherwise composes the `(out, in)` delta alone, transiently."""
+    Saves `x` and the values only, and allocates no `(tokens, out)` tensor of its own. Uses CSR kernels where they
+    apply (CPU fp32/fp64, density up to 1/16), gathers below `tokens * k <= numel / 8`, and otherwise composes the
+    `(out, in)` delta alone, transiently."""
 
     @staticmethod
-    def forward(ctx, x, layout: SparseLayout, values):
+    def forward(ctx, result, x, layout: SparseLayout, values):
         out_f, in_f = layout.shape
         xs = x.reshape(-1, in_f)
-        csr = layout.use_csr(xs) and not torch.is_autocast_enabled(xs.device.type)
+        csr = (layout.use_csr(xs) and result.dtype == xs.dtype
+               and not torch.is_autocast_enabled(xs.device.type))
         sparse = csr or 8 * xs.shape[0] * layout.flat.numel() <= out_f * in_f
+        flat = result.view(-1, out_f)
         if sparse:
-            out = xs.new_zeros(xs.shape[0], out_f)
-            add_x_wt(out, xs, layout, values, csr)
+            add_x_wt(flat, xs, layout, values, csr)
         else:
-            out = F.linear(xs, _delta_dense(layout, values, xs.dtype))
+            flat.add_(F.linear(xs, _delta_dense(layout, values, xs.dtype)).to(flat.dtype))
+        ctx.mark_dirty(result)
         ctx.save_for_backward(x, values)
         ctx.layout, ctx.csr, ctx.sparse = layout, csr, sparse
-        return out.view(*x.shape[:-1], out_f)
+        return result
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -216,16 +221,16 @@ class _SparseDeltaSide(torch.autograd.Function):
         out_f, in_f = layout.shape
         g = grad_out.reshape(-1, out_f)
         grad_x = grad_values = None
-        if ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[1]:
             if ctx.sparse:
                 grad_x = g.new_zeros(g.shape[0], in_f, dtype=x.dtype)
                 add_g_w(grad_x, g, layout, values, ctx.csr)
             else:
-                grad_x = g @ _delta_dense(layout, values, g.dtype)
+                grad_x = (g @ _delta_dense(layout, values, g.dtype)).to(x.dtype)
             grad_x = grad_x.view(x.shape)
-        if ctx.needs_input_grad[2]:
+        if ctx.needs_input_grad[3]:
             grad_values = values_grad(g, x.reshape(-1, in_f), layout, ctx.csr).to(values.dtype)
-        return grad_x, None, grad_values
+        return grad_out, grad_x, None, grad_values
 
 
 def _delta_dense(layout: SparseLayout, values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -234,9 +239,10 @@ def _delta_dense(layout: SparseLayout, values: torch.Tensor, dtype: torch.dtype)
     return dense.index_add_(0, layout.flat, values.to(dtype)).view(out_f, in_f)
 
 
-def sparse_delta_output(x: torch.Tensor, deltas: list[MaskedWeight]) -> torch.Tensor:
-    """`x sum_i W~_i^T` `(..., out)` for discrete or unmasked deltas `W~_i` `(out, in)`, from their values and
-    indices only; `x` is `(..., in)`."""
+def add_sparse_delta(result: torch.Tensor, x: torch.Tensor, deltas: list[MaskedWeight]) -> torch.Tensor:
+    """`result + x sum_i W~_i^T` for discrete or unmasked deltas `W~_i` `(out, in)`, from their values and indices
+    only; `x` is `(..., in)`, `result` `(..., out)` the base layer's output, which is updated in place (the base
+    layer's own autograd does not keep its output) unless it is a view, a leaf or not contiguous."""
     if len(deltas) == 1:
         layout, values = layout_of(deltas[0]), deltas[0].values
     else:
@@ -244,7 +250,9 @@ def sparse_delta_output(x: torch.Tensor, deltas: list[MaskedWeight]) -> torch.Te
         values = torch.cat([d.values for d in deltas])
     if layout.flat.device != x.device:
         layout = SparseLayout(layout.flat.to(x.device), layout.shape)
-    return _SparseDeltaSide.apply(x, layout, values)
+    if not result.is_contiguous() or result._is_view() or result.is_leaf and result.requires_grad:
+        result = result.clone(memory_format=torch.contiguous_format)
+    return _AddSparseDelta.apply(result, x, layout, values)
 
 
 def check_quantized_mergeable(model: nn.Module) -> None:
