@@ -79,12 +79,13 @@ class Settings:
     warmup: int
     steps: int  # measured (and trained) steps after warm-up
     test_size: int
+    rounds: int = 1  # every method at every k once per round, the order reversed in odd rounds
 
 
 SETTINGS = {
     # sized to finish in about 25 minutes on 2 shared CPU cores (a step of the 4-bit 135M model takes seconds there)
     "default": Settings("default", (10_000, 100_000, 1_000_000), batch_size=4, max_len=16, warmup=1, steps=6,
-                        test_size=64),
+                        test_size=64, rounds=2),
     "smoke": Settings("smoke", (200, 2_000), batch_size=4, max_len=8, warmup=1, steps=2, test_size=16),
 }
 
@@ -243,24 +244,39 @@ def zero_shot(task: Task) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- report
+def _merged(records: list[dict]) -> dict:
+    """One method at one k over its rounds: all measured steps, mean peak, mean accuracy, first/last loss of each."""
+    first = records[0]
+    return {**first, "step_s": [t for r in records for t in r["step_s"]],
+            "peak_rss_delta": statistics.mean(r["peak_rss_delta"] for r in records),
+            "accuracy": statistics.mean(r["test"]["accuracy"] for r in records),
+            "generation_accuracy": statistics.mean(r["test"].get("generation_accuracy", 0.0) for r in records),
+            "rounds": len(records)}
+
+
 def summarise(records: list[dict]) -> list[dict]:
+    """A row per (k, method) over its rounds: median step over all measured steps, mean peak RSS, ratios to QLoRA."""
     rows = []
+    ok = [r for r in records if "error" not in r]
+    merged = {(k, m): _merged([r for r in ok if r["k"] == k and r["method"] == m])
+              for k, m in dict.fromkeys((r["k"], r["method"]) for r in ok)}
     for k in sorted({r["k"] for r in records}):
-        ref = next((r for r in records if r["k"] == k and r["method"] == "qlora" and "error" not in r), None)
-        for r in (r for r in records if r["k"] == k):
-            if "error" in r:
-                rows.append({"k": k, "method": r["method"], "error": r["error"]})
+        for r in (r for r in records if r["k"] == k and "error" in r):
+            rows.append({"k": k, "method": r["method"], "error": r["error"]})
+        ref = merged.get((k, "qlora"))
+        for method in METHODS:
+            r = merged.get((k, method))
+            if r is None:
                 continue
             step, peak, state = statistics.median(r["step_s"]), r["peak_rss_delta"], r["state_bytes"]["total"]
             saved = r["saved_for_backward_bytes"]
-            row = {"k": k, "method": r["method"], "trainable": r["trainable"], "qlora": r["qlora"],
+            row = {"k": k, "method": method, "trainable": r["trainable"], "qlora": r["qlora"], "rounds": r["rounds"],
                    "step_ms": step * 1e3, "peak_mib": peak / 2**20, "state_mib": state / 2**20,
-                   "saved_mib": saved / 2**20,
-                   "generation_accuracy": r["test"].get("generation_accuracy"), "accuracy": r["test"]["accuracy"],
-                   "first_loss": r["losses"][0], "last_loss": r["losses"][-1]}
+                   "saved_mib": saved / 2**20, "generation_accuracy": r["generation_accuracy"],
+                   "accuracy": r["accuracy"], "first_loss": r["losses"][0], "last_loss": r["losses"][-1]}
             if ref is not None:
-                ref_step = statistics.median(ref["step_s"])
-                row.update(step_ratio=step / ref_step, peak_ratio=peak / max(ref["peak_rss_delta"], 1),
+                row.update(step_ratio=step / statistics.median(ref["step_s"]),
+                           peak_ratio=peak / max(ref["peak_rss_delta"], 1),
                            state_ratio=state / ref["state_bytes"]["total"],
                            saved_ratio=saved / ref["saved_for_backward_bytes"])
             rows.append(row)
@@ -284,7 +300,8 @@ def markdown(meta: dict, rows: list[dict], zero: dict) -> str:
         f"(lr {LR['qlora']:g} QLoRA, {LR['apet-discrete']:g} APET). Generation accuracy on the first "
         f"{s['test_size']} test examples; zero-shot: {_f(zero.get('generation_accuracy'), '.3f')} "
         f"(class accuracy {_f(zero.get('accuracy'), '.3f')}).", "",
-        "Step time: median over the measured steps. Peak memory: peak RSS (5 ms sampler) during injection and "
+        f"{s['rounds']} round(s), methods interleaved. Step time: median over the measured steps of all rounds. Peak "
+        "memory: mean over rounds of the peak RSS (5 ms sampler) during injection and "
         "training above the RSS before injection" + (", each method in a fresh process" if meta["isolated"] else "")
         + ". Saved for backward: bytes of the distinct tensors autograd keeps from one forward pass "
         "(allocator-independent). Trainable state: parameters + gradients + AdamW moments. Ratios: APET / QLoRA at "
@@ -369,15 +386,17 @@ def main(argv: list[str] | None = None) -> int:
     log(f"zero-shot generation accuracy {zero.get('generation_accuracy')}")
     records = []
     isolated = not (args.in_process or args.smoke)
-    for k in settings.budgets:
-        for method in METHODS:
-            try:
-                records.append(run_isolated(method, k, settings, args.smoke, log) if isolated
-                               else run_method(method, k, task, settings, log))
-            except Exception as e:  # noqa: BLE001 - a failed method is reported, the others still run
-                log(f"  k={k} {method}: FAILED {e!r}")
-                records.append({"method": method, "k": k, "error": repr(e)})
-                trim_memory()
+    for round_ in range(settings.rounds):
+        for k in settings.budgets:
+            for method in METHODS if round_ % 2 == 0 else METHODS[::-1]:  # interleaved, alternating direction
+                try:
+                    record = (run_isolated(method, k, settings, args.smoke, log) if isolated
+                              else run_method(method, k, task, settings, log))
+                except Exception as e:  # noqa: BLE001 - a failed method is reported, the others still run
+                    log(f"  k={k} {method}: FAILED {e!r}")
+                    record = {"method": method, "k": k, "error": repr(e)}
+                    trim_memory()
+                records.append({**record, "round": round_})
     tmp.cleanup()
     meta = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "command": command, "machine": machine(),
             "threads": args.threads, "torch": torch.__version__, "bitsandbytes": bitsandbytes.__version__,

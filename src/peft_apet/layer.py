@@ -28,6 +28,7 @@ from .quantized import (
     dequantized_weight,
     float_dtype,
     is_bnb_quantized,
+    prepare_layouts,
     quantization_of,
     requantize_,
     restore_weight,
@@ -67,6 +68,8 @@ class APETLayer(BaseTunerLayer):
             p = float(plan.settings["lora_dropout"])
             self.apet_dropout[adapter_name] = nn.Dropout(p) if p > 0 else nn.Identity()
         self._move_adapter_to_device_of_base_layer(adapter_name)
+        if is_bnb_quantized(self.get_base_layer()):
+            prepare_layouts([w for w in self.apet_weights[adapter_name].values()])
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
     def operations(self, adapter_name: str) -> list[str]:

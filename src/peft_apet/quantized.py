@@ -255,6 +255,22 @@ def add_sparse_delta(result: torch.Tensor, x: torch.Tensor, deltas: list[MaskedW
     return _AddSparseDelta.apply(result, x, layout, values)
 
 
+def prepare_layouts(deltas: list[MaskedWeight]) -> None:
+    """Build the index arrays the side path of these discrete deltas will use, now rather than in the first forward
+    pass: made there, these small long-lived arrays land between the large transient buffers in which bitsandbytes
+    dequantizes each weight, and glibc then keeps the freed buffers (measured on SmolLM2-135M in nf4 at k = 1e4:
+    RSS after the first forward 468 MiB instead of 292 MiB)."""
+    for delta in deltas:
+        if delta.mask != "discrete" or delta.index.is_meta or delta.index.device.type != "cpu":
+            continue
+        layout = layout_of(delta)
+        k = delta.num_entries
+        if max(layout.shape) <= k <= layout.shape[0] * layout.shape[1] // 16 and layout.strictly_sorted:
+            layout.csr, layout.transposed  # noqa: B018 - cached properties, computed here
+        else:
+            layout.rows, layout.cols  # noqa: B018
+
+
 def check_quantized_mergeable(model: nn.Module) -> None:
     """Raise ValueError naming the modules whose quantized weight cannot be merged into (`merge_problem`), before
     any weight is touched."""
