@@ -407,7 +407,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = summarise(records)
     (out / "results.json").write_text(json.dumps({"meta": meta, "zero_shot": zero, "records": records,
                                                   "summary": rows}, indent=1))
-    (out / "results.md").write_text(markdown(meta, rows, zero))
+    discussion = out / "discussion.md"  # hand-written notes on the measured numbers, kept across reruns
+    (out / "results.md").write_text(markdown(meta, rows, zero)
+                                    + ("\n" + discussion.read_text() if discussion.exists() else ""))
     log(f"report written to {out} in {meta['wall_s'] / 60:.1f} min")
     return 0
 

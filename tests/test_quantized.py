@@ -10,6 +10,7 @@ its AVX512-BF16 kernel, which `test_merge_after_cpu_repacking` covers on its own
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import warnings
@@ -524,3 +525,15 @@ def test_example_script_on_a_quantized_base(tmp_path, flag):
         run_apet.main([flag, "--method", "full", "--output_dir", str(tmp_path / "full")])
     with pytest.raises(ValueError, match="exclude each other"):
         run_apet.main(["--load_in_4bit", "--load_in_8bit", "--output_dir", str(tmp_path / "both")])
+
+
+def test_readme_quantized_example_runs(tmp_path):
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "BitsAndBytesConfig" in b)
+    script = tmp_path / "quantized.py"
+    script.write_text("import bitsandbytes as bnb\n" + block
+                      + "\nprint(sum(isinstance(m, bnb.nn.Linear4bit) for m in merged.modules()))\n")
+    result = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.strip().splitlines()
+    assert lines[-2].startswith("trainable params: 5,000 ||") and lines[-1] == "14"
