@@ -10,6 +10,7 @@ its AVX512-BF16 kernel, which `test_merge_after_cpu_repacking` covers on its own
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -141,6 +142,12 @@ def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
         assert torch.equal(a[key], b[key]), key
 
 
+def _env_with_this_package() -> dict[str, str]:
+    """The environment for a child Python that imports this checkout's `peft_apet` (not another installed copy)."""
+    src = str(Path(__file__).parents[1] / "src")
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+
+
 def lora_merge_error(path: str, quant: str, inputs: dict) -> float:
     """max |merged - unmerged| logits of PEFT LoRA (r=4, non-zero init) on the same base and targets."""
     model = get_peft_model(load(path, quant), LoraConfig(r=4, target_modules=TARGETS, init_lora_weights=False))
@@ -214,7 +221,7 @@ for key, folder in json.loads(sys.argv[1]).items():
 print(json.dumps(out))
 """
     proc = subprocess.run([sys.executable, "-c", script, json.dumps(folders)], capture_output=True, text=True,
-                          timeout=300)
+                          timeout=300, env=_env_with_this_package())
     assert proc.returncode == 0, proc.stderr[-3000:]
     same = json.loads(proc.stdout.strip().splitlines()[-1])
     assert same == {key: True for key in folders}
@@ -533,7 +540,8 @@ def test_readme_quantized_example_runs(tmp_path):
     script = tmp_path / "quantized.py"
     script.write_text("import bitsandbytes as bnb\n" + block
                       + "\nprint(sum(isinstance(m, bnb.nn.Linear4bit) for m in merged.modules()))\n")
-    result = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True)
+    result = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True,
+                            env=_env_with_this_package())
     assert result.returncode == 0, result.stderr[-2000:]
     lines = result.stdout.strip().splitlines()
     assert lines[-2].startswith("trainable params: 5,000 ||") and lines[-1] == "14"
