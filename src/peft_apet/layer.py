@@ -241,10 +241,11 @@ class Linear(_WrappedLayer):
 
     def _read_base_layer(self) -> None:
         self.out_features, self.in_features = linear_shape(self.get_base_layer())
+        self._bnb_quantized = is_bnb_quantized(self.get_base_layer())  # read once: forward stays traceable
 
     def weight_out_in(self) -> torch.Tensor:
         base = self.get_base_layer()
-        if is_bnb_quantized(base):
+        if self._bnb_quantized:
             raise ValueError(f"the base weight of this layer is {quantization_of(base)} storage, not an (out, in) "
                              "matrix; read it with peft_apet.quantized.dequantized_weight(layer.get_base_layer()).")
         return base.weight.T if is_conv1d(base) else base.weight
@@ -258,7 +259,7 @@ class Linear(_WrappedLayer):
         if self.merged or not active:
             return self.base_layer(x, *args, **kwargs)
         sparse = [w["delta"] for _, w in active if "delta" in w and w["delta"].mask != "adjacent"]
-        if sparse and is_bnb_quantized(self.get_base_layer()):  # a side path: never reads the packed weight
+        if sparse and self._bnb_quantized:  # a side path: never reads the packed weight
             result = add_sparse_delta(self.base_layer(x, *args, **kwargs), x, sparse)
         elif sparse:
             # Composes the weight and calls F.linear: hooks on the base layer do not run on this path.
