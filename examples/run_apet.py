@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import transformers
 from datasets import Dataset, DatasetDict
-from peft import PeftModel, get_peft_model
+from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -97,9 +97,22 @@ class ModelArguments:
                   "choices": list(TASK_TYPES)},
     )
 
+    load_in_4bit: bool = field(
+        default=False,
+        metadata={"help": "Load the base in 4-bit with bitsandbytes (QLoRA-style: nf4, fp32 compute, no double "
+                          "quantization; device_map='cpu' unless CUDA is available). Any APET method trains on it."},
+    )
+    load_in_8bit: bool = field(default=False, metadata={"help": "Load the base in 8-bit with bitsandbytes."})
+    bnb_4bit_quant_type: str = field(default="nf4", metadata={"help": "4-bit type: nf4 or fp4.",
+                                                              "choices": ["nf4", "fp4"]})
+
     def __post_init__(self) -> None:
         if self.task_type not in TASK_TYPES:
             raise ValueError(f"--task_type must be one of {list(TASK_TYPES)}, got {self.task_type!r}")
+        if self.load_in_4bit and self.load_in_8bit:
+            raise ValueError("--load_in_4bit and --load_in_8bit exclude each other; pass one of them.")
+        if self.bnb_4bit_quant_type not in ("nf4", "fp4"):
+            raise ValueError(f"--bnb_4bit_quant_type must be 'nf4' or 'fp4', got {self.bnb_4bit_quant_type!r}")
 
 
 @dataclass
@@ -278,12 +291,32 @@ def apet_config(method_args: MethodArguments, task_type: str, seed: int) -> APET
     return preset[method_args.method]()
 
 
+def quantization_kwargs(model_args: ModelArguments, task_type: str) -> dict[str, Any]:
+    """`from_pretrained` arguments for `--load_in_4bit` / `--load_in_8bit` (none otherwise)."""
+    if not (model_args.load_in_4bit or model_args.load_in_8bit):
+        return {}
+    from transformers import BitsAndBytesConfig
+
+    # a new classification head trains in full (modules_to_save): it stays unquantized, as in QLoRA
+    skip = ["classifier", "score"] if task_type == "seq_cls" else None
+    if model_args.load_in_4bit:
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=model_args.bnb_4bit_quant_type,
+                                    bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=skip)
+    else:
+        config = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    return {"quantization_config": config, "device_map": "auto" if torch.cuda.is_available() else "cpu"}
+
+
 def load_model(model_args: ModelArguments, task_type: str, label_names: list[str], tokenizer):
+    quantized = quantization_kwargs(model_args, task_type)
     if task_type == "causal_lm":
-        return AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, dtype=torch.float32, **quantized)
+        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False) if quantized else model
     model = AutoModelForSequenceClassification.from_pretrained(
         model_args.model_name_or_path, num_labels=len(label_names), dtype=torch.float32,
-        id2label=dict(enumerate(label_names)), label2id={name: i for i, name in enumerate(label_names)})
+        id2label=dict(enumerate(label_names)), label2id={name: i for i, name in enumerate(label_names)}, **quantized)
+    if quantized:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if model.config.pad_token_id is None:  # decoders used as classifiers find the last token through it
         model.config.pad_token_id = tokenizer.pad_token_id
     return model
@@ -468,6 +501,9 @@ def main(args: Sequence[str] | None = None) -> dict[str, Any]:
     # Everything that can be wrong with the arguments or the data fails here, before any training.
     model_args.model_name_or_path = resolve_model(model_args.model_name_or_path)
     task_type = detect_task_type(model_args)
+    if method_args.method == "full" and (model_args.load_in_4bit or model_args.load_in_8bit):
+        raise ValueError("--method full cannot train quantized weights; drop --load_in_4bit/--load_in_8bit or train "
+                         "an APET method on the quantized base.")
     if method_args.trainer == "sft" and task_type != "causal_lm":
         raise ValueError("--trainer sft trains causal LMs only; use the default --trainer trainer.")
     data = load_data(data_args)

@@ -22,7 +22,18 @@ from torch import nn
 
 from .masked_weight import PAIRS, MaskedWeight, aligned_indices
 from .ops import adapter_output, adjacent_delta_output, lora_output, masked_delta_linear
-from .plan import ModulePlan, is_conv1d
+from .plan import ModulePlan, is_conv1d, linear_shape
+from .quantized import (
+    add_sparse_delta,
+    dequantized_weight,
+    float_dtype,
+    is_bnb_quantized,
+    prepare_layouts,
+    quantization_of,
+    requantize_,
+    restore_weight,
+    stash_weight,
+)
 
 ROLE_OPERATION = {"delta": "delta", "bias": "bias", "lora_A": "lora", "lora_B": "lora",
                   "adapter_down": "adapter", "adapter_up": "adapter", "prompt": "prompt"}
@@ -43,6 +54,7 @@ class APETLayer(BaseTunerLayer):
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self._created_bias = False
+        self._quantized_stash: dict[str, Any] | None = None  # the quantized weight before merging (quantized.py)
 
     def update_layer(self, adapter_name: str, plan: ModulePlan, init_weights: bool = True,
                      init_values: dict[str, torch.Tensor] | None = None, inference_mode: bool = False) -> None:
@@ -58,6 +70,8 @@ class APETLayer(BaseTunerLayer):
             p = float(plan.settings["lora_dropout"])
             self.apet_dropout[adapter_name] = nn.Dropout(p) if p > 0 else nn.Identity()
         self._move_adapter_to_device_of_base_layer(adapter_name)
+        if is_bnb_quantized(self.get_base_layer()):
+            prepare_layouts([w for w in self.apet_weights[adapter_name].values()])
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
     def operations(self, adapter_name: str) -> list[str]:
@@ -111,26 +125,34 @@ class APETLayer(BaseTunerLayer):
             if not create:
                 return None
             weight = self.get_base_weight()
-            base.bias = nn.Parameter(torch.zeros(self.out_features, dtype=weight.dtype, device=weight.device),
+            base.bias = nn.Parameter(torch.zeros(self.out_features, dtype=self._float_dtype(), device=weight.device),
                                      requires_grad=False)
             self._created_bias = True
         return base.bias.data
 
-    def _merge_targets(self, name: str, create_bias: bool) -> dict[str, torch.Tensor]:
-        """The base tensors adapter `name` merges into: `weight` as `(out, in)` and/or `bias` (zeros standing in
-        for a bias the base layer does not have yet, unless `create_bias`)."""
+    def _float_dtype(self) -> torch.dtype:
+        weight = self.get_base_weight()
+        return weight.dtype if weight.is_floating_point() else float_dtype(self.get_base_layer())
+
+    def _merge_targets(self, name: str, create_bias: bool, with_weight: bool = True) -> dict[str, torch.Tensor]:
+        """The base tensors adapter `name` merges into: `weight` as `(out, in)` (a dequantized copy for a quantized
+        base) and/or `bias` (zeros standing in for a bias the base layer does not have yet, unless `create_bias`)."""
         weights = self.apet_weights[name]
         targets = {}
-        if "delta" in weights or "lora_A" in weights:
-            targets["weight"] = self.weight_out_in().data
+        if with_weight and ("delta" in weights or "lora_A" in weights):
+            base = self.get_base_layer()
+            targets["weight"] = dequantized_weight(base) if is_bnb_quantized(base) else self.weight_out_in().data
         if "bias" in weights:
             bias = self._bias_target(create=create_bias)
-            targets["bias"] = bias if bias is not None else self.get_base_weight().new_zeros(self.out_features)
+            targets["bias"] = bias if bias is not None else self.get_base_weight().new_zeros(
+                self.out_features, dtype=self._float_dtype())
         return targets
 
     def _add_adapter_to(self, name: str, targets: dict[str, torch.Tensor], sign: float) -> None:
         """`targets += sign * (what adapter `name` adds to the base weight and bias)`, in place."""
         weights = self.apet_weights[name]
+        if "weight" not in targets:  # unmerging a quantized layer: its original weight is restored instead
+            weights = {role: w for role, w in weights.items() if role == "bias"}
         if "delta" in weights:
             weights["delta"].add_to_(targets["weight"], alpha=sign)
         if "lora_A" in weights:
@@ -150,13 +172,17 @@ class APETLayer(BaseTunerLayer):
             self._add_adapter_to(name, {key: merged[key] for key in targets}, 1.0)
         return [key for key, t in merged.items() if not torch.isfinite(t).all()]
 
-    def _merge_one(self, name: str, sign: float, safe_merge: bool) -> None:
+    def _merge_one(self, name: str, sign: float, safe_merge: bool, with_weight: bool = True) -> None:
         if safe_merge:
             broken = self.broken_merge_targets([name])
             if broken:
                 raise ValueError(f"NaNs or infs detected while merging APET adapter '{name}' into the base "
                                  f"{broken}; the adapter seems broken. The base weights were left unchanged.")
-        self._add_adapter_to(name, self._merge_targets(name, create_bias=sign > 0), sign)
+        targets = self._merge_targets(name, create_bias=sign > 0, with_weight=with_weight)
+        self._add_adapter_to(name, targets, sign)
+        base = self.get_base_layer()
+        if "weight" in targets and is_bnb_quantized(base):
+            requantize_(base, targets["weight"])
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Fold the active (or given) adapters' lora, bias and delta parts into the base weights."""
@@ -164,6 +190,12 @@ class APETLayer(BaseTunerLayer):
         if not adapter_names:
             return
         self._check_mergeable(adapter_names)
+        base = self.get_base_layer()
+        if is_bnb_quantized(base) and not self.merged_adapters:
+            warnings.warn(f"Merging APET adapters into a {quantization_of(base)} weight requantizes it: outputs may "
+                          "differ from the unmerged model by rounding errors (unmerge restores the original).",
+                          stacklevel=2)
+            self._quantized_stash = stash_weight(base)
         for name in adapter_names:
             if name in self.apet_weights:
                 self._merge_one(name, 1.0, safe_merge)
@@ -173,10 +205,13 @@ class APETLayer(BaseTunerLayer):
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
+        stash, self._quantized_stash = self._quantized_stash, None
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             if name in self.apet_weights:
-                self._merge_one(name, -1.0, safe_merge=False)
+                self._merge_one(name, -1.0, safe_merge=False, with_weight=stash is None)
+        if stash is not None:  # the quantized weight from before the merge, bit for bit
+            restore_weight(self.get_base_layer(), stash)
         if self._created_bias:
             self.get_base_layer().bias = None
             self._created_bias = False
@@ -187,7 +222,8 @@ class APETLayer(BaseTunerLayer):
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """Dense `(out, in)` change of the base weight made by the adapter's lora and delta parts."""
         weights = self.apet_weights[adapter_name]
-        delta = torch.zeros_like(self.weight_out_in(), dtype=torch.float32)
+        device = next(iter(weights.values())).values.device
+        delta = torch.zeros((self.out_features, self.in_features), dtype=torch.float32, device=device)
         if "delta" in weights:
             weights["delta"].add_to_(delta)
         if "lora_A" in weights:
@@ -217,10 +253,14 @@ class Linear(_WrappedLayer):
     """APET on `nn.Linear` or transformers `Conv1D` (weights handled in the logical `(out, in)` layout)."""
 
     def _read_base_layer(self) -> None:
-        self.out_features, self.in_features = self.weight_out_in().shape
+        self.out_features, self.in_features = linear_shape(self.get_base_layer())
+        self._bnb_quantized = is_bnb_quantized(self.get_base_layer())  # read once: forward stays traceable
 
     def weight_out_in(self) -> torch.Tensor:
         base = self.get_base_layer()
+        if self._bnb_quantized:
+            raise ValueError(f"the base weight of this layer is {quantization_of(base)} storage, not an (out, in) "
+                             "matrix; read it with peft_apet.quantized.dequantized_weight(layer.get_base_layer()).")
         return base.weight.T if is_conv1d(base) else base.weight
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -232,7 +272,9 @@ class Linear(_WrappedLayer):
         if self.merged or not active:
             return self.base_layer(x, *args, **kwargs)
         sparse = [w["delta"] for _, w in active if "delta" in w and w["delta"].mask != "adjacent"]
-        if sparse:
+        if sparse and self._bnb_quantized:  # a side path: never reads the packed weight
+            result = add_sparse_delta(self.base_layer(x, *args, **kwargs), x, sparse)
+        elif sparse:
             # Composes the weight and calls F.linear: hooks on the base layer do not run on this path.
             result = masked_delta_linear(x, self.weight_out_in(), self.get_base_layer().bias, sparse)
         else:

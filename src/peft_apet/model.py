@@ -23,6 +23,7 @@ from .layer import APETLayer, Linear, OutputLayer, PromptEmbedding
 from .masked_weight import MaskedWeight
 from .plan import AdapterPlan, ModulePlan, plan_adapter, summary_table
 from .prompt import prepend_prompt
+from .quantized import check_quantized_mergeable
 from .selection import install_masks, select_data_free_masks
 from .tokens import TOKENS_ROLE, token_layers
 
@@ -149,6 +150,7 @@ class APETModel(BaseTuner):
     # ------------------------------------------------------------------ merging
     def _check_merge_allowed(self) -> None:
         super()._check_merge_allowed()
+        check_quantized_mergeable(self.model)  # before any weight is dequantized and requantized
         for name in self.active_adapters:
             blocked = [p.operation for p in self.peft_config[name].parts if not p.mergeable]
             if blocked:

@@ -218,7 +218,10 @@ def resolve_targets(
             f"part '{part.operation}': `target_modules`={targets!r} matched no module of the model "
             f"(model_type={model_type!r}). Example module names: {[n for n, _ in candidates[:8]]}."
         )
+    from .quantized import check_supported  # imports the layers' kernels, which import this module
+
     for name, module in chosen:
+        check_supported(name, module, part.operation)  # quantized layers other than bitsandbytes
         needs_linear = part.operation in ("lora", "delta")
         if needs_linear and not is_linear(module):
             raise ValueError(f"part '{part.operation}' needs nn.Linear or Conv1D modules, but target {name} is a "

@@ -54,6 +54,7 @@ from .layer import APETLayer
 from .masked_weight import MaskedWeight
 from .masks import INDEX_DTYPE, as_2d, line_length
 from .plan import AdapterPlan, TensorPlan, is_conv1d, plan_adapter
+from .quantized import dequantized_weight, is_bnb_quantized
 
 DATA_DRIVEN = ("gradient", "fisher", "sam")
 # Settings each built-in strategy accepts in `mask_strategy_kwargs`, with their checks.
@@ -71,8 +72,11 @@ _REGISTRY: dict[str, tuple[ScoreFn, bool]] = {}  # name -> (score_fn, uses_gradi
 # ---------------------------------------------------------------------------------------------- strategies
 def base_tensor(base_layer: nn.Module, role: str) -> torch.Tensor | None:
     """The pre-trained tensor a `delta` or `bias` part adds to, in the part's layout: the `(out, in)` weight
-    (transposed for transformers' Conv1D) or the `(features,)` bias; None for a module without a bias."""
+    (transposed for transformers' Conv1D; a dequantized copy of this one layer's weight for bitsandbytes layers) or
+    the `(features,)` bias; None for a module without a bias."""
     if role == "delta":
+        if is_bnb_quantized(base_layer):
+            return dequantized_weight(base_layer)
         return base_layer.weight.T if is_conv1d(base_layer) else base_layer.weight
     bias = getattr(base_layer, "bias", None)
     return bias if isinstance(bias, torch.Tensor) else None

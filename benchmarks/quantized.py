@@ -1,0 +1,418 @@
+"""APET sparse deltas against PEFT QLoRA on a 4-bit base: step time, peak memory, trainable state, RT accuracy.
+
+One command, one process::
+
+    nice -n 10 python benchmarks/quantized.py --threads 1       # SmolLM2-135M in nf4 (real weights), ~25 min
+    python benchmarks/quantized.py --smoke --out /tmp/q          # tiny random Llama, synthetic task (the test)
+
+For each budget k (default 1e4, 1e5, 1e6) three methods train on a fresh copy of the same base, loaded with
+`BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=float32)` on CPU:
+
+- `qlora`: PEFT LoRA on every linear projection of the decoder layers (q, k, v, o, gate, up, down). Its count is
+  r * sum(m + n); r = 1 already exceeds 1e4 and 1e5 on SmolLM2, so small budgets use r = 1 on the first n layers
+  (`layers_to_transform`), n chosen to get nearest k; larger budgets use all layers and the nearest r;
+- `apet-discrete` and `apet-adjacent`: an APET delta (the same projections, all layers) with exactly QLoRA's count,
+  so k is equal to the parameter. The discrete delta is the side path `base(x) + x W~^T` of `peft_apet.quantized`.
+
+Measured per method (one command; each method in a fresh Python process, so that none inherits memory another
+freed; `--in-process` and `--smoke` run them in this process): the median step time (forward, backward, AdamW
+step; after warm-up steps), peak memory as the peak resident set size (RSS, sampled every 5 ms from
+/proc/self/statm as in `benchmarks/cost.py`) during injection and training minus the RSS just before injection
+(the quantized base is loaded then), the bytes autograd saves for backward in one forward pass
+(allocator-independent: what the side path keeps between forward and backward), the trainable state (parameters
++ gradients + AdamW moments, read from the tensors), and, after the short run, Rotten Tomatoes generation accuracy
+on a fixed test prefix (the full-vocabulary argmax at the answer slot must be the label word, as in
+`benchmarks/paper_findings.py`, whose task code is used).
+Ratios are APET / QLoRA at the same k. Nothing is asserted about speed: results.md states what was met.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model
+from torch import nn
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from cost import PeakSampler, current_rss, machine, trainable_state_bytes, trim_memory  # noqa: E402
+from paper_findings import (  # noqa: E402
+    Mode,
+    Task,
+    batches,
+    collate,
+    evaluate,
+    load_model_task,
+    loss_and_scores,
+    sweep_logger,
+    vocab_logits,
+)
+
+import peft_apet  # noqa: E402,F401
+from peft_apet import APETConfig  # noqa: E402
+
+DEFAULT_OUT = REPO / "benchmarks" / "results" / "quantized"
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+METHODS = ("qlora", "apet-discrete", "apet-adjacent")
+LR = {"qlora": 3e-4, "apet-discrete": 3e-3, "apet-adjacent": 3e-3}  # paper_findings' picked lr for masked deltas
+
+
+@dataclass(frozen=True)
+class Settings:
+    name: str
+    budgets: tuple[int, ...]
+    batch_size: int
+    max_len: int  # review tokens (before the template)
+    warmup: int
+    steps: int  # measured (and trained) steps after warm-up
+    test_size: int
+    rounds: int = 1  # every method at every k once per round, the order reversed in odd rounds
+
+
+SETTINGS = {
+    # sized to finish in about 25 minutes on 2 shared CPU cores (a step of the 4-bit 135M model takes seconds there)
+    "default": Settings("default", (10_000, 100_000, 1_000_000), batch_size=4, max_len=16, warmup=1, steps=6,
+                        test_size=64, rounds=2),
+    "smoke": Settings("smoke", (200, 2_000), batch_size=4, max_len=8, warmup=1, steps=2, test_size=16),
+}
+
+
+# ---------------------------------------------------------------------------------------------- model and task
+def quantization_config():
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+
+
+def load_base(path: str) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return AutoModelForCausalLM.from_pretrained(path, quantization_config=quantization_config(),
+                                                    device_map="cpu", dtype=torch.float32)
+
+
+def smoke_task(folder: Path) -> Task:
+    """A tiny random Llama (hidden 64) saved to `folder`, and a synthetic two-class task: the label word is token 5
+    or 6, and the sequence contains token 7 exactly when the label is 1 (learnable, no download needed)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                                 num_key_value_heads=2, vocab_size=96, pad_token_id=0)).save_pretrained(folder)
+    g = torch.Generator().manual_seed(0)
+
+    def examples(n: int) -> list[tuple[list[int], int]]:
+        out = []
+        for i in range(n):
+            ids = torch.randint(8, 96, (10,), generator=g).tolist()
+            if i % 2:
+                ids[int(torch.randint(0, 10, (1,), generator=g))] = 7
+            out.append((ids, i % 2))
+        return out
+
+    splits = {"train": examples(64), "test": examples(32)}
+    return Task("tiny-llama", "label_words", str(folder), splits, 2, 0, label_token_ids=[5, 6])
+
+
+def linear_shapes(model: nn.Module) -> list[tuple[str, int, int]]:
+    """`(layer index, m + n)` of every targeted projection, as `(name, out, in)`."""
+    return [(name, m.out_features, m.in_features) for name, m in model.named_modules()
+            if name.split(".")[-1] in TARGETS and hasattr(m, "out_features")]
+
+
+def qlora_config(shapes: list[tuple[str, int, int]], k: int) -> tuple[LoraConfig, int, str]:
+    """The LoRA config whose count is nearest `k` (see the module docstring), its count, and a description."""
+    per_layer: dict[int, int] = {}
+    for name, out_f, in_f in shapes:
+        layer = int(name.split(".layers.")[1].split(".")[0])
+        per_layer[layer] = per_layer.get(layer, 0) + out_f + in_f
+    layers = sorted(per_layer)
+    total = sum(per_layer.values())
+    if k >= total:
+        r = max(1, round(k / total))
+        return LoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS), r * total, f"r={r}, all {len(layers)} layers"
+    counts = [sum(per_layer[i] for i in layers[:n]) for n in range(1, len(layers) + 1)]
+    n = min(range(len(counts)), key=lambda i: abs(counts[i] - k)) + 1
+    config = LoraConfig(r=1, lora_alpha=2, target_modules=TARGETS, layers_to_transform=layers[:n])
+    return config, counts[n - 1], f"r=1, first {n} of {len(layers)} layers"
+
+
+def attach(method: str, model: nn.Module, lora: LoraConfig, count: int) -> nn.Module:
+    if method == "qlora":
+        return get_peft_model(model, lora)
+    mask = method.split("-")[1]
+    return get_peft_model(model, APETConfig.delta(mask=mask, num_trainable_params=count, target_modules=TARGETS,
+                                                  task_type="CAUSAL_LM"))
+
+
+# ---------------------------------------------------------------------------------------------- one method
+def run_method(method: str, k: int, task: Task, settings: Settings, log) -> dict:
+    base = load_base(task.path)
+    lora, count, description = qlora_config(linear_shapes(base), k)
+    trim_memory()
+    rss0 = current_rss()
+    with PeakSampler() as sampler:
+        t0 = time.perf_counter()
+        model = attach(method, base, lora, count)
+        inject_s = time.perf_counter() - t0
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=LR[method])
+        model.train()
+        times, losses = [], []
+        stream = batches(task.splits["train"], settings.batch_size, seed=0)
+        for _ in range(settings.warmup + settings.steps):
+            batch = collate(next(stream), task)
+            t = time.perf_counter()
+            loss, _ = loss_and_scores(vocab_logits(model, batch, task, False), batch["labels"], task)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=False)  # keep gradients allocated: state is read below
+            times.append(time.perf_counter() - t)
+            losses.append(loss.item())
+    state = trainable_state_bytes(params, optimizer)
+    saved = saved_for_backward_bytes(model, collate(next(stream), task), task)
+    test = evaluate(model, task.splits["test"], task, False, batch_size=16)
+    record = {"method": method, "k": k, "trainable": sum(p.numel() for p in params), "qlora": description,
+              "inject_s": inject_s, "step_s": times[settings.warmup:], "warmup_step_s": times[:settings.warmup],
+              "losses": losses, "peak_rss_delta": sampler.peak - rss0, "rss_before": rss0, "state_bytes": state,
+              "saved_for_backward_bytes": saved,
+              "test": test}
+    log(f"  k={k} {method}: trainable {record['trainable']}, step {statistics.median(record['step_s']) * 1e3:.0f} ms, "
+        f"peak +{record['peak_rss_delta'] / 2**20:.1f} MiB, state {state['total'] / 2**20:.2f} MiB, "
+        f"gen acc {test.get('generation_accuracy', float('nan')):.3f}")
+    del model, base, optimizer, params
+    trim_memory()
+    return record
+
+
+def saved_for_backward_bytes(model: nn.Module, batch: dict, task: Task) -> int:
+    """Bytes of the distinct storages autograd keeps from one forward pass for the backward pass: the memory held
+    between forward and backward, independent of the allocator (RSS also counts what glibc keeps after a free)."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storages.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        logits = vocab_logits(model, batch, task, False)
+    del logits
+    return sum(storages.values())
+
+
+def run_isolated(method: str, k: int, settings: Settings, smoke: bool, log) -> dict:
+    """`run_method` in a fresh Python process, so that no method inherits another's freed-but-kept memory."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "record.json"
+        command = [sys.executable, __file__, "--one", method, str(k), "--record", str(out),
+                   "--threads", str(torch.get_num_threads()),
+                   "--settings", json.dumps(asdict(settings))] + (["--smoke"] if smoke else [])
+        proc = subprocess.run(command, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(proc.stderr[-2000:])
+        record = json.loads(out.read_text())
+    log(f"  k={k} {method}: trainable {record['trainable']}, step {statistics.median(record['step_s']) * 1e3:.0f} "
+        f"ms, peak +{record['peak_rss_delta'] / 2**20:.1f} MiB, saved for backward "
+        f"{record['saved_for_backward_bytes'] / 2**20:.1f} MiB, gen acc "
+        f"{record['test'].get('generation_accuracy', float('nan')):.3f}")
+    return record
+
+
+def zero_shot(task: Task) -> dict:
+    model = load_base(task.path)
+    out = evaluate(model, task.splits["test"], task, False, batch_size=16)
+    del model
+    trim_memory()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- report
+def _merged(records: list[dict]) -> dict:
+    """One method at one k over its rounds: all measured steps, mean peak, mean accuracy, first/last loss of each."""
+    first = records[0]
+    return {**first, "step_s": [t for r in records for t in r["step_s"]],
+            "peak_rss_delta": statistics.mean(r["peak_rss_delta"] for r in records),
+            "accuracy": statistics.mean(r["test"]["accuracy"] for r in records),
+            "generation_accuracy": statistics.mean(r["test"].get("generation_accuracy", 0.0) for r in records),
+            "rounds": len(records)}
+
+
+def summarise(records: list[dict]) -> list[dict]:
+    """A row per (k, method) over its rounds: median step over all measured steps, mean peak RSS, ratios to QLoRA."""
+    rows = []
+    ok = [r for r in records if "error" not in r]
+    merged = {(k, m): _merged([r for r in ok if r["k"] == k and r["method"] == m])
+              for k, m in dict.fromkeys((r["k"], r["method"]) for r in ok)}
+    for k in sorted({r["k"] for r in records}):
+        for r in (r for r in records if r["k"] == k and "error" in r):
+            rows.append({"k": k, "method": r["method"], "error": r["error"]})
+        ref = merged.get((k, "qlora"))
+        for method in METHODS:
+            r = merged.get((k, method))
+            if r is None:
+                continue
+            step, peak, state = statistics.median(r["step_s"]), r["peak_rss_delta"], r["state_bytes"]["total"]
+            saved = r["saved_for_backward_bytes"]
+            row = {"k": k, "method": method, "trainable": r["trainable"], "qlora": r["qlora"], "rounds": r["rounds"],
+                   "step_ms": step * 1e3, "peak_mib": peak / 2**20, "state_mib": state / 2**20,
+                   "saved_mib": saved / 2**20, "generation_accuracy": r["generation_accuracy"],
+                   "accuracy": r["accuracy"], "first_loss": r["losses"][0], "last_loss": r["losses"][-1]}
+            if ref is not None:
+                row.update(step_ratio=step / statistics.median(ref["step_s"]),
+                           peak_ratio=peak / max(ref["peak_rss_delta"], 1),
+                           state_ratio=state / ref["state_bytes"]["total"],
+                           saved_ratio=saved / ref["saved_for_backward_bytes"])
+            rows.append(row)
+    return rows
+
+
+def _f(value, fmt: str = ".2f") -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def markdown(meta: dict, rows: list[dict], zero: dict) -> str:
+    s = meta["settings"]
+    lines = [
+        "# APET sparse deltas vs PEFT QLoRA on a 4-bit base", "",
+        f"Command: `{meta['command']}` · {meta['date']} · {meta['machine']['cores']} CPU cores "
+        f"({meta['threads']} torch thread(s)), shared with other jobs · torch {meta['torch']} · "
+        f"bitsandbytes {meta['bitsandbytes']} · wall {meta['wall_s'] / 60:.1f} min.", "",
+        f"Model: {meta['model']} loaded in 4-bit nf4 (fp32 compute) on CPU. Task: Rotten Tomatoes as next-token "
+        f"generation of the label word; batch {s['batch_size']}, at most {s['max_len']} review tokens, "
+        f"{s['warmup']} warm-up + {s['steps']} measured steps per method (the whole short run), AdamW "
+        f"(lr {LR['qlora']:g} QLoRA, {LR['apet-discrete']:g} APET). Generation accuracy on the first "
+        f"{s['test_size']} test examples; zero-shot: {_f(zero.get('generation_accuracy'), '.3f')} "
+        f"(class accuracy {_f(zero.get('accuracy'), '.3f')}).", "",
+        f"{s['rounds']} round(s), methods interleaved. Step time: median over the measured steps of all rounds. Peak "
+        "memory: mean over rounds of the peak RSS (5 ms sampler) during injection and "
+        "training above the RSS before injection" + (", each method in a fresh process" if meta["isolated"] else "")
+        + ". Saved for backward: bytes of the distinct tensors autograd keeps from one forward pass "
+        "(allocator-independent). Trainable state: parameters + gradients + AdamW moments. Ratios: APET / QLoRA at "
+        "the same k (equal trainable counts).", "",
+        "| k | method | trainable | QLoRA config | step ms | step ratio | peak MiB | peak ratio | saved MiB | "
+        "saved ratio | state MiB | state ratio | loss first → last | gen. acc | class acc |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['k']:,} | {r['method']} | failed: {r['error']} |||||||||||||")
+            continue
+        lines.append(
+            f"| {r['k']:,} | {r['method']} | {r['trainable']:,} | {r['qlora']} | {r['step_ms']:.0f} | "
+            f"{_f(r.get('step_ratio'))} | {r['peak_mib']:.1f} | {_f(r.get('peak_ratio'))} | {r['saved_mib']:.1f} | "
+            f"{_f(r.get('saved_ratio'))} | {r['state_mib']:.3f} | "
+            f"{_f(r.get('state_ratio'))} | {r['first_loss']:.2f} → {r['last_loss']:.2f} | "
+            f"{_f(r['generation_accuracy'], '.3f')} | {r['accuracy']:.3f} |")
+    lines += ["", "## Target: APET discrete delta at or below QLoRA's peak memory and step time at equal k", ""]
+    for r in rows:
+        if r["method"] == "apet-discrete" and "step_ratio" in r:
+            met = r["step_ratio"] <= 1.0 and r["peak_ratio"] <= 1.0
+            lines.append(f"- k = {r['k']:,}: step ratio {r['step_ratio']:.2f}, peak-RSS ratio "
+                         f"{r['peak_ratio']:.2f} (saved-for-backward ratio {r['saved_ratio']:.2f}): "
+                         f"{'met' if met else 'not met'}.")
+    if meta.get("notes"):
+        lines += ["", "## Notes", "", *[f"- {n}" for n in meta["notes"]]]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------- main
+def make_task(settings: Settings, smoke: bool, folder: Path) -> tuple[Task, str]:
+    if smoke:
+        return smoke_task(folder), "tiny random Llama (hidden 64, 2 layers)"
+    mode = Mode(name="quantized", models=("smollm2",), tasks=("rotten_tomatoes",), budgets=(), seeds=(0,), steps={},
+                max_len=settings.max_len, test_size=settings.test_size)
+    return load_model_task("smollm2", "rotten_tomatoes", mode), "SmolLM2-135M-Instruct"
+
+
+def _child(args: argparse.Namespace) -> int:
+    settings = Settings(**{**json.loads(args.settings), "budgets": ()})
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        task, _ = make_task(settings, args.smoke, Path(tmp))
+        record = run_method(args.one[0], int(args.one[1]), task, settings, lambda message: None)
+    args.record.write_text(json.dumps(record))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny random Llama and synthetic data (the test)")
+    parser.add_argument("--out", type=Path, default=None, help=f"results folder (default {DEFAULT_OUT})")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 on a shared machine)")
+    parser.add_argument("--budgets", default=None, help="comma-separated k (default 1e4,1e5,1e6)")
+    parser.add_argument("--steps", type=int, default=None, help="measured steps per method")
+    parser.add_argument("--in-process", action="store_true", help="run every method in this process (smoke default)")
+    parser.add_argument("--one", nargs=2, default=None, help=argparse.SUPPRESS)  # METHOD K: a child of run_isolated
+    parser.add_argument("--record", type=Path, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--settings", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.one:
+        return _child(args)
+    settings = SETTINGS["smoke" if args.smoke else "default"]
+    if args.budgets:
+        settings = Settings(**{**asdict(settings), "budgets": tuple(int(float(b)) for b in args.budgets.split(","))})
+    if args.steps:
+        settings = Settings(**{**asdict(settings), "steps": args.steps})
+    out = args.out or (DEFAULT_OUT if not args.smoke else DEFAULT_OUT.parent / "quantized_smoke")
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(args.threads)
+    command = shlex.join(["python", "benchmarks/quantized.py", *(argv if argv is not None else sys.argv[1:])])
+    (out / "sweep.log").unlink(missing_ok=True)
+    log = sweep_logger(out)
+    import bitsandbytes
+
+    start = time.perf_counter()
+    log(f"start {command}")
+    tmp = tempfile.TemporaryDirectory()
+    task, model_name = make_task(settings, args.smoke, Path(tmp.name))
+    zero = zero_shot(task)
+    log(f"zero-shot generation accuracy {zero.get('generation_accuracy')}")
+    records = []
+    isolated = not (args.in_process or args.smoke)
+    for round_ in range(settings.rounds):
+        for k in settings.budgets:
+            for method in METHODS if round_ % 2 == 0 else METHODS[::-1]:  # interleaved, alternating direction
+                try:
+                    record = (run_isolated(method, k, settings, args.smoke, log) if isolated
+                              else run_method(method, k, task, settings, log))
+                except Exception as e:  # noqa: BLE001 - a failed method is reported, the others still run
+                    log(f"  k={k} {method}: FAILED {e!r}")
+                    record = {"method": method, "k": k, "error": repr(e)}
+                    trim_memory()
+                records.append({**record, "round": round_})
+    tmp.cleanup()
+    meta = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "command": command, "machine": machine(),
+            "threads": args.threads, "torch": torch.__version__, "bitsandbytes": bitsandbytes.__version__,
+            "model": model_name, "settings": asdict(settings), "wall_s": time.perf_counter() - start,
+            "isolated": isolated,
+            "notes": ["Short runs (a few steps): accuracy differences between methods are not meaningful at this "
+                      "length; they show that each method trains on the 4-bit base."]}
+    rows = summarise(records)
+    (out / "results.json").write_text(json.dumps({"meta": meta, "zero_shot": zero, "records": records,
+                                                  "summary": rows}, indent=1))
+    discussion = out / "discussion.md"  # hand-written notes on the measured numbers, kept across reruns
+    (out / "results.md").write_text(markdown(meta, rows, zero)
+                                    + ("\n" + discussion.read_text() if discussion.exists() else ""))
+    log(f"report written to {out} in {meta['wall_s'] / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,63 @@
+"""Smoke test of benchmarks/quantized.py: the whole 4-bit benchmark on a tiny random Llama and a synthetic task.
+
+Checks what the benchmark claims about its runs, never timings: every method ran at every k, APET got exactly QLoRA's
+trainable count, the trainable state is read from the real tensors (16 bytes per fp32 entry with AdamW, plus step
+counters), and the report has a row per method with its ratios to QLoRA.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("bitsandbytes")
+ROOT = Path(__file__).parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory) -> Path:
+    import quantized
+
+    out = tmp_path_factory.mktemp("quantized_smoke")
+    assert quantized.main(["--smoke", "--out", str(out)]) == 0
+    return out
+
+
+def test_every_method_at_equal_k(smoke):
+    import quantized
+
+    results = json.loads((smoke / "results.json").read_text())
+    records = results["records"]
+    assert [(r["k"], r["method"]) for r in records] == [
+        (k, m) for k in quantized.SETTINGS["smoke"].budgets for m in quantized.METHODS]
+    assert not [r for r in records if "error" in r]
+    for k in quantized.SETTINGS["smoke"].budgets:
+        counts = {r["method"]: r["trainable"] for r in records if r["k"] == k}
+        assert len(set(counts.values())) == 1, counts  # APET gets exactly QLoRA's count
+        for r in (r for r in records if r["k"] == k):
+            state = r["state_bytes"]
+            assert state["params"] == state["grads"] == 4 * r["trainable"]
+            assert state["optimizer"] == 8 * r["trainable"] + 4 * state["param_tensors"]  # moments + step counters
+            assert len(r["step_s"]) == quantized.SETTINGS["smoke"].steps
+            assert 0.0 <= r["test"]["generation_accuracy"] <= 1.0
+    rows = results["summary"]
+    assert {r["method"] for r in rows if r["method"] == "qlora" and r["step_ratio"] == 1.0} == {"qlora"}
+
+
+def test_report(smoke):
+    text = (smoke / "results.md").read_text()
+    for method in ("qlora", "apet-discrete", "apet-adjacent"):
+        assert text.count(f"| {method} |") == 2
+    assert "Target: APET discrete delta" in text
+
+
+def test_isolated_run_in_a_fresh_process():
+    import quantized
+
+    record = quantized.run_isolated("apet-discrete", 200, quantized.SETTINGS["smoke"], True, print)
+    assert record["trainable"] == 1088  # r=1 LoRA count of the first layer's 7 projections of the tiny Llama
+    assert record["saved_for_backward_bytes"] > 0 and record["peak_rss_delta"] > 0
