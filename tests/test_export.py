@@ -82,8 +82,8 @@ def saved_base(tmp_path):
 EXPORT_CASES = {
     # model: config kwargs (init_weights=False: B is random, so the adapter changes the outputs)
     "bert": dict(r=4, lora_alpha=8, mask="discrete", num_trainable_params=300),
-    "gpt2": dict(r=4, lora_alpha=16, mask="adjacent", mask_axis=1, num_trainable_params=500,
-                 trainable_token_indices=[5, 7]),  # tied wte / lm_head
+    "gpt2": dict(r=4, lora_alpha=16, mask="adjacent", mask_axis=1, mask_pairing="independent",
+                 num_trainable_params=500, trainable_token_indices=[5, 7]),  # tied wte / lm_head
     "llama": dict(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj", "down_proj"],
                   trainable_token_indices={"embed_tokens": [3, 4, 90], "lm_head": [10]}),
 }
