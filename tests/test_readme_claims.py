@@ -74,8 +74,13 @@ def test_main_job_table_in_readme_is_the_results_file():
     assert table == main_job_results.table(stored["runs"])
     assert table in README
     for run in stored["runs"].values():  # the runs are the documented defaults
-        assert (run["model"].endswith("all-MiniLM-L6-v2") or run["model"] == "sentence-transformers/all-MiniLM-L6-v2")
+        assert run["model"] == "sentence-transformers/all-MiniLM-L6-v2"
         assert (run["dataset"], run["num_train_epochs"], run["batch_size"], run["seed"]) == (
             "rotten_tomatoes", 3.0, 32, 42)
         assert run["test_samples"] == 1000 and run["train_samples"] == 2500
+    delta = stored["runs"]["delta"]  # the main job's own numbers in README's prose
+    share = 100 * delta["trainable_adapter_params"] / delta["base_model_params"]
+    assert f"exactly {delta['trainable_adapter_params']:,} entries ({share:.3f}% of the model)" in README
+    assert f"the new {delta['trainable_head_params']}-parameter classification head" in README
+    assert f"({delta['base_model_params'] / 1e6:.1f}M parameters" in README
     assert "2.2e-7" not in README
