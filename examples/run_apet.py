@@ -29,6 +29,7 @@ import json
 import logging
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -489,6 +490,9 @@ def main(args: Sequence[str] | None = None) -> dict[str, Any]:
         logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO,
                             handlers=[logging.StreamHandler(sys.stdout)], force=True)
         transformers.utils.logging.set_verbosity_warning()
+        # Saving looks the base model's Hub id up to see whether the vocabulary was resized; offline that lookup
+        # fails and PEFT warns. This script never resizes the vocabulary, so the warning says nothing here.
+        warnings.filterwarnings("ignore", message="Could not find a config file in .* vocabulary was not modified")
         if training_args.learning_rate is None:
             training_args.learning_rate = METHOD_LEARNING_RATES[method_args.method]
         if training_args.resume_from_checkpoint and not training_args.do_train:
