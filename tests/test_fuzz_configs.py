@@ -244,7 +244,9 @@ def run_cases(examples: int) -> Counter:
     """Check `examples` random cases; return how many ended in each outcome."""
     outcomes: Counter = Counter()
 
-    @settings(FAST, max_examples=examples)
+    # Derandomized: the same cases on every run (and no example database), so the outcome mix asserted below is a
+    # property of the code, not of the draw.
+    @settings(FAST, max_examples=examples, derandomize=True, database=None)
     @given(case=cases())
     def run(case):
         outcome = check(case)
@@ -258,7 +260,7 @@ def run_cases(examples: int) -> Counter:
 def test_random_configs_work_or_raise_a_value_error():
     """All three outcomes occur (an oracle that always said "does not fit" would otherwise pass)."""
     outcomes = run_cases(40)
-    assert outcomes["works"] >= 10 and outcomes["does not fit"] >= 3 and outcomes["invalid"] >= 1, outcomes
+    assert outcomes["works"] >= 10 and outcomes["does not fit"] >= 3 and outcomes["invalid"] >= 3, outcomes
 
 
 @pytest.mark.slow
