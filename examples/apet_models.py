@@ -91,6 +91,17 @@ def smollm2_path() -> str:
 MODEL_ALIASES: dict[str, Callable[[], str]] = {"minilm": minilm_path, "smollm2": smollm2_path}
 
 
+# What adapters, results and model cards record for an alias: the model's Hub id, which means the same thing on any
+# machine (the resolved folder is a path inside this machine's virtualenv or cache). SmolLM2's weights here are a
+# de-quantized Q4_1 copy of that model (see `smollm2_path`).
+PORTABLE_NAMES = {"minilm": "sentence-transformers/all-MiniLM-L6-v2", "smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+
+
+def portable_name(name_or_alias: str) -> str:
+    """The Hub id of an alias in ``MODEL_ALIASES``, else ``name_or_alias`` as the user gave it."""
+    return PORTABLE_NAMES.get(name_or_alias.lower(), name_or_alias)
+
+
 def resolve_model(name_or_alias: str) -> str:
     """Return the local folder for an alias in ``MODEL_ALIASES`` ("minilm", "smollm2"), else ``name_or_alias``."""
     locate = MODEL_ALIASES.get(name_or_alias.lower())

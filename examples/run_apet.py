@@ -24,10 +24,12 @@ Run without arguments, it is the README's main job: a discrete masked delta of 2
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -38,6 +40,7 @@ import torch
 import transformers
 from datasets import Dataset, DatasetDict
 from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
+from tqdm.auto import tqdm
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -55,7 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from apet_data import DEFAULT_TASK, load_task  # noqa: E402
 from apet_metrics import load_metric  # noqa: E402
-from apet_models import resolve_model  # noqa: E402
+from apet_models import portable_name, resolve_model  # noqa: E402
 
 from peft_apet import APETConfig, count_trainable_parameters  # noqa: E402  (importing registers APET)
 from peft_apet.model_card import set_card_metrics  # noqa: E402
@@ -70,8 +73,10 @@ TRAINERS = ("trainer", "sft")
 DEFAULT_DELTA_MASK = "discrete"
 DEFAULT_DELTA_BUDGET = 20_000
 # Learning rate when `--learning_rate` is not given. The paper uses 3e-4 for PET methods and 3e-2 for prompts.
-# A sparse delta moves each of its few weights by itself, so it needs a larger step (measured: examples/RESULTS.md).
+# A sparse delta moves each of its few weights by itself, so it needs a larger step: 5e-3 is the main job's setting
+# (what it gives: examples/results/main_job.json, `python examples/main_job_results.py`).
 METHOD_LEARNING_RATES = {"prompt": 3e-2, "lora": 3e-4, "adapter": 3e-4, "bitfit": 3e-4, "delta": 5e-3, "full": 5e-5}
+AUTO_OUTPUT_DIR = "auto"
 DEFAULT_TEMPLATE = "Classify the text as {choices}.\nText: {text}\nAnswer:"
 DEFAULT_PAIR_TEMPLATE = "Classify the pair of texts as {choices}.\nText 1: {text}\nText 2: {text_pair}\nAnswer:"
 
@@ -214,9 +219,13 @@ class MethodArguments:
 
 @dataclass
 class APETTrainingArguments(TrainingArguments):
-    """`TrainingArguments` with the main job's defaults (see examples/RESULTS.md for how they were chosen)."""
+    """`TrainingArguments` with the main job's defaults (results: examples/results/main_job.json)."""
 
-    output_dir: str | None = field(default="outputs/apet", metadata={"help": "Where the adapter and results go."})
+    output_dir: str | None = field(
+        default=AUTO_OUTPUT_DIR,
+        metadata={"help": "Where the adapter, results.json and the model card go. 'auto': a new folder per run, "
+                          "outputs/<dataset>-<method>[-<mask><budget>]-<date>-<time>."},
+    )
     do_train: bool = field(default=True, metadata={"help": "Train."})
     do_eval: bool = field(default=True, metadata={"help": "Evaluate on the validation split after training."})
     do_predict: bool = field(default=True, metadata={"help": "Evaluate on the test split after training."})
@@ -421,7 +430,8 @@ def evaluate_generation(model, fmt: GenerationFormat, split: Dataset, batch_size
     device = next(model.parameters()).device
     max_new = max(len(w) for w in fmt.word_ids) + 1
     predicted, generated = [], []
-    for start in range(0, len(split), batch_size):
+    batches = range(0, len(split), batch_size)
+    for start in tqdm(batches, desc=f"{prefix}: generating the label words", unit="batch", disable=len(batches) < 2):
         rows = split[start:start + batch_size]
         pairs = rows.get("text_pair") or [None] * len(rows["text"])
         prompts = [fmt.prompt_ids(t, p) for t, p in zip(rows["text"], pairs)]
@@ -487,45 +497,78 @@ def resume_checkpoint(training_args: TrainingArguments) -> str | None:
     return wanted
 
 
-def main(args: Sequence[str] | None = None) -> dict[str, Any]:
-    """Run the script with command-line `args` (default `sys.argv[1:]`); return what it writes to results.json."""
-    model_args, data_args, method_args, training_args = parse_args(args)
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO,
-                        handlers=[logging.StreamHandler(sys.stdout)], force=True)
-    transformers.utils.logging.set_verbosity_warning()
-    if training_args.learning_rate is None:
-        training_args.learning_rate = METHOD_LEARNING_RATES[method_args.method]
-    if training_args.resume_from_checkpoint and not training_args.do_train:
-        raise ValueError("--resume_from_checkpoint needs --do_train.")
+class UsageError(ValueError):
+    """A bad argument or input found before any training: the command line prints it as one line."""
 
-    # Everything that can be wrong with the arguments or the data fails here, before any training.
-    model_args.model_name_or_path = resolve_model(model_args.model_name_or_path)
-    task_type = detect_task_type(model_args)
-    if method_args.method == "full" and (model_args.load_in_4bit or model_args.load_in_8bit):
-        raise ValueError("--method full cannot train quantized weights; drop --load_in_4bit/--load_in_8bit or train "
-                         "an APET method on the quantized base.")
-    if method_args.trainer == "sft" and task_type != "causal_lm":
-        raise ValueError("--trainer sft trains causal LMs only; use the default --trainer trainer.")
-    data = load_data(data_args)
-    label_names = list(data["train"].features["label"].names)
-    tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or model_args.model_name_or_path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    fmt = None
-    if task_type == "causal_lm":
-        words = _csv(data_args.label_words) or label_names
-        if len(words) != len(label_names):
-            raise ValueError(f"--label_words needs {len(label_names)} words ({label_names}), got {words}")
-        template = data_args.prompt_template or (DEFAULT_PAIR_TEMPLATE if "text_pair" in data["train"].column_names
-                                                 else DEFAULT_TEMPLATE)
-        fmt = GenerationFormat(tokenizer, template, words, data_args.max_seq_length)
-    set_seed(training_args.seed)
-    model = load_model(model_args, task_type, label_names, tokenizer)
-    base_params = sum(p.numel() for p in model.parameters())
-    peft_config, adapter_entries = None, None
-    if method_args.method != "full":
-        peft_config = apet_config(method_args, task_type, training_args.seed)
-        adapter_entries = count_trainable_parameters(model, peft_config)  # raises on a bad budget or target
+
+def default_output_dir(data_args: DataArguments, method_args: MethodArguments) -> str:
+    """`outputs/<dataset>-<method>[-<mask><budget>]-<YYYYmmdd-HHMMSS>`: runs without --output_dir never overwrite each
+    other (a second run in the same second gets a numbered suffix)."""
+    dataset = Path(data_args.dataset_name).name.replace("/", "_") or "data"
+    masked = f"-{method_args.apet_mask}{method_args.num_trainable_params}" if method_args.apet_mask else ""
+    stem = f"outputs/{dataset}-{method_args.method}{masked}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    candidate, n = stem, 1
+    while Path(candidate).exists():
+        n += 1
+        candidate = f"{stem}-{n}"
+    return candidate
+
+
+def main(args: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run the script with command-line `args` (default `sys.argv[1:]`); return what it writes to results.json.
+
+    Errors in the arguments or the data raise `UsageError` (a ValueError) before any training."""
+    try:
+        model_args, data_args, method_args, training_args = parse_args(args)
+        logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO,
+                            handlers=[logging.StreamHandler(sys.stdout)], force=True)
+        transformers.utils.logging.set_verbosity_warning()
+        # Saving looks the base model's Hub id up to see whether the vocabulary was resized; offline that lookup
+        # fails and PEFT warns. This script never resizes the vocabulary, so the warning says nothing here.
+        warnings.filterwarnings("ignore", message="Could not find a config file in .* vocabulary was not modified")
+        if training_args.learning_rate is None:
+            training_args.learning_rate = METHOD_LEARNING_RATES[method_args.method]
+        if training_args.resume_from_checkpoint and not training_args.do_train:
+            raise ValueError("--resume_from_checkpoint needs --do_train.")
+
+        if training_args.output_dir == AUTO_OUTPUT_DIR:
+            training_args.output_dir = default_output_dir(data_args, method_args)
+        if not (torch.cuda.is_available() or torch.backends.mps.is_available()):
+            training_args.dataloader_pin_memory = False  # pinning needs an accelerator; on CPU it only warns
+        # Everything that can be wrong with the arguments or the data fails here, before any training.
+        # What adapters, results and model cards record: a Hub id for the offline aliases, never a local cache path.
+        model_name = portable_name(model_args.model_name_or_path)
+        model_args.model_name_or_path = resolve_model(model_args.model_name_or_path)
+        task_type = detect_task_type(model_args)
+        if method_args.method == "full" and (model_args.load_in_4bit or model_args.load_in_8bit):
+            raise ValueError("--method full cannot train quantized weights; drop --load_in_4bit/--load_in_8bit or "
+                             "train an APET method on the quantized base.")
+        if method_args.trainer == "sft" and task_type != "causal_lm":
+            raise ValueError("--trainer sft trains causal LMs only; use the default --trainer trainer.")
+        data = load_data(data_args)
+        label_names = list(data["train"].features["label"].names)
+        tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or model_args.model_name_or_path)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        fmt = None
+        if task_type == "causal_lm":
+            words = _csv(data_args.label_words) or label_names
+            if len(words) != len(label_names):
+                raise ValueError(f"--label_words needs {len(label_names)} words ({label_names}), got {words}")
+            template = data_args.prompt_template or (DEFAULT_PAIR_TEMPLATE if "text_pair" in data["train"].column_names
+                                                     else DEFAULT_TEMPLATE)
+            fmt = GenerationFormat(tokenizer, template, words, data_args.max_seq_length)
+        set_seed(training_args.seed)
+        model = load_model(model_args, task_type, label_names, tokenizer)
+        # -> adapter_config.json (PEFT reads model.name_or_path), the model card and config.json (config._name_or_path)
+        model.name_or_path = model.config._name_or_path = tokenizer.name_or_path = model_name
+        base_params = sum(p.numel() for p in model.parameters())
+        peft_config, adapter_entries = None, None
+        if method_args.method != "full":
+            peft_config = apet_config(method_args, task_type, training_args.seed)
+            adapter_entries = count_trainable_parameters(model, peft_config)  # raises on a bad budget or target
+    except ValueError as error:
+        raise UsageError(str(error)) from error
     logger.info("task %s, method %s, mask %s, budget %s", task_type, method_args.method, method_args.apet_mask,
                 method_args.num_trainable_params)
 
@@ -539,7 +582,7 @@ def main(args: Sequence[str] | None = None) -> dict[str, Any]:
                 f"{base_params:,}", f"{counts['trainable_head_params']:,}")
 
     results: dict[str, Any] = {
-        "model": model_args.model_name_or_path, "dataset": data_args.dataset_name, "task_type": task_type,
+        "model": model_name, "dataset": data_args.dataset_name, "task_type": task_type,
         "method": method_args.method, "mask": method_args.apet_mask, "budget": method_args.num_trainable_params,
         **counts, "base_model_params": base_params, "learning_rate": training_args.learning_rate,
         "num_train_epochs": training_args.num_train_epochs, "batch_size": training_args.per_device_train_batch_size,
@@ -587,8 +630,19 @@ def main(args: Sequence[str] | None = None) -> dict[str, Any]:
     if "test_accuracy" in results:
         print(f"test accuracy: {results['test_accuracy']:.4f}  (method {method_args.method}, mask "
               f"{method_args.apet_mask}, {counts['trainable_adapter_params']:,} trainable adapter entries)")
+    if training_args.should_save:
+        out = Path(training_args.output_dir)
+        saved = "model" if method_args.method == "full" else "adapter"
+        files = ("model.safetensors + config.json" if saved == "model" else
+                 "adapter_model.safetensors + adapter_config.json")
+        print(f"{saved}: {out}/ ({files})\nresults: {out / 'results.json'}")
+        if isinstance(model, PeftModel):
+            print(f"model card: {out / 'README.md'}")
     return results
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UsageError as error:  # a bad argument or input: one line, no traceback (nothing was trained)
+        sys.exit(f"{Path(sys.argv[0]).name}: error: {error}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -45,7 +46,7 @@ def test_no_method_failed_and_every_record_has_its_measurements(results):
     for r in records:
         assert "error" not in r, (r["model"], r["method"], r.get("error"))
         assert len(r["step_s"]) == 1 and len(r["warmup_step_s"]) == 1  # smoke: one warm-up, one measured step
-        assert r["peak_rss_delta"] >= 0
+        assert r["step_s"][0] > 0 and r["warmup_step_s"][0] > 0
         if r["family"] != "full":
             assert r["file_bytes"] > r["payload_bytes"] > 0
 
@@ -92,9 +93,22 @@ def test_report_has_a_row_per_method_and_ratios_to_lora(smoke, results):
     with (smoke / "results.csv").open() as f:
         csv_rows = list(csv.DictReader(f))
     assert [(r["model"], r["method"]) for r in csv_rows] == [(r["model"], r["method"]) for r in summary]
-    for row in summary:
-        assert f"| {row['method']} |" in text
-        assert row["step_ratio"] > 0
-    reference = [row for row in summary if row["method"] == "peft-lora"]
-    assert reference and all(row["step_ratio"] == 1.0 for row in reference)
-    assert results["targets"] and all(isinstance(t["met"], bool) for t in results["targets"])
+    # Every ratio is recomputed here from the records of its run: medians of the measured steps, over the reference
+    # method's (PEFT LoRA) of the same run. The reference's own row is then 1 by construction, so it is not checked.
+    for run in results["runs"]:
+        key = f"{run['what']}:{run['model']}"
+        steps: dict[str, list[float]] = {}
+        for r in run["records"]:
+            steps.setdefault(r["method"], []).extend(r["step_s"])
+        median = {m: statistics.median(s) for m, s in steps.items()}
+        rows = results["summary"][key]
+        assert {row["method"] for row in rows} == set(steps)
+        for row in rows:
+            assert f"| {row['method']} |" in text
+            assert row["step_ms"] == pytest.approx(1e3 * median[row["method"]], rel=1e-9)
+            assert row["step_ratio"] == pytest.approx(median[row["method"]] / median["peft-lora"], rel=1e-9)
+    # A target is met exactly when its value is within its limit (every target of cost.py is an upper bound; the
+    # smoke's values are whatever the machine gives, the verdict must follow from them).
+    assert results["targets"]
+    for target in results["targets"]:
+        assert target["met"] == (target["value"] <= target["limit"]), target

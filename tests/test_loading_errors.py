@@ -94,6 +94,55 @@ def test_from_pretrained_onto_another_base_model_is_refused_and_leaves_it_unchan
     assert not any(isinstance(m, APETLayer) for m in base.modules())
 
 
+@pytest.mark.parametrize("case", ["wider (shape mismatch)", "narrower, same budget"])
+def test_from_pretrained_with_a_config_onto_another_base_model_leaves_it_unchanged(tmp_path, case):
+    """With `config=` PEFT injects the adapter before reading the weights: the refused load must still leave the
+    caller's model as it was (no empty APET layers, no frozen parameters)."""
+    make_base, kwargs, _ = OTHER_BASE_MODELS[case]
+    save_adapter(tmp_path / "adapter", lora(**kwargs))
+    base = make_base()
+    inputs = model_inputs("bert")
+    expected = model_output(base, inputs)
+    before = snapshot(base)
+    with pytest.raises(ValueError, match=r"loaded into adapter 'default' does not fit"):
+        PeftModel.from_pretrained(base, tmp_path / "adapter", config=lora(**kwargs))
+    assert_unchanged(base, before)
+    assert not any(isinstance(m, APETLayer) for m in base.modules())
+    assert not hasattr(base, "peft_config")
+    assert torch.equal(model_output(base, inputs), expected)
+    # ... and the model is still usable for a load that fits.
+    assert isinstance(get_peft_model(base, lora(**kwargs)), PeftModel)
+
+
+def test_a_pickle_checkpoint_goes_through_the_same_checks(tmp_path):
+    """`save_pretrained(safe_serialization=False)` writes adapter_model.bin: it loads (read weights-only), and a
+    mismatched or unsafe one is refused naming the file before anything is injected."""
+    trained = get_peft_model(tiny_bert(), lora(mask="discrete", num_trainable_params=200)).eval()
+    trained.save_pretrained(tmp_path / "adapter", safe_serialization=False)
+    assert (tmp_path / "adapter" / "adapter_model.bin").is_file()
+    assert not (tmp_path / "adapter" / WEIGHTS).exists()
+    inputs = model_inputs("bert")
+    loaded = PeftModel.from_pretrained(tiny_bert(), tmp_path / "adapter")
+    assert torch.equal(model_output(loaded, inputs), model_output(trained, inputs))
+
+    base = bert(hidden=16)
+    before = snapshot(base)
+    with pytest.raises(ValueError, match=r"adapter_model\.bin.*query \(lora_A\)"):
+        PeftModel.from_pretrained(base, tmp_path / "adapter")
+    assert_unchanged(base, before)
+
+    class Payload:  # a pickle that would run code on load: weights_only refuses it
+        def __reduce__(self):
+            return (os.system, ("true",))
+
+    torch.save({"x": Payload()}, tmp_path / "adapter" / "adapter_model.bin")
+    base = tiny_bert()
+    before = snapshot(base)
+    with pytest.raises(ValueError, match=r"adapter_model\.bin cannot be read as a weights-only"):
+        PeftModel.from_pretrained(base, tmp_path / "adapter")
+    assert_unchanged(base, before)
+
+
 @pytest.mark.parametrize("case", sorted(OTHER_BASE_MODELS))
 def test_load_adapter_of_another_base_model_keeps_the_existing_adapters(tmp_path, case):
     make_base, kwargs, message = OTHER_BASE_MODELS[case]

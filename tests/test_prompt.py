@@ -59,10 +59,35 @@ def test_encoder_repetition_penalty_applies_to_the_real_encoder_tokens():
     assert sequences.shape == (2, 4)
 
 
+def repeated_bigrams(row: list[int], eos: int = 1) -> int:
+    """Bigrams that occur again in `row` up to its first EOS (after it comes padding)."""
+    row = row[:row.index(eos) + 1] if eos in row else row
+    bigrams = list(zip(row, row[1:]))
+    return len(bigrams) - len(set(bigrams))
+
+
 @pytest.mark.parametrize("name", ["gpt2", "llama", "t5"])
-def test_no_repeat_ngram_and_sequence_bias_run_with_a_prompt(name):
+def test_no_repeat_ngram_blocks_repeats_among_the_real_tokens(name):
+    """The sequences hold real tokens only (prompt stripped), and no bigram of them repeats; without the processor
+    the same greedy generation does repeat one, so the check sees the processor work."""
     model, inputs = prompted(name)
-    out = model.generate(**inputs, max_new_tokens=4, do_sample=False, no_repeat_ngram_size=2,
-                         sequence_bias={(1,): -1.0})
-    length = 1 + 4 if name == "t5" else 5 + 4  # T5: start token; decoders: the real input (prompt stripped)
+    kwargs = dict(max_new_tokens=16, do_sample=False)
+    free = model.generate(**inputs, **kwargs)
+    out = model.generate(**inputs, no_repeat_ngram_size=2, **kwargs)
+    length = 1 + 16 if name == "t5" else 5 + 16  # T5: start token; decoders: the real input (prompt stripped)
     assert out.shape == (2, length) and int(out.max()) < model.get_input_embeddings().num_embeddings
+    if name != "t5":
+        assert torch.equal(out[:, :5], inputs["input_ids"])
+    assert sum(repeated_bigrams(row) for row in free.tolist()) > 0
+    assert all(repeated_bigrams(row) == 0 for row in out.tolist())
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama", "t5"])
+def test_sequence_bias_moves_exactly_the_biased_token(name):
+    model, inputs = prompted(name)
+    plain = first_step_scores(model, inputs)
+    token = int(plain[0].argmax())
+    biased = first_step_scores(model, inputs, sequence_bias={(token,): -1.0})
+    expected = plain.clone()
+    expected[:, token] -= 1.0
+    torch.testing.assert_close(biased, expected)

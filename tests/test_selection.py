@@ -6,6 +6,7 @@ gradients from one autograd call per example, and a linear-regression toy whose 
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import subprocess
@@ -89,11 +90,32 @@ def test_every_strategy_trains_exactly_k_entries(strategy, scope):
 
 
 @pytest.mark.parametrize("strategy", ["magnitude", "sam"])
-def test_bias_parts_keep_their_budget_too(strategy):
-    config = APETConfig.bitfit(mask="discrete", num_trainable_params=40, mask_strategy=strategy, task_type="SEQ_CLS",
+def test_bias_parts_keep_their_budget_and_pick_the_top_entries(strategy):
+    """A bias part trains exactly its budget, and the entries are a global top-k of the strategy's scores (|b| for
+    magnitude, the per-example autograd reference for SAM), not the placeholder masks."""
+    k = 40
+    config = APETConfig.bitfit(mask="discrete", num_trainable_params=k, mask_strategy=strategy, task_type="SEQ_CLS",
                                selection_scope="global")
-    model = calibrate_masks(peft_bert(config), batches())
-    assert sum(w.num_entries for w in masked(model, "bias").values()) == 40
+    base = tiny_bert()
+    if strategy == "magnitude":  # BERT starts with zero biases: every choice would be a top-k of |b|
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for module in base.modules():
+                if isinstance(getattr(module, "bias", None), torch.Tensor):
+                    module.bias.copy_(torch.randn(module.bias.shape, generator=generator))
+    reference_biases = {n: m.bias.detach().abs().clone() for n, m in base.named_modules()
+                        if isinstance(getattr(m, "bias", None), torch.Tensor)}
+    model = get_peft_model(base, config)
+    placeholders = {n: chosen_flat(w) for n, w in masked(model, "bias").items()}
+    model = calibrate_masks(model, batches())
+    chosen = {n: chosen_flat(w) for n, w in masked(model, "bias").items()}
+    assert sum(len(c) for c in chosen.values()) == k
+    if strategy == "magnitude":
+        reference = {name: reference_biases[name] for name in masked(model, "bias")}
+    else:
+        reference = per_example_reference(k, role="bias")[2]
+        assert chosen != placeholders  # SAM masks are chosen from data, after the adapter was created
+    assert_top_k({n: chosen.get(n, set()) for n in reference}, reference, k)
 
 
 # ---------------------------------------------------------------------------------------------- magnitude
@@ -131,12 +153,14 @@ def test_magnitude_on_new_bias_vectors_is_refused_before_the_model_changes():
 
 
 # ---------------------------------------------------------------------------------------------- data-driven
-def per_example_reference(k: int) -> tuple[dict, dict, dict]:
-    """Gradient, Fisher and SAM (damping 1) scores of every delta target from one autograd call per example."""
+def per_example_reference(k: int, role: str = "delta") -> tuple[dict, dict, dict]:
+    """Gradient, Fisher and SAM (damping 1) scores of every delta (weight) or bias target from one autograd call
+    per example."""
     model = tiny_bert()
-    names = list(masked(peft_bert(APETConfig.delta(num_trainable_params=k, task_type="SEQ_CLS"))))
+    make = APETConfig.delta if role == "delta" else functools.partial(APETConfig.bitfit, mask="discrete")
+    names = list(masked(peft_bert(make(num_trainable_params=k, task_type="SEQ_CLS")), role))
     modules = dict(model.named_modules())
-    weights = [modules[n].weight for n in names]
+    weights = [getattr(modules[n], "weight" if role == "delta" else "bias") for n in names]
     for p in model.parameters():
         p.requires_grad_(False)
     for w in weights:

@@ -1,9 +1,10 @@
 """Checks that keep a model whole when a checkpoint or an adapter is broken.
 
 - `check_checkpoint_fits_plan`: before an adapter read from a folder is injected, its `adapter_model.safetensors`
-  must be readable and hold exactly the tensors the plan for *this* model expects (same modules and roles, same
-  number of trainable entries, masks that fit the logical shapes). A checkpoint of another base model (other
-  hidden sizes, other depth) or a damaged file is refused before any module is replaced.
+  (or `adapter_model.bin`, read with `torch.load(weights_only=True)` as PEFT reads it) must be readable and hold
+  exactly the tensors the plan for *this* model expects (same modules and roles, same number of trainable entries,
+  masks that fit the logical shapes). A checkpoint of another base model (other hidden sizes, other depth) or a
+  damaged file is refused before any module is replaced.
 - `check_state_fits_model`: the same check against the adapter already in the model, run on every state dict
   PEFT loads, before `load_state_dict` copies anything (e.g. `load_adapter` into an existing adapter name).
 - `check_merge_is_finite`: with `safe_merge=True`, every layer's merged weights are checked before the first base
@@ -172,6 +173,20 @@ def _read_checkpoint(path: str) -> _Checkpoint:
                          "loaded or changed.") from e
 
 
+def _read_pickle_checkpoint(path: str) -> _Checkpoint:
+    """The same as `_read_checkpoint` for an `adapter_model.bin`, read with `torch.load(weights_only=True)` (tensors
+    and plain containers only: no code in the file runs); ValueError naming the file if it cannot be read."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # unpickling errors have many types (UnpicklingError, RuntimeError, EOFError, ...)
+        raise ValueError(f"{path} cannot be read as a weights-only PyTorch checkpoint ({type(e).__name__}: {e}); "
+                         "save the adapter again (as safetensors). Nothing was loaded or changed.") from e
+    if not isinstance(state, Mapping) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                  for k, v in state.items()):
+        raise ValueError(f"{path} does not hold a state dict (str -> tensor). Nothing was loaded or changed.")
+    return _Checkpoint.from_items(state.items())
+
+
 def check_checkpoint_fits_plan(config: APETConfig, plan: AdapterPlan, model: nn.Module) -> None:
     """If `config` was read from a local folder (`APETConfig.from_pretrained`), check that folder's weights fit
     `plan` (planned on `model`, nothing injected yet); raise ValueError / FileNotFoundError naming the file or the
@@ -183,14 +198,18 @@ def check_checkpoint_fits_plan(config: APETConfig, plan: AdapterPlan, model: nn.
     if folder is None:
         return
     path = os.path.join(folder, SAFETENSORS_WEIGHTS_NAME)
-    if not os.path.isfile(path):
-        if os.path.isfile(os.path.join(folder, WEIGHTS_NAME)):
-            return  # a pickle checkpoint: PEFT reads it with torch.load(weights_only=True)
-        raise FileNotFoundError(f"{folder} has an adapter_config.json but no {SAFETENSORS_WEIGHTS_NAME}.")
+    if os.path.isfile(path):
+        checkpoint = _read_checkpoint(path)
+    elif os.path.isfile(os.path.join(folder, WEIGHTS_NAME)):
+        # `save_pretrained(safe_serialization=False)`: PEFT reads it with torch.load(weights_only=True); so do we.
+        path = os.path.join(folder, WEIGHTS_NAME)
+        checkpoint = _read_pickle_checkpoint(path)
+    else:
+        raise FileNotFoundError(f"{folder} has an adapter_config.json but no {SAFETENSORS_WEIGHTS_NAME} (nor "
+                                f"{WEIGHTS_NAME}).")
     expected = {(m.name, role): t for m in plan.modules.values() for role, t in m.tensors.items()}
     # trainable token rows (peft_apet.tokens): saved by PEFT's wrapper, which does not exist before injection
     rows = {f"{PEFT_PREFIX}{t.name}.{TOKENS_KEY}": t.shape for t in plan.tokens.values()}
-    checkpoint = _read_checkpoint(path)
     problems = _problems(expected, checkpoint, lambda key: rows[key] if key in rows else _tensor_shape(
         model, key.removeprefix(PEFT_PREFIX)))
     missing_rows = [key.removeprefix(PEFT_PREFIX) for key in rows if key not in checkpoint.other]

@@ -52,6 +52,16 @@ _OPERATION_FIELDS: dict[str, dict[str, Any]] = {
 }
 
 
+class UnknownFieldError(TypeError, ValueError):
+    """An unknown keyword given to `APETPart` / `APETConfig` (or found in an `adapter_config.json`).
+
+    A `TypeError` like any Python call with an unexpected keyword (PEFT's configs and PEFT's tests rely on that),
+    and a `ValueError` like every other invalid setting of peft-apet. Its message never contains "got an unexpected
+    keyword argument", so PEFT's loader does not take it for a field it may drop: an adapter saved by a newer
+    peft-apet is refused, not loaded with some settings silently ignored.
+    """
+
+
 class APETPeftType(str, enum.Enum):
     """PEFT type of APET adapters. A `str` enum, so `"APET"` read back from `adapter_config.json` finds it."""
 
@@ -323,10 +333,10 @@ class APETPart:
 
     @classmethod
     def check_kwargs(cls, **kwargs: Any) -> dict:
-        """Refuse unknown fields with a ValueError listing the allowed ones (not the dataclass's TypeError)."""
+        """Refuse unknown fields with an `UnknownFieldError` (TypeError and ValueError) listing the allowed ones."""
         unknown = sorted(set(kwargs) - {f.name for f in fields(cls)})
         if unknown:
-            raise ValueError(f"APETPart has no fields {unknown}; allowed: {[f.name for f in fields(cls)]}.")
+            raise UnknownFieldError(f"APETPart has no fields {unknown}; allowed: {[f.name for f in fields(cls)]}.")
         return kwargs
 
     @property
@@ -484,7 +494,7 @@ class APETConfig(PeftConfig):
         known = {f.name for f in fields(cls)} | {"auto_mapping", "peft_version", "runtime_config"}
         unknown = sorted(set(kwargs) - known)
         if unknown:
-            raise ValueError(
+            raise UnknownFieldError(
                 f"APETConfig has no fields {unknown}; allowed: {sorted(known)}. If they come from an "
                 "adapter_config.json, it was probably saved by a newer peft-apet: upgrade with "
                 "`pip install -U peft-apet` rather than load it with those settings silently ignored."
@@ -631,8 +641,9 @@ class APETConfig(PeftConfig):
 
 
 def _refuse_unknown_fields(init):
-    # PEFT's loader catches TypeError for unknown config keys, warns and drops them; a ValueError stops that, so
-    # an adapter saved by a newer peft-apet is never loaded with some of its settings silently ignored.
+    # PEFT's loader catches a TypeError saying "got an unexpected keyword argument", warns and drops those keys;
+    # `UnknownFieldError` does not say that, so an adapter saved by a newer peft-apet is never loaded with some of
+    # its settings silently ignored.
     @functools.wraps(init)
     def checked_init(self, *args, **kwargs):
         type(self).check_kwargs(**kwargs)

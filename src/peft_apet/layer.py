@@ -22,7 +22,7 @@ from torch import nn
 
 from .masked_weight import PAIRS, MaskedWeight, aligned_indices
 from .ops import adapter_output, adjacent_delta_output, lora_output, masked_delta_linear
-from .plan import ModulePlan, is_conv1d, linear_shape
+from .plan import ModulePlan, is_conv1d, linear_shape, output_features
 from .quantized import (
     add_sparse_delta,
     dequantized_weight,
@@ -286,7 +286,14 @@ class Linear(_WrappedLayer):
 
 
 class OutputLayer(_WrappedLayer):
-    """APET `bias` and `adapter` parts on a module that is not linear (LayerNorm, RMSNorm, ...)."""
+    """APET `bias` and `adapter` parts on a module that is not linear (LayerNorm, RMSNorm, ...).
+
+    `in_features` and `out_features` (as on PEFT's layers) are both the size of the module's last dimension: these
+    modules map features to as many features.
+    """
+
+    def _read_base_layer(self) -> None:
+        self.in_features = self.out_features = output_features(self.get_base_layer())
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.disable_adapters:
@@ -301,7 +308,13 @@ class OutputLayer(_WrappedLayer):
 
 
 class PromptEmbedding(_WrappedLayer):
-    """The input embedding, extended by virtual tokens: id `vocab_size + j` embeds to row `j` of the prompt."""
+    """The input embedding, extended by virtual tokens: id `vocab_size + j` embeds to row `j` of the prompt.
+
+    Like PEFT's `lora.Embedding`: `in_features` is the vocabulary size and `out_features` the embedding width.
+    """
+
+    def _read_base_layer(self) -> None:
+        self.in_features, self.out_features = self.num_embeddings, self.embedding_dim
 
     @property
     def num_embeddings(self) -> int:

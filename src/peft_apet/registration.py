@@ -10,6 +10,7 @@ from __future__ import annotations
 from peft import mapping
 
 from .config import APETConfig, APETPeftType
+from .loading import install_from_pretrained_hook
 from .model import APETModel
 from .model_card import install_model_card_hook
 
@@ -21,6 +22,7 @@ def register_apet() -> None:
     mapping.PEFT_TYPE_TO_TUNER_MAPPING[key] = APETModel
     mapping.PEFT_TYPE_TO_PREFIX_MAPPING[key] = APETModel.prefix
     install_model_card_hook()
+    install_from_pretrained_hook()
 
 
 def is_registered() -> bool:
