@@ -7,7 +7,7 @@ bottleneck-24 adapter (relu and gelu), both masks, both pairings and budgets k =
 - `zero_gradient`: trainable entries whose gradient stayed exactly zero over 4 SGD steps (lr 0.5, batches of
   8 x 32 random tokens, random labels): the structural ones, plus units a relu switched off on every token.
 
-    python benchmarks/pairing.py                 # writes benchmarks/results/pairing/results.{json,md} (~3 min)
+    python benchmarks/pairing.py                 # writes benchmarks/results/pairing/results.{json,md} (14 min shared)
     python benchmarks/pairing.py --smoke --out DIR
 """
 
