@@ -124,13 +124,14 @@ def part_kwargs(draw, operation: str) -> dict:
         kwargs["mask_pairing"] = draw(st.sampled_from(["aligned", "independent"]))
         # aligned adjacent masks take whole rank units: mask_axis=1 is refused on construction
         if kwargs["mask"] == "adjacent" and kwargs["mask_axis"] == 1 and kwargs["mask_pairing"] == "aligned":
-            kwargs["_invalid"] = True
+            kwargs["_invalid"] = r"mask_axis=1 with mask_pairing='aligned'"
     budget = draw(st.sampled_from(["count"] * 3 + ["density"] * 2 + ["none"] * 2 + ["invalid"]))
     if budget == "invalid":  # out of range, or a budget on an unmasked part
         name = draw(st.sampled_from(["num_trainable_params", "density"]))
         kwargs[name] = draw(st.sampled_from([0, -3, 1.5]) if kwargs["mask"] else st.sampled_from([5, 0.5]))
         # what the error must say: the field out of range, or that a budget needs a mask
-        kwargs["_invalid"] = f"`{name}` must be" if kwargs["mask"] else r"a budget needs `mask`"
+        # the pairing check above runs before the budget checks
+        kwargs.setdefault("_invalid", f"`{name}` must be" if kwargs["mask"] else r"a budget needs `mask`")
     elif budget == "count" and kwargs["mask"]:
         kwargs["num_trainable_params"] = draw(st.sampled_from(COUNTS))
     elif budget == "density" and kwargs["mask"]:
@@ -187,19 +188,23 @@ def expected_entries(model_name: str, config: APETConfig) -> tuple[int | None, s
             fixed[part.operation] = min(cap, max(1, round(part.density * cap)))
         else:
             free.append(part.operation)
-        aligned = part.operation in ("lora", "adapter") and part.mask and part.mask_pairing == "aligned"
-        if aligned and fixed.get(part.operation) == 1:  # one entry cannot form an aligned pair
-            return None
+    # a lora/adapter part with aligned masks and a budget of its own of 1 cannot hold a pair (checked after the split)
+    lone = [p.operation for p in config.parts if p.operation in ("lora", "adapter") and p.mask
+            and p.mask_pairing == "aligned" and fixed.get(p.operation) == 1]
+
+    def fits(entries: int) -> tuple[int | None, str]:
+        return (None, rf"part '{lone[0]}': a budget of 1 entry cannot hold a pair") if lone else (entries, "")
+
     total, density = config.num_trainable_params, config.density
     if total is None and density is None:
-        return (None, r"have a mask but no budget") if free else (sum(fixed.values()), "")
+        return (None, r"have a mask but no budget") if free else fits(sum(fixed.values()))
     if not free:
         return None, r"config-level `num_trainable_params`/`density` needs at least one masked part"
     free_capacity = sum(caps[op] for op in free)
     if density is not None:
-        return sum(fixed.values()) + min(free_capacity, max(1, round(density * free_capacity))), ""
+        return fits(sum(fixed.values()) + min(free_capacity, max(1, round(density * free_capacity))))
     if 1 <= total - sum(fixed.values()) <= free_capacity:
-        return total, ""
+        return fits(total)
     low, high = sum(fixed.values()) + 1, sum(fixed.values()) + free_capacity
     return None, rf"`num_trainable_params`={total} leaves .* it must be in \[{low}, {high}\]"
 
