@@ -128,7 +128,9 @@ def part_kwargs(draw, operation: str) -> dict:
     budget = draw(st.sampled_from(["count"] * 3 + ["density"] * 2 + ["none"] * 2 + ["invalid"]))
     if budget == "invalid":  # out of range, or a budget on an unmasked part
         name = draw(st.sampled_from(["num_trainable_params", "density"]))
-        kwargs[name] = draw(st.sampled_from([0, -3, 1.5]) if kwargs["mask"] else st.sampled_from([5, 0.5]))
+        # on an unmasked part, a budget valid on its own (an int count, a density in (0, 1])
+        kwargs[name] = draw(st.sampled_from([0, -3, 1.5])) if kwargs["mask"] else (5 if name == "num_trainable_params"
+                                                                                    else 0.5)
         # what the error must say: the field out of range, or that a budget needs a mask
         # the pairing check above runs before the budget checks
         kwargs.setdefault("_invalid", f"`{name}` must be" if kwargs["mask"] else r"a budget needs `mask`")
