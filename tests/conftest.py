@@ -18,28 +18,25 @@ VOCAB = 96
 # In CI (`CI` set, as `.ci/run` and CI services do) a skipped test is a failure: a test that skips in CI is no test.
 # `.ci/run` installs every extra the default suite needs and fetches its data first; expected failures still count
 # as expected.
-def _skip_is_failure(report) -> bool:
-    return bool(os.environ.get("CI")) and report.skipped and not hasattr(report, "wasxfail")
+def _fail_skip_in_ci(report, where: str) -> None:
+    """Turn a skip into a failure when `CI` is set (an expected failure stays one)."""
+    if not (os.environ.get("CI") and report.skipped and not hasattr(report, "wasxfail")):
+        return
+    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    report.outcome = "failed"
+    report.longrepr = f"{where}skipped in CI ({reason}): in CI every test must run; see .ci/run"
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     outcome = yield
-    report = outcome.get_result()
-    if _skip_is_failure(report):
-        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
-        report.outcome = "failed"
-        report.longrepr = f"skipped in CI ({reason}): in CI every test must run; see .ci/run"
+    _fail_skip_in_ci(outcome.get_result(), "")
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_make_collect_report(collector):
     outcome = yield
-    report = outcome.get_result()
-    if _skip_is_failure(report):
-        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
-        report.outcome = "failed"
-        report.longrepr = f"{collector.nodeid} skipped in CI ({reason}): in CI every test must run; see .ci/run"
+    _fail_skip_in_ci(outcome.get_result(), f"{collector.nodeid} ")
 
 
 def tiny_bert(seq_cls: bool = True, num_labels: int = 2):
