@@ -21,6 +21,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
 from .masked_weight import PAIRS, MaskedWeight, aligned_indices
+from .masks import learnable_pair_entries
 from .ops import adapter_output, adjacent_delta_output, lora_output, masked_delta_linear
 from .plan import ModulePlan, is_conv1d, linear_shape, output_features
 from .quantized import (
@@ -80,14 +81,16 @@ class APETLayer(BaseTunerLayer):
         return list(dict.fromkeys(ROLE_OPERATION[r] for r in roles))
 
     def learnable_entries(self, adapter_name: str) -> dict[str, int]:
-        """By role, the trainable entries of `adapter_name` that can receive a gradient (in a two-matrix path, those
-        whose rank unit has a trainable entry in the other matrix; see `MaskedWeight.learnable_entries`)."""
+        """By role, the trainable entries of `adapter_name` that can receive a gradient: all of them, except in a
+        masked two-matrix path, where an entry learns only if its rank unit has a trainable entry in the other
+        matrix (`peft_apet.masks.learnable_pair_entries`)."""
         weights = self.apet_weights[adapter_name]
-        partners = {a: (b, True) for a, b in PAIRS} | {b: (a, False) for a, b in PAIRS}
-        out = {}
-        for role, weight in weights.items():
-            partner, first = partners.get(role, (None, True))
-            out[role] = weight.learnable_entries(weights[partner] if partner in weights else None, first)
+        out = {role: weight.num_entries for role, weight in weights.items()}
+        for first, second in PAIRS:
+            if first in weights and weights[first].mask is not None:
+                a, b = weights[first], weights[second]
+                out[first], out[second] = learnable_pair_entries(a.flat_indices() // a.shape[1],
+                                                                 b.flat_indices() % b.shape[1])
         return out
 
     def _active_weights(self) -> list[tuple[str, nn.ModuleDict]]:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .index_codec import encode_indices, encoded_size, stored_positions
-from .masks import aligned_pair_masks, build_mask, flat_indices, learnable_pair_entries
+from .masks import aligned_pair_masks, build_mask, flat_indices
 from .plan import TensorPlan
 
 # How a tensor is initialised, by role: "zeros" keeps the adapter an identity at init.
@@ -148,16 +148,6 @@ class MaskedWeight(nn.Module):
             # torch hands each module a copy of the caller's dict: replacing the entry changes nothing of theirs
             state_dict[key] = positions
         super()._load_from_state_dict(state_dict, prefix, *args)
-
-    def learnable_entries(self, partner: MaskedWeight | None, first: bool) -> int:
-        """Trainable entries that can receive a gradient: all of them, except in a two-matrix path, where an entry
-        learns only if its rank unit has a trainable entry in `partner` (see `masks.learnable_pair_entries`).
-        `first`: whether this is the first matrix (units on rows) rather than the second (units on columns)."""
-        if partner is None or (self.mask is None and partner.mask is None):
-            return self.num_entries
-        a, b = (self, partner) if first else (partner, self)
-        a_units, b_units = a.flat_indices() // a.shape[1], b.flat_indices() % b.shape[1]
-        return learnable_pair_entries(a_units, b_units)[0 if first else 1]
 
     def extra_repr(self) -> str:
         return f"shape={self.shape}, mask={self.mask}, axis={self.axis}, trainable={self.num_entries}"

@@ -178,18 +178,20 @@ class APETModel(BaseTuner):
                     "unpartitioned model (PeftModel.from_pretrained(base, folder).merge_and_unload())."
                 )
 
-    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
-        self._check_merge_adds_no_parameter_under_zero3(adapter_names or self.active_adapters)
+    def _check_before_merge(self, adapter_names: list[str], safe_merge: bool) -> None:
+        """Whole-model checks of a merge, before any layer changes."""
+        self._check_merge_adds_no_parameter_under_zero3(adapter_names)
         if safe_merge:  # check every layer first: a NaN in the last layer must not leave the first ones merged
-            check_merge_is_finite(self.model, adapter_names or self.active_adapters)
+            check_merge_is_finite(self.model, adapter_names)
+
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        self._check_before_merge(adapter_names or self.active_adapters, safe_merge)
         super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
 
     def _unload_and_optionally_merge(self, merge: bool = True, progressbar: bool = False, safe_merge: bool = False,
                                      adapter_names: list[str] | None = None) -> nn.Module:
         if merge:
-            self._check_merge_adds_no_parameter_under_zero3(adapter_names or self.active_adapters)
-        if merge and safe_merge:
-            check_merge_is_finite(self.model, adapter_names or self.active_adapters)
+            self._check_before_merge(adapter_names or self.active_adapters, safe_merge)
         new_biases = modules_gaining_a_bias(self.model, adapter_names or self.active_adapters) if merge else []
         model = super()._unload_and_optionally_merge(merge=merge, progressbar=progressbar, safe_merge=safe_merge,
                                                      adapter_names=adapter_names)
@@ -259,9 +261,9 @@ class APETModel(BaseTuner):
         gradient: see `APETLayer.learnable_entries`) and trainable entries; token rows last."""
         adapter_name = adapter_name or self.active_adapters[0]
         rows, learnable = [], []
-        for module_name, module, name in self._apet_layers(adapter_name):
-            can_learn = module.learnable_entries(name)
-            for role, weight in module.apet_weights[name].items():
+        for module_name, module in self._apet_layers(adapter_name):
+            can_learn = module.learnable_entries(adapter_name)
+            for role, weight in module.apet_weights[adapter_name].items():
                 rows.append((module_name, role, weight.shape, weight.mask, weight.num_entries))
                 learnable.append(can_learn[role])
         for module_name, layer in token_layers(self.model, adapter_name):
@@ -273,16 +275,16 @@ class APETModel(BaseTuner):
     def learnable_entries(self, adapter_name: str | None = None) -> tuple[int, int]:
         """`(learnable, trainable)`: the adapter's trainable entries, and how many of them can receive a gradient
         (in a two-matrix path, an entry whose rank unit has no trainable entry in the other matrix cannot)."""
+        adapter_name = adapter_name or self.active_adapters[0]
         learnable = trainable = 0
-        for _, module, name in self._apet_layers(adapter_name):
-            learnable += sum(module.learnable_entries(name).values())
-            trainable += sum(w.num_entries for w in module.apet_weights[name].values())
+        for _, module in self._apet_layers(adapter_name):
+            learnable += sum(module.learnable_entries(adapter_name).values())
+            trainable += sum(w.num_entries for w in module.apet_weights[adapter_name].values())
         return learnable, trainable
 
-    def _apet_layers(self, adapter_name: str | None) -> list[tuple[str, APETLayer, str]]:
-        name = adapter_name or self.active_adapters[0]
-        return [(module_name, module, name) for module_name, module in self.model.named_modules()
-                if isinstance(module, APETLayer) and name in module.apet_weights]
+    def _apet_layers(self, adapter_name: str) -> list[tuple[str, APETLayer]]:
+        return [(module_name, module) for module_name, module in self.model.named_modules()
+                if isinstance(module, APETLayer) and adapter_name in module.apet_weights]
 
     def _warn_unlearnable(self, adapter_name: str) -> None:
         learnable, trainable = self.learnable_entries(adapter_name)

@@ -17,7 +17,7 @@ from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
 from .budget import allocate_budget, avoid_unpaired_counts, density_to_count, split_aligned_pair, split_config_budget
-from .config import APETConfig, APETPart
+from .config import PAIRED_OPERATIONS, APETConfig, APETPart
 from .masks import stable_seed
 from .targets import ALL_LINEAR, ALL_WITH_BIAS, default_target_modules
 from .tokens import TOKENS_ROLE, TokenPlan, plan_trainable_tokens
@@ -254,7 +254,7 @@ def _tensor_shapes(part: APETPart, module: nn.Module, kind: str) -> dict[str, tu
 
 
 def _is_aligned(part: APETPart) -> bool:
-    return part.operation in ("lora", "adapter") and part.mask is not None and part.mask_pairing == "aligned"
+    return part.operation in PAIRED_OPERATIONS and part.mask is not None and part.mask_pairing == "aligned"
 
 
 def _split_within_module(shapes: dict[str, tuple[int, ...]], count: int, part: APETPart) -> dict[str, int]:
