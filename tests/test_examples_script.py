@@ -138,7 +138,7 @@ def test_runs_without_output_dir_get_their_own_folders_and_say_where_things_went
 
 def test_argument_errors_are_one_line_without_traceback():
     result = subprocess.run([sys.executable, str(ROOT / "examples" / "run_apet.py"), "--mask", "adjacent"],
-                            capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                            capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == (

@@ -99,7 +99,8 @@ def test_masks_are_identical_across_processes():
         " adjacent_mask((300, 200), 777, 1, s).tolist()]))"
     )
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env,
+                         timeout=300).stdout
     seed_there, discrete_there, adjacent_there = json.loads(out)
     seed = stable_seed(0, "encoder.layer.0.attention.self.query", "delta")
     assert seed_there == seed

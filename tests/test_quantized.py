@@ -541,7 +541,7 @@ def test_readme_quantized_example_runs(tmp_path):
     script.write_text("import bitsandbytes as bnb\n" + block
                       + "\nprint(sum(isinstance(m, bnb.nn.Linear4bit) for m in merged.modules()))\n")
     result = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True,
-                            env=_env_with_this_package())
+                            env=_env_with_this_package(), timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     lines = result.stdout.strip().splitlines()
     assert lines[-2].startswith("trainable params: 5,000 ||") and lines[-1] == "14"
