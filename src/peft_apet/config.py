@@ -17,11 +17,14 @@ Every `W~ = W ⊙ m`: `mask=None` trains the whole tensor, `"adjacent"` whole li
 
 from __future__ import annotations
 
+import abc
 import enum
 import functools
+import inspect
 import json
 import math
 import os
+import textwrap
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -42,14 +45,6 @@ SELECTION_SCOPES = ("module", "global")
 # How the masks of a two-matrix part (lora A/B, adapter down/up) relate; see `peft_apet.masks.aligned_pair_masks`.
 MASK_PAIRINGS = ("aligned", "independent")
 PAIRED_OPERATIONS = ("lora", "adapter")
-
-# Fields that only make sense for one operation, with the default filled in when that operation is used.
-_OPERATION_FIELDS: dict[str, dict[str, Any]] = {
-    "lora": {"r": 8, "lora_alpha": 8.0, "lora_dropout": 0.0},
-    "adapter": {"bottleneck": 24, "activation": "relu"},
-    "prompt": {"num_virtual_tokens": 20, "prompt_init": "random", "prompt_init_text": None,
-               "tokenizer_name_or_path": None},
-}
 
 
 class UnknownFieldError(TypeError, ValueError):
@@ -144,14 +139,39 @@ def _check_target_modules(name: str, value: Any) -> None:
     )
 
 
-@dataclass
-class APETPart:
-    """One operation of an APET adapter, applied to a set of modules, optionally masked.
+# --------------------------------------------------------------------------------------------------- parts
+_OPERATION_HELP = f"The part's operation, one of {list(OPERATIONS)}; each part class has its own."
 
-    Fields that belong to another operation (for example `r` on a `bias` part) must be left `None`.
+
+def _tag(operation: str) -> Any:
+    """The `operation` field of a part class: fixed to `operation`, kept as a field so that it is saved."""
+    return field(default=operation, metadata={"help": _OPERATION_HELP})
+
+
+def _check_strategy_name(owner: str, value: Any) -> None:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{owner}: `mask_strategy` must be a non-empty str, got {value!r}.")
+
+
+@dataclass
+class BasePart:
+    """What every part has: where it acts and how much of it trains. Build parts with `APETPart(operation=...)` or
+    a part class (`LoraPart(r=4, ...)`); this base is not a part of its own.
+
+    Args:
+        operation: The part's operation; fixed by the part class.
+        target_modules: Modules the part acts on (name suffixes, a regex or "all-linear"; None: the model type's
+            default, see `peft_apet.targets`).
+        mask: None trains whole tensors; "adjacent" whole lines; "discrete" scattered entries.
+        mask_axis: For "adjacent" masks: 0 trains rows, 1 columns.
+        num_trainable_params: Exact number of trainable entries of the part (needs a mask).
+        density: Fraction in (0, 1] of the part's entries to train (needs a mask).
+        exclude_modules: Modules to leave out, same syntax as `target_modules`.
+        mask_counts: Written by mask selection, leave None: trainable entries per module as a strategy chose them.
     """
 
-    operation: str = field(default="lora", metadata={"help": f"One of {list(OPERATIONS)}."})
+    # Field order = the presets' parameter order (after the operation's own settings), which 0.1 fixed.
+    operation: str | None = field(default=None, metadata={"help": _OPERATION_HELP})
     target_modules: list[str] | str | None = field(
         default=None,
         metadata={
@@ -159,9 +179,6 @@ class APETPart:
             "None uses the default for the model type (see `peft_apet.targets`). Ignored by `prompt`, which "
             "always acts on the input embedding."
         },
-    )
-    exclude_modules: list[str] | str | None = field(
-        default=None, metadata={"help": "Modules to leave out, same syntax as `target_modules`."}
     )
     mask: str | None = field(
         default=None,
@@ -180,32 +197,99 @@ class APETPart:
     density: float | None = field(
         default=None, metadata={"help": "Fraction in (0, 1] of this part's entries to train (needs a mask)."}
     )
-    r: int | None = field(default=None, metadata={"help": "lora: rank of the low-rank path (default 8)."})
-    lora_alpha: float | None = field(
-        default=None, metadata={"help": "lora: the path is scaled by lora_alpha / r, as in PEFT (default 8)."}
+    exclude_modules: list[str] | str | None = field(
+        default=None, metadata={"help": "Modules to leave out, same syntax as `target_modules`."}
     )
-    lora_dropout: float | None = field(
-        default=None, metadata={"help": "lora: dropout on the input of the low-rank path (default 0.0)."}
-    )
-    bottleneck: int | None = field(
-        default=None, metadata={"help": "adapter: bottleneck width of the plug-in (default 24)."}
-    )
-    activation: str | None = field(
-        default=None, metadata={"help": f"adapter: the non-linearity σ, one of {list(ACTIVATIONS)} (default relu)."}
-    )
-    num_virtual_tokens: int | None = field(
-        default=None, metadata={"help": "prompt: number of soft tokens prepended to the input (default 20)."}
-    )
-    prompt_init: str | None = field(
+    mask_counts: dict[str, int] | None = field(
         default=None,
-        metadata={"help": "prompt: 'random' (N(0, 1), as PEFT) or 'text' (embeddings of `prompt_init_text`)."},
+        metadata={
+            "help": "Written by mask selection, leave None: the trainable entries of each module (by module name) "
+            "as a strategy chose them. With selection_scope='global' they differ from the planned split; a saved "
+            "adapter reloads with these shapes (its masks come from the checkpoint) without recalibrating."
+        },
     )
-    prompt_init_text: str | None = field(
-        default=None, metadata={"help": "prompt: text whose token embeddings initialise the prompt."}
-    )
-    tokenizer_name_or_path: str | None = field(
-        default=None, metadata={"help": "prompt: tokenizer used to encode `prompt_init_text`."}
-    )
+
+    @property
+    def mask_strategy(self) -> str:
+        """'random': only `ScoredPart`s (bias, delta) rank their entries; every other part draws them at random."""
+        return "random"
+
+    @property
+    def mergeable(self) -> bool:
+        """Whether this part can be folded into the base weights (`lora`, `bias`, `delta`)."""
+        return self.operation in MERGEABLE_OPERATIONS
+
+    @property
+    def _owner(self) -> str:
+        return f"part '{self.operation}'"
+
+    def __post_init__(self) -> None:
+        if type(self).operation is None:
+            raise TypeError(f"{type(self).__name__} is a base class: build a part with APETPart(operation=...) or "
+                            f"one of {[c.__name__ for c in PART_CLASSES.values()]}.")
+        _check_choice("operation", self.operation, (type(self).operation,))
+        owner = self._owner
+        self._check_mask(owner)
+        _check_budget(owner, self.num_trainable_params, self.density)
+        if (self.num_trainable_params is not None or self.density is not None) and self.mask is None:
+            raise ValueError(f"{owner}: a budget needs `mask` set to one of {list(MASKS)}.")
+        _check_target_modules("target_modules", self.target_modules)
+        if self.exclude_modules is not None:
+            _check_target_modules("exclude_modules", self.exclude_modules)
+        if isinstance(self.target_modules, (set, tuple)):
+            self.target_modules = sorted(self.target_modules)
+        if isinstance(self.exclude_modules, (set, tuple)):
+            self.exclude_modules = sorted(self.exclude_modules)
+        if self.mask_counts is not None:
+            if self.mask_strategy == "random":
+                raise ValueError(f"{owner}: `mask_counts` belong to a non-random `mask_strategy`; leave them None "
+                                 "for 'random'.")
+            if not isinstance(self.mask_counts, dict) or not all(
+                    isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                    for k, v in self.mask_counts.items()):
+                raise ValueError(f"{owner}: `mask_counts` must map module names to non-negative ints, got "
+                                 f"{self.mask_counts!r}.")
+            self.mask_counts = dict(self.mask_counts)
+
+    def _check_mask(self, owner: str) -> None:
+        """Checks of `mask` and `mask_axis` (before the budget, which needs a valid mask)."""
+        _check_choice("mask", self.mask, MASKS, allow_none=True)
+        _check_choice("mask_axis", self.mask_axis, (0, 1))
+
+    @classmethod
+    def _misplaced(cls, operation: str, name: str, value: Any) -> ValueError:
+        """The error for field `name`, declared by this class, given as `value` to a part of `operation`."""
+        users = [op for op, part_class in PART_CLASSES.items() if issubclass(part_class, cls)]
+        where = f"operation {users[0]!r}" if len(users) == 1 else f"operations {users}"
+        return ValueError(f"part '{operation}': `{name}` is only used by {where} (got {name}={value!r}); leave it "
+                          f"None for '{operation}'.")
+
+    @classmethod
+    def check_kwargs(cls, **kwargs: Any) -> dict:
+        """Refuse unknown fields with an `UnknownFieldError` (TypeError and ValueError) listing the allowed ones."""
+        allowed = [f.name for f in fields(cls)]
+        unknown = sorted(set(kwargs) - set(allowed))
+        if unknown:
+            raise UnknownFieldError(f"{cls.__name__} has no fields {unknown}; allowed: {allowed}.")
+        return kwargs
+
+    def to_dict(self) -> dict[str, Any]:
+        """The part as `adapter_config.json` stores it: every field of every operation, in peft-apet 0.1's order;
+        a field this part does not have holds what 0.1 wrote for it (None; "aligned" / "random" for
+        `mask_pairing` / `mask_strategy`)."""
+        own = asdict(self)
+        return {name: own[name] if name in own else _ABSENT.get(name, (None,))[0] for name in SAVED_FIELDS}
+
+
+@dataclass
+class PairedPart(BasePart):
+    """A part of two matrices whose masks may share rank units (lora A/B, adapter down/up).
+
+    Args:
+        mask_pairing: "aligned" draws both masks on shared units so every trainable entry can learn;
+            "independent" draws them apart, as in the APET paper.
+    """
+
     mask_pairing: str = field(
         default="aligned",
         metadata={
@@ -216,6 +300,29 @@ class APETPart:
             "adapter_config.json without this field (peft-apet 0.1) are 'independent'."
         },
     )
+
+    def _check_mask(self, owner: str) -> None:
+        super()._check_mask(owner)
+        _check_choice("mask_pairing", self.mask_pairing, MASK_PAIRINGS)
+        if self.mask == "adjacent" and self.mask_pairing == "aligned" and self.mask_axis != 0:
+            raise ValueError(
+                f"{owner}: mask_axis={self.mask_axis} with mask_pairing='aligned': aligned adjacent masks train whole "
+                "rank units (rows of the first matrix, columns of the second), so `mask_axis` must be 0; set "
+                "mask_pairing='independent' to mask columns of both matrices."
+            )
+
+
+@dataclass
+class ScoredPart(BasePart):
+    """A part whose entries a mask strategy can rank: an additive change that starts at zero on top of a
+    pre-trained tensor, so that a score taken at the pre-trained model says what training an entry would do.
+
+    Args:
+        mask_strategy: Which entries a mask trains: "random", "magnitude", "gradient", "fisher", "sam" or a
+            registered name.
+        mask_strategy_kwargs: Settings of the strategy (JSON values).
+    """
+
     mask_strategy: str = field(
         default="random",
         metadata={
@@ -229,120 +336,250 @@ class APETPart:
         default=None,
         metadata={"help": "Settings of the mask strategy (JSON values), e.g. {'damping': 0.1} for 'sam'."},
     )
-    mask_counts: dict[str, int] | None = field(
-        default=None,
-        metadata={
-            "help": "Written by mask selection, leave None: the trainable entries of each module (by module name) "
-            "as a strategy chose them. With selection_scope='global' they differ from the planned split; a saved "
-            "adapter reloads with these shapes (its masks come from the checkpoint) without recalibrating."
-        },
-    )
 
     def __post_init__(self) -> None:
-        _check_choice("operation", self.operation, OPERATIONS)
-        owner = f"part '{self.operation}'"
-        for op, defaults in _OPERATION_FIELDS.items():
-            for name, default in defaults.items():
-                if op == self.operation:
-                    if getattr(self, name) is None:
-                        setattr(self, name, default)
-                elif getattr(self, name) is not None:
-                    raise ValueError(
-                        f"{owner}: `{name}` is only used by operation '{op}'; leave it None for '{self.operation}'."
-                    )
-        _check_choice("mask", self.mask, MASKS, allow_none=True)
-        _check_choice("mask_axis", self.mask_axis, (0, 1))
-        _check_choice("mask_pairing", self.mask_pairing, MASK_PAIRINGS)
-        if (self.operation in PAIRED_OPERATIONS and self.mask == "adjacent" and self.mask_pairing == "aligned"
-                and self.mask_axis != 0):
-            raise ValueError(
-                f"{owner}: mask_axis={self.mask_axis} with mask_pairing='aligned': aligned adjacent masks train whole "
-                "rank units (rows of the first matrix, columns of the second), so `mask_axis` must be 0; set "
-                "mask_pairing='independent' to mask columns of both matrices."
-            )
-        _check_budget(owner, self.num_trainable_params, self.density)
-        has_budget = self.num_trainable_params is not None or self.density is not None
-        if has_budget and self.mask is None:
-            raise ValueError(f"{owner}: a budget needs `mask` set to one of {list(MASKS)}.")
-        _check_target_modules("target_modules", self.target_modules)
-        if self.exclude_modules is not None:
-            _check_target_modules("exclude_modules", self.exclude_modules)
-        if isinstance(self.target_modules, (set, tuple)):
-            self.target_modules = sorted(self.target_modules)
-        if isinstance(self.exclude_modules, (set, tuple)):
-            self.exclude_modules = sorted(self.exclude_modules)
-        if self.operation == "prompt" and self.target_modules is not None:
-            raise ValueError("part 'prompt': `target_modules` must be None; prompts act on the input embedding.")
-        if self.operation == "lora":
-            _check_positive_int("r", self.r)
-            if (isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float))
-                    or not math.isfinite(self.lora_alpha)):
-                raise ValueError(f"`lora_alpha` must be a finite number, got {self.lora_alpha!r}.")
-            if (isinstance(self.lora_dropout, bool) or not isinstance(self.lora_dropout, (int, float))
-                    or not 0.0 <= self.lora_dropout < 1.0):
-                raise ValueError(f"`lora_dropout` must be a float in [0, 1), got {self.lora_dropout!r}.")
-        if self.operation == "adapter":
-            _check_positive_int("bottleneck", self.bottleneck)
-            _check_choice("activation", self.activation, ACTIVATIONS)
-        if self.operation == "prompt":
-            _check_positive_int("num_virtual_tokens", self.num_virtual_tokens)
-            _check_choice("prompt_init", self.prompt_init, PROMPT_INITS)
-            _check_optional_str("prompt_init_text", self.prompt_init_text)
-            _check_optional_str("tokenizer_name_or_path", self.tokenizer_name_or_path)
-            if self.prompt_init == "text" and not (self.prompt_init_text and self.tokenizer_name_or_path):
-                raise ValueError(
-                    "part 'prompt': prompt_init='text' needs `prompt_init_text` and `tokenizer_name_or_path`."
-                )
-        self._check_mask_strategy(owner)
-
-    def _check_mask_strategy(self, owner: str) -> None:
-        if not isinstance(self.mask_strategy, str) or not self.mask_strategy:
-            raise ValueError(f"{owner}: `mask_strategy` must be a non-empty str, got {self.mask_strategy!r}.")
+        super().__post_init__()
+        owner = self._owner
+        _check_strategy_name(owner, self.mask_strategy)
         if self.mask_strategy_kwargs is not None:
             _check_json_dict(f"{owner}: `mask_strategy_kwargs`", self.mask_strategy_kwargs)
             self.mask_strategy_kwargs = dict(self.mask_strategy_kwargs)
         if self.mask_strategy == "random":
-            if self.mask_strategy_kwargs or self.mask_counts is not None:
-                raise ValueError(f"{owner}: `mask_strategy_kwargs` and `mask_counts` belong to a non-random "
-                                 "`mask_strategy`; leave them None for 'random'.")
+            if self.mask_strategy_kwargs:
+                raise ValueError(f"{owner}: `mask_strategy_kwargs` belong to a non-random `mask_strategy`; leave "
+                                 "them None for 'random'.")
             return
-        if self.operation not in SCORED_OPERATIONS:
-            raise ValueError(
-                f"{owner}: mask_strategy={self.mask_strategy!r} ranks entries of tensors that start at zero on top of "
-                f"pre-trained weights ({list(SCORED_OPERATIONS)} parts). A '{self.operation}' tensor is new: its "
-                "entries have no pre-trained value or gradient to rank them by (LoRA A / adapter down get no "
-                "gradient while the zero-initialised second matrix blocks it). Use mask_strategy='random'."
-            )
         if self.mask is None:
             raise ValueError(f"{owner}: mask_strategy={self.mask_strategy!r} chooses entries of a mask; set `mask` "
                              "('discrete') and a budget.")
-        if self.operation == "bias" and self.mask == "adjacent":
-            raise ValueError(f"{owner}: an adjacent mask on a bias vector trains its first entries (a vector is one "
-                             "line); use mask='discrete' with a mask_strategy.")
-        if self.mask_counts is not None:
-            if not isinstance(self.mask_counts, dict) or not all(
-                    isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 0
-                    for k, v in self.mask_counts.items()):
-                raise ValueError(f"{owner}: `mask_counts` must map module names to non-negative ints, got "
-                                 f"{self.mask_counts!r}.")
-            self.mask_counts = dict(self.mask_counts)
-            return  # the masks were chosen already and live in the checkpoint: the strategy need not be known here
-        from .selection import check_mask_strategy  # the registry lives with the strategies
+        if self.mask_counts is None:  # else the masks were chosen already and live in the checkpoint
+            from .selection import check_mask_strategy  # the registry lives with the strategies
 
-        check_mask_strategy(self.mask_strategy, self.mask_strategy_kwargs or {}, owner)
+            check_mask_strategy(self.mask_strategy, self.mask_strategy_kwargs or {}, owner)
+
+    @classmethod
+    def _misplaced(cls, operation: str, name: str, value: Any) -> ValueError:
+        if name == "mask_strategy":
+            _check_strategy_name(f"part '{operation}'", value)
+        return ValueError(
+            f"part '{operation}': {name}={value!r} is a setting of {list(SCORED_OPERATIONS)} parts, which rank "
+            "entries of tensors that start at zero on top of pre-trained weights. A "
+            f"'{operation}' tensor is new: its entries have no pre-trained value or gradient to rank them by (LoRA A "
+            "/ adapter down get no gradient while the zero-initialised second matrix blocks it). Leave "
+            f"`{name}` None for '{operation}' (mask_strategy='random')."
+        )
+
+
+@dataclass
+class PromptPart(BasePart):
+    """Prompt tuning: `num_virtual_tokens` soft tokens prepended to the input, a table of shape
+    `(num_virtual_tokens, embedding_dim)`. Always acts on the input embedding (`target_modules` stays None)."""
+
+    operation: str = _tag("prompt")
+    num_virtual_tokens: int = field(
+        default=20, metadata={"help": "Number of soft tokens prepended to the input."}
+    )
+    prompt_init: str = field(
+        default="random",
+        metadata={"help": "'random' (N(0, 1), as PEFT) or 'text' (embeddings of `prompt_init_text`)."},
+    )
+    prompt_init_text: str | None = field(
+        default=None, metadata={"help": "Text whose token embeddings initialise the prompt."}
+    )
+    tokenizer_name_or_path: str | None = field(
+        default=None, metadata={"help": "Tokenizer used to encode `prompt_init_text`."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.target_modules is not None:
+            raise ValueError("part 'prompt': `target_modules` must be None; prompts act on the input embedding.")
+        _check_positive_int("num_virtual_tokens", self.num_virtual_tokens)
+        _check_choice("prompt_init", self.prompt_init, PROMPT_INITS)
+        _check_optional_str("prompt_init_text", self.prompt_init_text)
+        _check_optional_str("tokenizer_name_or_path", self.tokenizer_name_or_path)
+        if self.prompt_init == "text" and not (self.prompt_init_text and self.tokenizer_name_or_path):
+            raise ValueError("part 'prompt': prompt_init='text' needs `prompt_init_text` and `tokenizer_name_or_path`.")
+
+
+@dataclass
+class LoraPart(PairedPart):
+    """LoRA: `h + (lora_alpha / r) · dropout(h) A^T B^T` with A `(r, in)`, B `(out, r)`."""
+
+    operation: str = _tag("lora")
+    r: int = field(default=8, metadata={"help": "Rank of the low-rank path."})
+    lora_alpha: float = field(default=8.0, metadata={"help": "The path is scaled by lora_alpha / r, as in PEFT."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the input of the low-rank path."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_positive_int("r", self.r)
+        if (isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float))
+                or not math.isfinite(self.lora_alpha)):
+            raise ValueError(f"`lora_alpha` must be a finite number, got {self.lora_alpha!r}.")
+        if (isinstance(self.lora_dropout, bool) or not isinstance(self.lora_dropout, (int, float))
+                or not 0.0 <= self.lora_dropout < 1.0):
+            raise ValueError(f"`lora_dropout` must be a float in [0, 1), got {self.lora_dropout!r}.")
+
+
+@dataclass
+class AdapterPart(PairedPart):
+    """Houlsby adapter: `y + σ(y W_down^T) W_up^T` after each targeted module's output `y`, with W_down
+    `(bottleneck, d)` and W_up `(d, bottleneck)`."""
+
+    operation: str = _tag("adapter")
+    bottleneck: int = field(default=24, metadata={"help": "Bottleneck width of the plug-in."})
+    activation: str = field(default="relu", metadata={"help": f"The non-linearity σ, one of {list(ACTIVATIONS)}."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_positive_int("bottleneck", self.bottleneck)
+        _check_choice("activation", self.activation, ACTIVATIONS)
+
+
+@dataclass
+class BiasPart(ScoredPart):
+    """BitFit / Add: a trainable vector added to the output of each targeted module (a delta on its bias, or a new
+    bias on bias-free modules)."""
+
+    operation: str = _tag("bias")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.mask_strategy != "random" and self.mask == "adjacent":
+            raise ValueError(f"{self._owner}: an adjacent mask on a bias vector trains its first entries (a vector is "
+                             "one line); use mask='discrete' with a mask_strategy.")
+
+
+@dataclass
+class DeltaPart(ScoredPart):
+    """Sparse fine-tuning of the base weights themselves: `f(h; W + W~)` (diff pruning, SHiRA)."""
+
+    operation: str = _tag("delta")
+
+
+PART_CLASSES: dict[str, type[BasePart]] = {
+    c.operation: c for c in (PromptPart, LoraPart, AdapterPart, BiasPart, DeltaPart)
+}
+# adapter_config.json holds every field of every operation on every part, in this order (peft-apet 0.1's format).
+SAVED_FIELDS = (
+    "operation", "target_modules", "exclude_modules", "mask", "mask_axis", "num_trainable_params", "density", "r",
+    "lora_alpha", "lora_dropout", "bottleneck", "activation", "num_virtual_tokens", "prompt_init", "prompt_init_text",
+    "tokenizer_name_or_path", "mask_pairing", "mask_strategy", "mask_strategy_kwargs", "mask_counts",
+)
+# Values saved for a field the part's operation does not have, besides None; the first one is what `to_dict`
+# writes. They are accepted and dropped on reading. ("independent": a 0.1 part read by `check_kwargs` and saved.)
+_ABSENT: dict[str, tuple[str, ...]] = {"mask_pairing": ("aligned", "independent"), "mask_strategy": ("random",)}
+
+
+def _declaring_class(name: str) -> type[BasePart]:
+    """The part class (base, mixin or operation) that declares field `name`."""
+    return next(c for c in (BasePart, PairedPart, ScoredPart, *PART_CLASSES.values())
+                if name in inspect.get_annotations(c))
+
+
+def _build_part(kwargs: dict[str, Any]) -> BasePart:
+    """The part of `kwargs["operation"]`, with fields of other operations dropped if they hold no setting."""
+    operation = kwargs.pop("operation", "lora")
+    _check_choice("operation", operation, OPERATIONS)
+    part_class = PART_CLASSES[operation]
+    own = {f.name for f in fields(part_class)}
+    for name in [name for name in kwargs if name not in own]:
+        value = kwargs.pop(name)
+        if value is not None and not (isinstance(value, str) and value in _ABSENT.get(name, ())):
+            raise _declaring_class(name)._misplaced(operation, name, value)
+    return part_class(operation=operation, **kwargs)
+
+
+class APETPart(abc.ABC):  # noqa: B024 (no abstract methods: an ABC for `register`, so isinstance holds)
+    """A part of an APET adapter as `adapter_config.json` stores it: builds the part class of its operation.
+
+    `APETPart(operation="lora", r=4, mask="discrete", density=0.1)` returns a `LoraPart`; `isinstance(part, APETPart)`
+    holds for every part class. Fields of other operations may be given as None (0.1 files store every field on
+    every part); a setting for one raises a ValueError naming the field and the operations that have it.
+    `dataclasses.fields(APETPart)` lists every field a part may have, in the saved order.
+
+    Args:
+        operation: One of "prompt", "lora", "adapter", "bias", "delta" (default "lora").
+        **fields: The fields of that operation's part class: `PromptPart`, `LoraPart`, `AdapterPart`, `BiasPart`,
+            `DeltaPart` (see their docstrings).
+    """
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> BasePart:
+        cls.check_kwargs(**kwargs)
+        return _build_part(dict(cls.__signature__.bind(*args, **kwargs).arguments))
 
     @classmethod
     def check_kwargs(cls, **kwargs: Any) -> dict:
         """Refuse unknown fields with an `UnknownFieldError` (TypeError and ValueError) listing the allowed ones."""
-        unknown = sorted(set(kwargs) - {f.name for f in fields(cls)})
+        unknown = sorted(set(kwargs) - set(SAVED_FIELDS))
         if unknown:
-            raise UnknownFieldError(f"APETPart has no fields {unknown}; allowed: {[f.name for f in fields(cls)]}.")
+            raise UnknownFieldError(f"APETPart has no fields {unknown}; allowed: {list(SAVED_FIELDS)}.")
         return kwargs
 
-    @property
-    def mergeable(self) -> bool:
-        """Whether this part can be folded into the base weights (`lora`, `bias`, `delta`)."""
-        return self.operation in MERGEABLE_OPERATIONS
+
+APETPart.register(BasePart)
+APETPart.__dataclass_fields__ = {name: _declaring_class(name).__dataclass_fields__[name] for name in SAVED_FIELDS}
+# peft-apet 0.1's signature of APETPart (None: the operation's default, or a field it does not have).
+_SHOWN_DEFAULTS = {"operation": "lora", "mask_axis": 0, "mask_pairing": "aligned", "mask_strategy": "random"}
+APETPart.__signature__ = inspect.Signature([
+    inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=_SHOWN_DEFAULTS.get(name))
+    for name in SAVED_FIELDS
+])
+
+
+# ---------------------------------------------------------------------------------------------- presets
+def _args_block(entries: list[tuple[str, str]]) -> str:
+    """A Google-style `Args:` block: one wrapped entry per (name, description)."""
+    lines = ["Args:"]
+    for name, text in entries:
+        lines += textwrap.wrap(f"{name}: {text}", width=112, initial_indent="    ", subsequent_indent="        ")
+    return "\n".join(lines)
+
+
+def _preset_fields(part_class: type[BasePart]) -> list:
+    """The fields a preset of `part_class` takes, in the presets' order: the operation's own settings, then those
+    of every part, then those of its mixin (pairing or scoring)."""
+    def rank(f) -> int:
+        return {part_class: 0, BasePart: 1}.get(_declaring_class(f.name), 2)
+
+    return sorted((f for f in fields(part_class) if f.name not in ("operation", "mask_counts")), key=rank)
+
+
+class _Preset(classmethod):
+    """A preset `APETConfig.<name>(**part_fields, **config_kwargs)`: a config of one part of `part_class`.
+
+    Its parameters are the part class's fields with their defaults (`defaults` overrides some, `leave_out` drops
+    some), so `inspect.signature` and `help()` show them; `as_float` fields are stored as floats.
+    """
+
+    def __init__(self, part_class: type[BasePart], summary: str, leave_out: tuple[str, ...] = (),
+                 as_float: tuple[str, ...] = (), **defaults: Any) -> None:
+        part_fields = [f for f in _preset_fields(part_class) if f.name not in leave_out]
+        kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+        params = [inspect.Parameter(f.name, kind, default=defaults.get(f.name, f.default), annotation=f.type)
+                  for f in part_fields]
+        params.append(inspect.Parameter("config_kwargs", inspect.Parameter.VAR_KEYWORD, annotation="Any"))
+        signature = inspect.Signature(params, return_annotation="APETConfig")
+
+        def preset(cls: type[APETConfig], *args: Any, **kwargs: Any) -> APETConfig:
+            values = signature.bind(*args, **kwargs)
+            values.apply_defaults()
+            part = dict(values.arguments)
+            config_kwargs = part.pop("config_kwargs")
+            part.update((name, float(part[name])) for name in as_float)
+            return cls(parts=[part_class(**part)], **config_kwargs)
+
+        preset.__signature__ = signature.replace(parameters=[inspect.Parameter("cls", kind), *params])
+        args = [(f.name, f.metadata["help"]) for f in part_fields]
+        args.append(("**config_kwargs", "Fields of `APETConfig` (`task_type`, `num_trainable_params`, `density`, "
+                                        "`seed`, ...)."))
+        returns = f"Returns:\n    An APETConfig of one {part_class.__name__}."
+        preset.__doc__ = f"{inspect.cleandoc(summary)}\n\n{_args_block(args)}\n\n{returns}"
+        super().__init__(preset)
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.__func__.__name__, self.__func__.__qualname__ = name, f"{owner.__name__}.{name}"
 
 
 @dataclass
@@ -459,7 +696,9 @@ class APETConfig(PeftConfig):
         return next((p for p in self.parts if p.operation == operation), None)
 
     def to_dict(self) -> dict:
+        """The config as `adapter_config.json` stores it (every part with the fields of every operation)."""
         out = asdict(self)
+        out["parts"] = [p.to_dict() for p in self.parts]
         out["peft_type"] = APETPeftType.APET.value
         if out["modules_to_save"] is not None:
             # PeftModelForSequenceClassification appends its head names on every load: save each name once, so
@@ -507,127 +746,47 @@ class APETConfig(PeftConfig):
         return kwargs
 
     # ----------------------------------------------------------------- presets
-    @classmethod
-    def _single(cls, part_kwargs: dict, config_kwargs: dict) -> APETConfig:
-        return cls(parts=[APETPart(**part_kwargs)], **config_kwargs)
-
-    @classmethod
-    def prompt(
-        cls,
-        num_virtual_tokens: int = 20,
-        prompt_init: str = "random",
-        prompt_init_text: str | None = None,
-        tokenizer_name_or_path: str | None = None,
-        mask: str | None = None,
-        mask_axis: int = 0,
-        num_trainable_params: int | None = None,
-        density: float | None = None,
-        **config_kwargs: Any,
-    ) -> APETConfig:
+    prompt = _Preset(
+        PromptPart,
         """Prompt tuning (Lester et al.): `num_virtual_tokens` soft tokens prepended to the input sequence.
 
         The prompt table has shape `(num_virtual_tokens, embedding_dim)`; a mask trains a subset of it.
-        Needs `task_type=` ("SEQ_CLS", "CAUSAL_LM", "SEQ_2_SEQ_LM", ...).
-        """
-        part = dict(operation="prompt", num_virtual_tokens=num_virtual_tokens, prompt_init=prompt_init,
-                    prompt_init_text=prompt_init_text, tokenizer_name_or_path=tokenizer_name_or_path, mask=mask,
-                    mask_axis=mask_axis, num_trainable_params=num_trainable_params, density=density)
-        return cls._single(part, config_kwargs)
-
-    @classmethod
-    def lora(
-        cls,
-        r: int = 8,
-        lora_alpha: float = 8.0,
-        lora_dropout: float = 0.0,
-        target_modules: list[str] | str | None = None,
-        mask: str | None = None,
-        mask_axis: int = 0,
-        num_trainable_params: int | None = None,
-        density: float | None = None,
-        exclude_modules: list[str] | str | None = None,
-        mask_pairing: str = "aligned",
-        **config_kwargs: Any,
-    ) -> APETConfig:
+        Needs `task_type=` ("SEQ_CLS", "CAUSAL_LM", "SEQ_2_SEQ_LM", ...).""",
+        leave_out=("target_modules", "exclude_modules"),
+    )
+    lora = _Preset(
+        LoraPart,
         """LoRA (Hu et al.): `h + (lora_alpha / r) · dropout(h) A^T B^T` with A `(r, in)`, B `(out, r)`.
 
         With a mask, `mask_pairing="aligned"` (default) draws A's and B's masks on shared rank units so that every
-        trainable entry can learn; `"independent"` draws them apart, as in the APET paper."""
-        part = dict(operation="lora", r=r, lora_alpha=float(lora_alpha), lora_dropout=float(lora_dropout),
-                    target_modules=target_modules, exclude_modules=exclude_modules, mask=mask, mask_axis=mask_axis,
-                    num_trainable_params=num_trainable_params, density=density, mask_pairing=mask_pairing)
-        return cls._single(part, config_kwargs)
-
-    @classmethod
-    def adapter(
-        cls,
-        bottleneck: int = 24,
-        activation: str = "relu",
-        target_modules: list[str] | str | None = None,
-        mask: str | None = None,
-        mask_axis: int = 0,
-        num_trainable_params: int | None = None,
-        density: float | None = None,
-        exclude_modules: list[str] | str | None = None,
-        mask_pairing: str = "aligned",
-        **config_kwargs: Any,
-    ) -> APETConfig:
+        trainable entry can learn; `"independent"` draws them apart, as in the APET paper.""",
+        as_float=("lora_alpha", "lora_dropout"),
+    )
+    adapter = _Preset(
+        AdapterPart,
         """Houlsby adapter: `y + σ(y W_down^T) W_up^T` after each targeted module's output `y`.
 
         W_down is `(bottleneck, d)`, W_up `(d, bottleneck)`; defaults place it after the attention output
-        projection and the feed-forward output projection of every block. `mask_pairing` as for `lora`.
-        """
-        part = dict(operation="adapter", bottleneck=bottleneck, activation=activation, target_modules=target_modules,
-                    exclude_modules=exclude_modules, mask=mask, mask_axis=mask_axis,
-                    num_trainable_params=num_trainable_params, density=density, mask_pairing=mask_pairing)
-        return cls._single(part, config_kwargs)
-
-    @classmethod
-    def bitfit(
-        cls,
-        target_modules: list[str] | str | None = None,
-        mask: str | None = None,
-        num_trainable_params: int | None = None,
-        density: float | None = None,
-        exclude_modules: list[str] | str | None = None,
-        mask_strategy: str = "random",
-        mask_strategy_kwargs: dict[str, Any] | None = None,
-        **config_kwargs: Any,
-    ) -> APETConfig:
+        projection and the feed-forward output projection of every block. `mask_pairing` as for `lora`.""",
+    )
+    bitfit = _Preset(
+        BiasPart,
         """BitFit (Ben Zaken et al.): a trainable vector added to the output of every module that has a bias.
 
         Trains a delta on each existing bias (mergeable into it). On bias-free models (T5, Llama) the default
         targets are the attention and feed-forward projections, which get new bias vectors (the Add operation).
-        With a discrete mask, `mask_strategy` picks which bias entries train (see `peft_apet.selection`).
-        """
-        part = dict(operation="bias", target_modules=target_modules, exclude_modules=exclude_modules, mask=mask,
-                    num_trainable_params=num_trainable_params, density=density, mask_strategy=mask_strategy,
-                    mask_strategy_kwargs=mask_strategy_kwargs)
-        return cls._single(part, config_kwargs)
-
-    @classmethod
-    def delta(
-        cls,
-        target_modules: list[str] | str | None = None,
-        mask: str | None = "discrete",
-        mask_axis: int = 0,
-        num_trainable_params: int | None = None,
-        density: float | None = None,
-        exclude_modules: list[str] | str | None = None,
-        mask_strategy: str = "random",
-        mask_strategy_kwargs: dict[str, Any] | None = None,
-        **config_kwargs: Any,
-    ) -> APETConfig:
+        With a discrete mask, `mask_strategy` picks which bias entries train (see `peft_apet.selection`).""",
+        leave_out=("mask_axis",),
+    )
+    delta = _Preset(
+        DeltaPart,
         """Sparse fine-tuning of the base weights themselves: `f(h; W + W~)` (diff pruning, Fu et al., SHiRA).
 
         Needs a budget (`num_trainable_params` or `density`, here or on the config) unless `mask=None`.
         `mask_strategy` picks the trained entries: "random", "magnitude", or from data "gradient", "fisher", "sam"
-        (then call `peft_apet.calibrate_masks`); `selection_scope="global"` ranks them across modules.
-        """
-        part = dict(operation="delta", target_modules=target_modules, exclude_modules=exclude_modules, mask=mask,
-                    mask_axis=mask_axis, num_trainable_params=num_trainable_params, density=density,
-                    mask_strategy=mask_strategy, mask_strategy_kwargs=mask_strategy_kwargs)
-        return cls._single(part, config_kwargs)
+        (then call `peft_apet.calibrate_masks`); `selection_scope="global"` ranks them across modules.""",
+        mask="discrete",
+    )
 
     @classmethod
     def combine(cls, *configs: APETConfig, **config_kwargs: Any) -> APETConfig:
@@ -652,5 +811,5 @@ def _refuse_unknown_fields(init):
     return checked_init
 
 
-APETPart.__init__ = _refuse_unknown_fields(APETPart.__init__)
-APETConfig.__init__ = _refuse_unknown_fields(APETConfig.__init__)
+for _cls in (*PART_CLASSES.values(), APETConfig):
+    _cls.__init__ = _refuse_unknown_fields(_cls.__init__)
