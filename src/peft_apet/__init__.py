@@ -5,7 +5,7 @@ rest of PEFT's API work with APET adapters.
 """
 
 from .calibration import calibrate_masks
-from .config import APETConfig, APETPart
+from .config import AdapterPart, APETConfig, APETPart, BiasPart, DeltaPart, LoraPart, PromptPart
 from .export import export_lora
 from .layer import APETLayer, Linear, OutputLayer, PromptEmbedding
 from .masked_weight import MaskedWeight
@@ -24,10 +24,15 @@ __all__ = [
     "APETLayer",
     "APETModel",
     "APETPart",
+    "AdapterPart",
     "AdapterPlan",
+    "BiasPart",
+    "DeltaPart",
     "Linear",
+    "LoraPart",
     "MaskedWeight",
     "OutputLayer",
+    "PromptPart",
     "PromptEmbedding",
     "__version__",
     "adjacent_mask",

@@ -13,6 +13,12 @@ set of modules, optionally masked down to an exact number of trainable entries:
 
 Every `W~ = W ⊙ m`: `mask=None` trains the whole tensor, `"adjacent"` whole lines (rows or columns) and
 `"discrete"` scattered entries. See `peft_apet.budget` for how a budget is split.
+
+Each operation has a part class holding only its own settings: `PromptPart`, `LoraPart`, `AdapterPart`,
+`BiasPart`, `DeltaPart`, on `BasePart` (targets, mask, budget), with `PairedPart` (how the masks of lora's and
+adapter's two matrices pair) and `ScoredPart` (the mask strategy of bias and delta). `APETPart(operation=..., ...)`
+builds the class of its operation, and `adapter_config.json` keeps peft-apet 0.1's format: every part lists the
+fields of every operation (`SAVED_FIELDS`), null where it does not have them.
 """
 
 from __future__ import annotations
@@ -140,6 +146,21 @@ def _check_target_modules(name: str, value: Any) -> None:
 
 
 # --------------------------------------------------------------------------------------------------- parts
+def _args_block(entries: list[tuple[str, str]]) -> str:
+    """A Google-style `Args:` block: one wrapped entry per (name, description)."""
+    lines = ["Args:"]
+    for name, text in entries:
+        lines += textwrap.wrap(f"{name}: {text}", width=112, initial_indent="    ", subsequent_indent="        ")
+    return "\n".join(lines)
+
+
+def _with_args(cls: type, extra: tuple[tuple[str, str], ...] = (), skip: tuple[str, ...] = ()) -> type:
+    """`cls` with an `Args:` block from its fields' help appended to its docstring (the help is written once)."""
+    entries = [*extra, *((f.name, f.metadata["help"]) for f in fields(cls) if f.name not in skip)]
+    cls.__doc__ = f"{inspect.cleandoc(cls.__doc__)}\n\n{_args_block(entries)}"
+    return cls
+
+
 _OPERATION_HELP = f"The part's operation, one of {list(OPERATIONS)}; each part class has its own."
 
 
@@ -156,19 +177,7 @@ def _check_strategy_name(owner: str, value: Any) -> None:
 @dataclass
 class BasePart:
     """What every part has: where it acts and how much of it trains. Build parts with `APETPart(operation=...)` or
-    a part class (`LoraPart(r=4, ...)`); this base is not a part of its own.
-
-    Args:
-        operation: The part's operation; fixed by the part class.
-        target_modules: Modules the part acts on (name suffixes, a regex or "all-linear"; None: the model type's
-            default, see `peft_apet.targets`).
-        mask: None trains whole tensors; "adjacent" whole lines; "discrete" scattered entries.
-        mask_axis: For "adjacent" masks: 0 trains rows, 1 columns.
-        num_trainable_params: Exact number of trainable entries of the part (needs a mask).
-        density: Fraction in (0, 1] of the part's entries to train (needs a mask).
-        exclude_modules: Modules to leave out, same syntax as `target_modules`.
-        mask_counts: Written by mask selection, leave None: trainable entries per module as a strategy chose them.
-    """
+    a part class (`LoraPart(r=4, ...)`); this base is not a part of its own."""
 
     # Field order = the presets' parameter order (after the operation's own settings), which 0.1 fixed.
     operation: str | None = field(default=None, metadata={"help": _OPERATION_HELP})
@@ -281,14 +290,10 @@ class BasePart:
         return {name: own[name] if name in own else _ABSENT.get(name, (None,))[0] for name in SAVED_FIELDS}
 
 
+@_with_args
 @dataclass
 class PairedPart(BasePart):
-    """A part of two matrices whose masks may share rank units (lora A/B, adapter down/up).
-
-    Args:
-        mask_pairing: "aligned" draws both masks on shared units so every trainable entry can learn;
-            "independent" draws them apart, as in the APET paper.
-    """
+    """A part of two matrices whose masks may share rank units (lora A/B, adapter down/up)."""
 
     mask_pairing: str = field(
         default="aligned",
@@ -312,16 +317,11 @@ class PairedPart(BasePart):
             )
 
 
+@_with_args
 @dataclass
 class ScoredPart(BasePart):
     """A part whose entries a mask strategy can rank: an additive change that starts at zero on top of a
-    pre-trained tensor, so that a score taken at the pre-trained model says what training an entry would do.
-
-    Args:
-        mask_strategy: Which entries a mask trains: "random", "magnitude", "gradient", "fisher", "sam" or a
-            registered name.
-        mask_strategy_kwargs: Settings of the strategy (JSON values).
-    """
+    pre-trained tensor, so that a score taken at the pre-trained model says what training an entry would do."""
 
     mask_strategy: str = field(
         default="random",
@@ -370,6 +370,7 @@ class ScoredPart(BasePart):
         )
 
 
+@_with_args
 @dataclass
 class PromptPart(BasePart):
     """Prompt tuning: `num_virtual_tokens` soft tokens prepended to the input, a table of shape
@@ -402,6 +403,7 @@ class PromptPart(BasePart):
             raise ValueError("part 'prompt': prompt_init='text' needs `prompt_init_text` and `tokenizer_name_or_path`.")
 
 
+@_with_args
 @dataclass
 class LoraPart(PairedPart):
     """LoRA: `h + (lora_alpha / r) · dropout(h) A^T B^T` with A `(r, in)`, B `(out, r)`."""
@@ -422,6 +424,7 @@ class LoraPart(PairedPart):
             raise ValueError(f"`lora_dropout` must be a float in [0, 1), got {self.lora_dropout!r}.")
 
 
+@_with_args
 @dataclass
 class AdapterPart(PairedPart):
     """Houlsby adapter: `y + σ(y W_down^T) W_up^T` after each targeted module's output `y`, with W_down
@@ -437,6 +440,7 @@ class AdapterPart(PairedPart):
         _check_choice("activation", self.activation, ACTIVATIONS)
 
 
+@_with_args
 @dataclass
 class BiasPart(ScoredPart):
     """BitFit / Add: a trainable vector added to the output of each targeted module (a delta on its bias, or a new
@@ -451,6 +455,7 @@ class BiasPart(ScoredPart):
                              "one line); use mask='discrete' with a mask_strategy.")
 
 
+@_with_args
 @dataclass
 class DeltaPart(ScoredPart):
     """Sparse fine-tuning of the base weights themselves: `f(h; W + W~)` (diff pruning, SHiRA)."""
@@ -529,14 +534,6 @@ APETPart.__signature__ = inspect.Signature([
 
 
 # ---------------------------------------------------------------------------------------------- presets
-def _args_block(entries: list[tuple[str, str]]) -> str:
-    """A Google-style `Args:` block: one wrapped entry per (name, description)."""
-    lines = ["Args:"]
-    for name, text in entries:
-        lines += textwrap.wrap(f"{name}: {text}", width=112, initial_indent="    ", subsequent_indent="        ")
-    return "\n".join(lines)
-
-
 def _preset_fields(part_class: type[BasePart]) -> list:
     """The fields a preset of `part_class` takes, in the presets' order: the operation's own settings, then those
     of every part, then those of its mixin (pairing or scoring)."""
@@ -582,6 +579,10 @@ class _Preset(classmethod):
         self.__func__.__name__, self.__func__.__qualname__ = name, f"{owner.__name__}.{name}"
 
 
+@functools.partial(_with_args, skip=("task_type", "peft_type", "auto_mapping", "peft_version",
+                                   "base_model_name_or_path", "revision", "inference_mode"),
+                   extra=(("task_type", "PEFT's task type ('SEQ_CLS', 'CAUSAL_LM', 'SEQ_2_SEQ_LM', ...); a prompt part "
+                                        "needs one. The other fields of `PeftConfig` work as for any PEFT method."),))
 @dataclass
 class APETConfig(PeftConfig):
     """Configuration of an APET adapter: one or more `APETPart`s and an optional exact total budget.
@@ -792,10 +793,15 @@ class APETConfig(PeftConfig):
     def combine(cls, *configs: APETConfig, **config_kwargs: Any) -> APETConfig:
         """One adapter made of the parts of several (single-part) configs, e.g. the unified form of eq. 17.
 
-        Config-level settings (`num_trainable_params`, `task_type`, `seed`, ...) come from `config_kwargs`,
-        not from the combined configs.
+        Args:
+            *configs: Configs whose parts are copied, in order (at most one part per operation in all).
+            **config_kwargs: Config-level settings (`num_trainable_params`, `task_type`, `seed`, ...); those of
+                the combined configs are not used.
+
+        Returns:
+            An APETConfig with a copy of every part of `configs`.
         """
-        parts = [APETPart(**asdict(p)) for c in configs for p in c.parts]
+        parts = [type(p)(**asdict(p)) for c in configs for p in c.parts]  # asdict copies lists and dicts
         return cls(parts=parts, **config_kwargs)
 
 
