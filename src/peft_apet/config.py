@@ -174,6 +174,7 @@ def _check_strategy_name(owner: str, value: Any) -> None:
         raise ValueError(f"{owner}: `mask_strategy` must be a non-empty str, got {value!r}.")
 
 
+@_with_args
 @dataclass
 class BasePart:
     """What every part has: where it acts and how much of it trains. Build parts with `APETPart(operation=...)` or
