@@ -35,8 +35,9 @@ from transformers import (  # noqa: E402
 )
 
 from peft_apet import APETConfig  # noqa: E402
+from peft_apet.functional import add_sparse_delta  # noqa: E402
 from peft_apet.layer import APETLayer  # noqa: E402
-from peft_apet.quantized import add_sparse_delta, dequantized_weight  # noqa: E402
+from peft_apet.quantized import dequantized_weight  # noqa: E402
 
 VOCAB = 96
 HIDDEN = 64  # bitsandbytes' CPU kernels need widths that are multiples of its block size (64)

@@ -28,13 +28,13 @@ from typing import Any
 from peft import PeftConfig
 from peft.utils import TaskType
 
+from .strategies import check_mask_strategy
+
 OPERATIONS = ("prompt", "lora", "adapter", "bias", "delta")
 MASKS = ("adjacent", "discrete")
 ACTIVATIONS = ("relu", "gelu", "silu", "tanh", "sigmoid", "identity")
 PROMPT_INITS = ("random", "text")
 MERGEABLE_OPERATIONS = ("lora", "bias", "delta")
-# Built-in mask strategies (see `peft_apet.selection`); users add their own with `register_mask_strategy`.
-MASK_STRATEGIES = ("random", "magnitude", "gradient", "fisher", "sam")
 # Parts whose entries a non-random strategy can rank: additive changes that start at zero on top of a pre-trained
 # tensor, so that a score taken at the pre-trained model says what training that entry would do.
 SCORED_OPERATIONS = ("delta", "bias")
@@ -327,7 +327,6 @@ class APETPart:
                                  f"{self.mask_counts!r}.")
             self.mask_counts = dict(self.mask_counts)
             return  # the masks were chosen already and live in the checkpoint: the strategy need not be known here
-        from .selection import check_mask_strategy  # the registry lives with the strategies
 
         check_mask_strategy(self.mask_strategy, self.mask_strategy_kwargs or {}, owner)
 
