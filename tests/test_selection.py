@@ -22,7 +22,8 @@ from peft import get_peft_model
 from torch import nn
 
 from peft_apet import APETConfig, APETLayer, APETPart, calibrate_masks, plan_adapter, register_mask_strategy
-from peft_apet.selection import base_tensor, select_top_k
+from peft_apet.modules import base_tensor
+from peft_apet.selection import select_top_k
 
 ROOT = Path(__file__).parents[1]
 DATA_DRIVEN = ("gradient", "fisher", "sam")
@@ -335,7 +336,7 @@ def test_select_top_k_breaks_ties_by_tensor_then_position():
 
 # ---------------------------------------------------------------------------------------------- registered
 def smallest_magnitude(base_layer, role, shape, power=1.0):
-    from peft_apet.selection import base_tensor
+    from peft_apet.modules import base_tensor
 
     return -base_tensor(base_layer, role).detach().abs() ** power
 

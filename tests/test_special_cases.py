@@ -12,7 +12,7 @@ from peft import get_peft_model
 from transformers import BertConfig, BertForSequenceClassification, T5Config, T5ForConditionalGeneration
 
 from peft_apet import APETConfig, APETLayer, count_trainable_parameters
-from peft_apet.plan import is_conv1d
+from peft_apet.modules import is_conv1d
 
 ADAPTER_PLACES = {  # module-name suffixes that get a Houlsby adapter, per model type
     "bert": ("attention.output.dense", "output.dense"),

@@ -13,7 +13,7 @@ from .masks import adjacent_mask, discrete_mask
 from .model import APETModel
 from .plan import AdapterPlan, count_trainable_parameters, plan_adapter
 from .registration import is_registered, register_apet
-from .selection import register_mask_strategy
+from .strategies import register_mask_strategy
 
 __version__ = "0.1.0"
 

@@ -36,21 +36,10 @@ import torch
 from torch import nn
 
 from .config import APETConfig, APETPart
+from .modules import base_layer_of
 from .plan import plan_adapter
-from .selection import (
-    ScoredTensor,
-    base_layer_of,
-    check_mask_strategy,
-    checked_scores,
-    choose_masks,
-    data_free_score_fn,
-    data_free_scores,
-    install_masks,
-    is_data_driven,
-    record_counts,
-    registered_score_fn,
-    targets_of_part,
-)
+from .selection import ScoredTensor, checked_scores, choose_masks, data_free_scores, record_counts, targets_of_part
+from .strategies import check_mask_strategy, data_free_score_fn, is_data_driven, registered_score_fn
 
 SAM_DAMPING = 1.0
 # Elements of per-example gradients formed at once during calibration (64 MiB in float32).
@@ -311,6 +300,6 @@ def calibrate_masks(
             scores = data_free_scores(part, part_targets)
         choices = choose_masks(part_targets, scores, config.selection_scope)
         del scores
-        install_masks(inner, adapter_name, config, choices)
+        model.base_model.install_masks(adapter_name, choices)
         record_counts(part, choices)
     return model

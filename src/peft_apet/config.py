@@ -37,13 +37,13 @@ from typing import Any
 from peft import PeftConfig
 from peft.utils import TaskType
 
+from .strategies import check_mask_strategy
+
 OPERATIONS = ("prompt", "lora", "adapter", "bias", "delta")
 MASKS = ("adjacent", "discrete")
 ACTIVATIONS = ("relu", "gelu", "silu", "tanh", "sigmoid", "identity")
 PROMPT_INITS = ("random", "text")
 MERGEABLE_OPERATIONS = ("lora", "bias", "delta")
-# Built-in mask strategies (see `peft_apet.selection`); users add their own with `register_mask_strategy`.
-MASK_STRATEGIES = ("random", "magnitude", "gradient", "fisher", "sam")
 # Parts whose entries a non-random strategy can rank: additive changes that start at zero on top of a pre-trained
 # tensor, so that a score taken at the pre-trained model says what training that entry would do.
 SCORED_OPERATIONS = ("delta", "bias")
@@ -354,8 +354,6 @@ class ScoredPart(BasePart):
             raise ValueError(f"{owner}: mask_strategy={self.mask_strategy!r} chooses entries of a mask; set `mask` "
                              "('discrete') and a budget.")
         if self.mask_counts is None:  # else the masks were chosen already and live in the checkpoint
-            from .selection import check_mask_strategy  # the registry lives with the strategies
-
             check_mask_strategy(self.mask_strategy, self.mask_strategy_kwargs or {}, owner)
 
     @classmethod

@@ -26,7 +26,7 @@ from torch import nn
 from .checks import _APET_KEY, PEFT_PREFIX
 from .config import APETConfig
 from .layer import APETLayer
-from .plan import is_conv1d
+from .modules import is_conv1d
 
 LORA_EXPRESSIBLE = ("lora",)
 

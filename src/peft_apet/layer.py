@@ -20,16 +20,22 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
+from .functional import (
+    adapter_output,
+    add_sparse_delta,
+    adjacent_delta_output,
+    lora_output,
+    masked_delta_linear,
+    prepare_layouts,
+)
 from .masked_weight import PAIRS, MaskedWeight, aligned_indices
 from .masks import learnable_pair_entries
-from .ops import adapter_output, adjacent_delta_output, lora_output, masked_delta_linear
-from .plan import ModulePlan, is_conv1d, linear_shape, output_features
+from .modules import is_conv1d, linear_shape, output_features
+from .plan import ModulePlan, TensorPlan
 from .quantized import (
-    add_sparse_delta,
     dequantized_weight,
     float_dtype,
     is_bnb_quantized,
-    prepare_layouts,
     quantization_of,
     requantize_,
     restore_weight,
@@ -74,6 +80,16 @@ class APETLayer(BaseTunerLayer):
         if is_bnb_quantized(self.get_base_layer()):
             prepare_layouts([w for w in self.apet_weights[adapter_name].values()])
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    def replace_mask(self, adapter_name: str, tensor: TensorPlan, index: torch.Tensor, init_weights: bool) -> None:
+        """Give tensor `tensor.role` of `adapter_name` the mask `index` (compact form, `peft_apet.masks`) with
+        `tensor.num_entries` entries, and initial values; same device, dtype and trainability as before."""
+        old = self.apet_weights[adapter_name][tensor.role]
+        new = MaskedWeight(tensor, init_weights)
+        new.index = index.cpu()
+        new = new.to(device=old.values.device, dtype=old.values.dtype)
+        new.values.requires_grad_(old.values.requires_grad)
+        self.apet_weights[adapter_name][tensor.role] = new
 
     def operations(self, adapter_name: str) -> list[str]:
         """Operations `adapter_name` has on this layer, e.g. `["delta", "lora"]`."""

@@ -7,12 +7,13 @@ State (both saved in `adapter_model.safetensors`):
   log2(n / k) + 2 bits per entry instead of 32); loading accepts that code and the int32 index of peft-apet 0.1.
 
 `dense()` rebuilds the full tensor (zeros off the mask) for the small tensors of LoRA, adapters, biases and
-prompts; masked deltas on large base weights never go through it (see `peft_apet.ops`).
+prompts; masked deltas on large base weights never go through it (see `peft_apet.functional`).
 """
 
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 from torch import nn
@@ -20,6 +21,7 @@ from torch import nn
 from .index_codec import encode_indices, encoded_size, stored_positions
 from .masks import aligned_pair_masks, build_mask, flat_indices
 from .plan import TensorPlan
+from .sparse_kernels import SparseLayout, csr_max
 
 # How a tensor is initialised, by role: "zeros" keeps the adapter an identity at init.
 INIT_BY_ROLE = {
@@ -151,3 +153,20 @@ class MaskedWeight(nn.Module):
 
     def extra_repr(self) -> str:
         return f"shape={self.shape}, mask={self.mask}, axis={self.axis}, trainable={self.num_entries}"
+
+
+_LAYOUTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def layout_of(delta: MaskedWeight) -> SparseLayout:
+    """The layout of `delta`'s mask, computed once per index tensor (and in-place version of it)."""
+    if torch.compiler.is_compiling() or delta.num_entries > csr_max(delta.shape):
+        # traced once per graph (the cache is plain Python state), or too dense to keep index arrays for
+        return SparseLayout(delta.flat_indices(), tuple(delta.shape))
+    index = delta.index
+    hit = _LAYOUTS.get(delta)
+    if hit is not None and hit[0] is index and hit[1] == index._version:
+        return hit[2]
+    layout = SparseLayout(delta.flat_indices(), tuple(delta.shape))
+    _LAYOUTS[delta] = (index, index._version, layout)
+    return layout

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -24,7 +25,7 @@ from .masked_weight import MaskedWeight
 from .plan import AdapterPlan, ModulePlan, plan_adapter, summary_table
 from .prompt import prepend_prompt
 from .quantized import check_quantized_mergeable
-from .selection import install_masks, select_data_free_masks
+from .selection import MaskChoice, select_data_free_masks
 from .tokens import TOKENS_ROLE, token_layers
 
 LAYER_CLASSES = {"linear": Linear, "output": OutputLayer, "embedding": PromptEmbedding}
@@ -58,8 +59,18 @@ class APETModel(BaseTuner):
         # replaced, and record per-module counts the plan then follows; see peft_apet.selection.
         choices = select_data_free_masks(model, self.peft_config[adapter_name])
         super().inject_adapter(model, adapter_name, **kwargs)
-        install_masks(model, adapter_name, self.peft_config[adapter_name], choices)
+        self.install_masks(adapter_name, choices)
         self._warn_unlearnable(adapter_name)
+
+    def install_masks(self, adapter_name: str, choices: list[MaskChoice]) -> None:
+        """Give the chosen masks (and initial values) to the tensors of `adapter_name` they were chosen for."""
+        init_weights = self.peft_config[adapter_name].init_weights
+        for choice in choices:
+            layer = self.model.get_submodule(choice.target.name)
+            if not isinstance(layer, APETLayer):
+                raise ValueError(f"{choice.target.name} is not an APET layer; was the adapter injected?")
+            tensor = replace(choice.target.tensor, num_entries=choice.num_entries)
+            layer.replace_mask(adapter_name, tensor, choice.index, init_weights)
 
     def _prepare_model(self, peft_config: APETConfig, model: nn.Module) -> None:
         # Runs before PEFT matches or replaces any module: every target, budget and checkpoint error surfaces here.

@@ -19,19 +19,11 @@ from torch import nn
 from .budget import allocate_budget, avoid_unpaired_counts, density_to_count, split_aligned_pair, split_config_budget
 from .config import PAIRED_OPERATIONS, APETConfig, APETPart
 from .masks import stable_seed
+from .modules import has_bias, is_linear, linear_shape, output_features
+from .operations import OPERATION_ROLES
+from .quantized import check_supported
 from .targets import ALL_LINEAR, ALL_WITH_BIAS, default_target_modules
 from .tokens import TOKENS_ROLE, TokenPlan, plan_trainable_tokens
-
-# Tensors each operation owns, in allocation order. For two-matrix parts the zero-initialised matrix comes
-# last; see `_split_within_module`.
-OPERATION_ROLES = {
-    "delta": ("delta",),
-    "bias": ("bias",),
-    "lora": ("lora_A", "lora_B"),
-    "adapter": ("adapter_down", "adapter_up"),
-    "prompt": ("prompt",),
-}
-
 
 SEQ_CLS_HEADS = ("classifier", "score")  # as in peft.PeftModelForSequenceClassification
 
@@ -97,42 +89,6 @@ def summary_table(rows: list[tuple[str, str, tuple, str | None, int]], learnable
               for (m, role, shape, mask, k), n in zip(rows, learn)]
     lines.append(f"{'total':<99}{extra(sum(learn))} {sum(r[-1] for r in rows):>10}")
     return "\n".join(lines)
-
-
-def is_conv1d(module: nn.Module) -> bool:
-    """transformers' `Conv1D` (GPT-2): a linear layer whose weight is stored `(in, out)`."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
-
-
-def is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or is_conv1d(module)
-
-
-def linear_shape(module: nn.Module) -> tuple[int, int]:
-    """`(out_features, in_features)` of a linear-like module."""
-    if is_conv1d(module):
-        return module.weight.shape[1], module.weight.shape[0]
-    return module.out_features, module.in_features
-
-
-def output_features(module: nn.Module) -> int | None:
-    """Size of the last dimension of the module's output, where it can be read off the module."""
-    if is_linear(module):
-        return linear_shape(module)[0]
-    bias = getattr(module, "bias", None)
-    if isinstance(bias, nn.Parameter) and bias.dim() == 1:
-        return bias.numel()
-    if isinstance(module, nn.LayerNorm) and module.normalized_shape:
-        return module.normalized_shape[-1]
-    weight = getattr(module, "weight", None)  # norms without bias (RMSNorm, T5LayerNorm)
-    if isinstance(weight, nn.Parameter) and weight.dim() == 1 and "norm" in type(module).__name__.lower():
-        return weight.numel()
-    return None
-
-
-def has_bias(module: nn.Module) -> bool:
-    bias = getattr(module, "bias", None)
-    return isinstance(bias, nn.Parameter) and bias.dim() == 1
 
 
 def candidate_modules(model: nn.Module, modules_to_save: list[str] | None) -> list[tuple[str, nn.Module]]:
@@ -218,7 +174,6 @@ def resolve_targets(
             f"part '{part.operation}': `target_modules`={targets!r} matched no module of the model "
             f"(model_type={model_type!r}). Example module names: {[n for n, _ in candidates[:8]]}."
         )
-    from .quantized import check_supported  # imports the layers' kernels, which import this module
 
     for name, module in chosen:
         check_supported(name, module, part.operation)  # quantized layers other than bitsandbytes

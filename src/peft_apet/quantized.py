@@ -5,7 +5,7 @@ Supported: bitsandbytes `Linear4bit` (nf4/fp4, with or without double quantizati
 `Int8Params`), so APET layers take the logical `(out, in)` from `out_features` / `in_features` and never use the
 stored weight in a matmul:
 
-- a discrete (or unmasked) delta enters as a side path `base(x) + x W~^T` (`add_sparse_delta`), computed from
+- a discrete (or unmasked) delta enters as a side path `base(x) + x W~^T` (`functional.add_sparse_delta`), from
   the k values and their indices; the gradient through `base(x)` comes from bitsandbytes' own autograd, so no
   dequantized copy of W exists in forward or backward and the memory beyond the quantized base is O(k);
 - merging dequantizes one layer's weight (`dequantized_weight`), adds the adapter, and requantizes it with the
@@ -23,11 +23,7 @@ import copy
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-
-from .masked_weight import MaskedWeight
-from .sparse_kernels import SparseLayout, add_g_w, add_x_wt, layout_of, values_grad
 
 BNB_4BIT = "bitsandbytes 4-bit"
 BNB_8BIT = "bitsandbytes 8-bit"
@@ -185,90 +181,6 @@ def float_dtype(module: nn.Module) -> torch.dtype:
     """The floating dtype for tensors created beside a quantized weight (e.g. a new bias): the 4-bit compute dtype,
     else float32."""
     return getattr(module, "compute_dtype", None) or torch.float32
-
-
-# ---------------------------------------------------------------------------------------------- sparse side path
-class _AddSparseDelta(torch.autograd.Function):
-    """`result += x W~^T` in place, for a k-entry delta `W~` `(out, in)`, `result` `(..., out)` the (contiguous)
-    output of the base layer; backward: the gradient of `result` passes through, `g W~` for `x`, and the k value
-    gradients.
-
-    Saves `x` and the values only, and allocates no `(tokens, out)` tensor of its own. Uses CSR kernels where they
-    apply (CPU fp32/fp64, density up to 1/16), gathers below `tokens * k <= numel / 8`, and otherwise composes the
-    `(out, in)` delta alone, transiently."""
-
-    @staticmethod
-    def forward(ctx, result, x, layout: SparseLayout, values):
-        out_f, in_f = layout.shape
-        xs = x.reshape(-1, in_f)
-        csr = (layout.use_csr(xs) and result.dtype == xs.dtype
-               and not torch.is_autocast_enabled(xs.device.type))
-        sparse = csr or 8 * xs.shape[0] * layout.flat.numel() <= out_f * in_f
-        flat = result.view(-1, out_f)
-        if sparse:
-            add_x_wt(flat, xs, layout, values, csr)
-        else:
-            flat.add_(F.linear(xs, _delta_dense(layout, values, xs.dtype)).to(flat.dtype))
-        ctx.mark_dirty(result)
-        ctx.save_for_backward(x, values)
-        ctx.layout, ctx.csr, ctx.sparse = layout, csr, sparse
-        return result
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, values = ctx.saved_tensors
-        layout = ctx.layout
-        out_f, in_f = layout.shape
-        g = grad_out.reshape(-1, out_f)
-        grad_x = grad_values = None
-        if ctx.needs_input_grad[1]:
-            if ctx.sparse:
-                grad_x = g.new_zeros(g.shape[0], in_f, dtype=x.dtype)
-                add_g_w(grad_x, g, layout, values, ctx.csr)
-            else:
-                grad_x = (g @ _delta_dense(layout, values, g.dtype)).to(x.dtype)
-            grad_x = grad_x.view(x.shape)
-        if ctx.needs_input_grad[3]:
-            grad_values = values_grad(g, x.reshape(-1, in_f), layout, ctx.csr).to(values.dtype)
-        return grad_out, grad_x, None, grad_values
-
-
-def _delta_dense(layout: SparseLayout, values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    out_f, in_f = layout.shape
-    dense = values.new_zeros(out_f * in_f, dtype=dtype)
-    return dense.index_add_(0, layout.flat, values.to(dtype)).view(out_f, in_f)
-
-
-def add_sparse_delta(result: torch.Tensor, x: torch.Tensor, deltas: list[MaskedWeight]) -> torch.Tensor:
-    """`result + x sum_i W~_i^T` for discrete or unmasked deltas `W~_i` `(out, in)`, from their values and indices
-    only; `x` is `(..., in)`, `result` `(..., out)` the base layer's output, which is updated in place (the base
-    layer's own autograd does not keep its output) unless it is a view, a leaf or not contiguous."""
-    if len(deltas) == 1:
-        layout, values = layout_of(deltas[0]), deltas[0].values
-    else:
-        layout = SparseLayout(torch.cat([d.flat_indices() for d in deltas]), tuple(deltas[0].shape))
-        values = torch.cat([d.values for d in deltas])
-    if layout.flat.device != x.device:
-        layout = SparseLayout(layout.flat.to(x.device), layout.shape)
-    if not result.is_contiguous() or result._is_view() or result.is_leaf and result.requires_grad:
-        result = result.clone(memory_format=torch.contiguous_format)
-    return _AddSparseDelta.apply(result, x, layout, values)
-
-
-def prepare_layouts(deltas: list[MaskedWeight]) -> None:
-    """Build the index arrays the side path of these discrete deltas will use, now rather than in the first forward
-    pass: made there, these small long-lived arrays land between the large transient buffers in which bitsandbytes
-    dequantizes each weight, and glibc then keeps the freed buffers (measured on SmolLM2-135M in nf4 at k = 1e4:
-    RSS after the first forward 468 MiB instead of 292 MiB)."""
-    for delta in deltas:
-        if delta.mask != "discrete" or delta.index.is_meta or delta.index.device.type != "cpu":
-            continue
-        layout = layout_of(delta)
-        k = delta.num_entries
-        if max(layout.shape) <= k <= layout.shape[0] * layout.shape[1] // 16 and layout.strictly_sorted:
-            layout.csr, layout.transposed  # noqa: B018 - cached properties, computed here
-        else:
-            layout.rows, layout.cols  # noqa: B018
 
 
 def check_quantized_mergeable(model: nn.Module) -> None:

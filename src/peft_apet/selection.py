@@ -41,124 +41,16 @@ from __future__ import annotations
 import math
 import struct
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass, replace
-from typing import Any
+from dataclasses import dataclass
 
 import torch
-from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from .config import MASK_STRATEGIES, APETConfig, APETPart
-from .layer import APETLayer
-from .masked_weight import MaskedWeight
+from .config import APETConfig, APETPart
 from .masks import INDEX_DTYPE, as_2d, line_length
-from .plan import AdapterPlan, TensorPlan, is_conv1d, plan_adapter
-from .quantized import dequantized_weight, is_bnb_quantized
-
-DATA_DRIVEN = ("gradient", "fisher", "sam")
-# Settings each built-in strategy accepts in `mask_strategy_kwargs`, with their checks.
-_BUILTIN_KWARGS: dict[str, dict[str, Callable[[Any], bool]]] = {
-    "magnitude": {},
-    "gradient": {},
-    "fisher": {},
-    "sam": {"damping": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < math.inf},
-}
-
-ScoreFn = Callable[..., torch.Tensor]
-_REGISTRY: dict[str, tuple[ScoreFn, bool]] = {}  # name -> (score_fn, uses_gradients)
-
-
-# ---------------------------------------------------------------------------------------------- strategies
-def base_tensor(base_layer: nn.Module, role: str) -> torch.Tensor | None:
-    """The pre-trained tensor a `delta` or `bias` part adds to, in the part's layout: the `(out, in)` weight
-    (transposed for transformers' Conv1D; a dequantized copy of this one layer's weight for bitsandbytes layers) or
-    the `(features,)` bias; None for a module without a bias."""
-    if role == "delta":
-        if is_bnb_quantized(base_layer):
-            return dequantized_weight(base_layer)
-        return base_layer.weight.T if is_conv1d(base_layer) else base_layer.weight
-    bias = getattr(base_layer, "bias", None)
-    return bias if isinstance(bias, torch.Tensor) else None
-
-
-def magnitude_scores(base_layer: nn.Module, role: str, shape: tuple[int, ...]) -> torch.Tensor:
-    """`|W|` of the pre-trained weight or bias (the built-in `magnitude` strategy)."""
-    tensor = base_tensor(base_layer, role)
-    if tensor is None:
-        raise ValueError(f"mask_strategy='magnitude' ranks entries by |b| of the pre-trained bias, but this "
-                         f"{type(base_layer).__name__} has no bias (a new bias has no magnitude); use 'random' or a "
-                         "data-driven strategy ('gradient', 'fisher', 'sam').")
-    return tensor.detach().abs()
-
-
-def register_mask_strategy(name: str, score_fn: ScoreFn, *, uses_gradients: bool = False) -> None:
-    """Make `score_fn` available as `mask_strategy=name` on `delta` and `bias` parts.
-
-    Signature: `score_fn(base_layer, role, shape, **mask_strategy_kwargs) -> torch.Tensor` with the base module
-    (`nn.Linear`, Conv1D, `nn.LayerNorm`, ...), `role` "delta" or "bias", and the logical `shape` of the masked
-    tensor (`(out, in)` for a delta, `(features,)` for a bias; `base_tensor(base_layer, role)` gives the pre-trained
-    tensor in that layout). It returns finite float scores of `shape`: the highest train, ties go to the lower
-    position.
-
-    With `uses_gradients=False` the strategy is data-free, like `magnitude`: it runs when the adapter is created.
-    With `uses_gradients=True` it runs in `calibrate_masks`, like `sam`, and also receives the calibration
-    statistics of the tensor as keyword arguments, both float32 of `shape`: `gradient` (the mean per-example
-    gradient `g` of the loss) and `fisher` (the mean squared per-example gradient `F`); see
-    `peft_apet.calibration`. E.g. `lambda base_layer, role, shape, gradient, fisher: gradient.abs() *
-    base_tensor(base_layer, role).abs()` ranks by the first-order change `|g ⊙ W|`.
-
-    The name, not the function, goes into `adapter_config.json`: register before creating the config; loading a
-    saved adapter does not need it (its masks are in the checkpoint). Registering a name again replaces its function;
-    built-in names cannot be taken.
-    """
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"a mask strategy name must be a non-empty str, got {name!r}.")
-    if name in MASK_STRATEGIES:
-        raise ValueError(f"{name!r} is a built-in mask strategy ({list(MASK_STRATEGIES)}); choose another name.")
-    if not callable(score_fn):
-        raise ValueError(f"`score_fn` must be callable, got {score_fn!r}.")
-    if not isinstance(uses_gradients, bool):
-        raise ValueError(f"`uses_gradients` must be a bool, got {uses_gradients!r}.")
-    _REGISTRY[name] = (score_fn, uses_gradients)
-
-
-def registered_mask_strategies() -> list[str]:
-    """Names usable as `mask_strategy`: the built-in ones, then the registered ones."""
-    return [*MASK_STRATEGIES, *sorted(_REGISTRY)]
-
-
-def check_mask_strategy(name: str, kwargs: dict[str, Any], owner: str = "APETPart") -> None:
-    """Raise ValueError if `name` is no known strategy or `kwargs` are not settings it takes (built-ins only)."""
-    if name in _BUILTIN_KWARGS:
-        allowed = _BUILTIN_KWARGS[name]
-        for key, value in kwargs.items():
-            if key not in allowed:
-                raise ValueError(f"{owner}: mask_strategy={name!r} takes settings {sorted(allowed)} in "
-                                 f"`mask_strategy_kwargs`, got {key!r}.")
-            if not allowed[key](value):
-                raise ValueError(f"{owner}: `mask_strategy_kwargs[{key!r}]` of {name!r} must be a non-negative "
-                                 f"finite number, got {value!r}.")
-    elif name not in _REGISTRY:
-        raise ValueError(f"{owner}: unknown mask_strategy {name!r}; known: {registered_mask_strategies()}. Register "
-                         "your own with peft_apet.register_mask_strategy(name, score_fn) before creating the config.")
-
-
-def is_data_driven(name: str) -> bool:
-    """Whether strategy `name` chooses its masks from calibration data (built-in or registered with gradients)."""
-    return name in DATA_DRIVEN or name in _REGISTRY and _REGISTRY[name][1]
-
-
-def registered_score_fn(name: str) -> ScoreFn | None:
-    """The function registered as `name` (data-free or not), or None."""
-    return _REGISTRY[name][0] if name in _REGISTRY else None
-
-
-def data_free_score_fn(name: str) -> ScoreFn | None:
-    """The score function of a data-free strategy (`magnitude` or registered without gradients), or None."""
-    if name == "magnitude":
-        return magnitude_scores
-    return None if is_data_driven(name) else registered_score_fn(name)
+from .modules import base_layer_of
+from .plan import AdapterPlan, TensorPlan, plan_adapter
+from .strategies import data_free_score_fn, is_data_driven
 
 
 # ---------------------------------------------------------------------------------------------- top-k
@@ -224,11 +116,6 @@ class MaskChoice:
     num_entries: int
 
 
-def base_layer_of(model: nn.Module, name: str) -> nn.Module:
-    module = model.get_submodule(name)
-    return module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
-
-
 def targets_of_part(plan: AdapterPlan, model: nn.Module, part: APETPart) -> list[ScoredTensor]:
     role = part.operation  # delta and bias parts own one tensor per module, named like the operation
     return [ScoredTensor(name, base_layer_of(model, name), m.tensors[role]) for name, m in plan.modules.items()
@@ -282,26 +169,11 @@ def record_counts(part: APETPart, choices: list[MaskChoice]) -> None:
     part.mask_counts = {c.target.name: c.num_entries for c in choices}
 
 
-def install_masks(model: nn.Module, adapter_name: str, config: APETConfig, choices: list[MaskChoice]) -> None:
-    """Replace the masked tensors of `adapter_name` by ones with the chosen masks and initial values (same device,
-    dtype and trainability as before)."""
-    for choice in choices:
-        layer = model.get_submodule(choice.target.name)
-        if not isinstance(layer, APETLayer):
-            raise ValueError(f"{choice.target.name} is not an APET layer; was the adapter injected?")
-        role = choice.target.tensor.role
-        old = layer.apet_weights[adapter_name][role]
-        new = MaskedWeight(replace(choice.target.tensor, num_entries=choice.num_entries), config.init_weights)
-        new.index = choice.index.cpu()
-        new = new.to(device=old.values.device, dtype=old.values.dtype)
-        new.values.requires_grad_(old.values.requires_grad)
-        layer.apet_weights[adapter_name][role] = new
-
-
 def select_data_free_masks(model: nn.Module, config: APETConfig) -> list[MaskChoice]:
     """Choose the masks of parts with a data-free strategy (`magnitude`, registered ones) from `model`'s weights,
     before the adapter is injected, and record their per-module counts in the parts (so the plan builds those
-    shapes). Returns the choices for `install_masks` once the layers exist. Called by `APETModel.inject_adapter`.
+    shapes). Returns the choices for `APETModel.install_masks` once the layers exist. Called by
+    `APETModel.inject_adapter`.
 
     Parts whose counts are recorded already (a saved adapter being loaded) keep them: each module gets its recorded
     number of entries, ranked within the module, and the checkpoint then supplies the masks.

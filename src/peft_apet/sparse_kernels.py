@@ -8,20 +8,17 @@ Measured on one 3072 x 768 layer with 64 to 1024 tokens: the two are level aroun
 faster above it.
 
 The index arrays of a mask (rows, columns, CSR row pointers, the transposed order) depend only on the mask, so
-`layout_of` keeps them per `MaskedWeight` (of density at most 1/16) until its index tensor is replaced or changed
-in place.
+`masked_weight.layout_of` keeps them per `MaskedWeight` (of density at most 1/16) until its index tensor is
+replaced or changed in place.
 """
 
 from __future__ import annotations
 
 import warnings
-import weakref
 from dataclasses import dataclass
 from functools import cached_property
 
 import torch
-
-from .masked_weight import MaskedWeight
 
 # Above this density a dense weight-gradient matmul followed by a gather beats k gathered dot products.
 _DENSE_GRAD_DENSITY = 0.125
@@ -75,11 +72,11 @@ class SparseLayout:
         """Whether the CSR kernels apply to activations like `t` (see the module docstring). Not while
         `torch.compile` traces: sparse tensors and data-dependent shapes would break the graph."""
         k = self.flat.numel()
-        return (t.device.type == "cpu" and t.dtype in _CSR_DTYPES and max(self.shape) <= k <= _csr_max(self.shape)
+        return (t.device.type == "cpu" and t.dtype in _CSR_DTYPES and max(self.shape) <= k <= csr_max(self.shape)
                 and not torch.compiler.is_compiling() and self.strictly_sorted)
 
 
-def _csr_max(shape: tuple[int, int]) -> int:
+def csr_max(shape: tuple[int, int]) -> int:
     """Densest mask (1/16) for which CSR kernels and a kept layout are used; denser deltas (and unmasked ones)
     compose `W + W~` densely, where a dense matmul is cheaper than a sparse one."""
     return shape[0] * shape[1] // 16
@@ -95,23 +92,6 @@ def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, shape: tup
     with warnings.catch_warnings():  # "sparse CSR support is in beta": the kernels used here are plain MKL calls
         warnings.simplefilter("ignore", UserWarning)
         return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
-
-
-_LAYOUTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def layout_of(delta: MaskedWeight) -> SparseLayout:
-    """The layout of `delta`'s mask, computed once per index tensor (and in-place version of it)."""
-    if torch.compiler.is_compiling() or delta.num_entries > _csr_max(delta.shape):
-        # traced once per graph (the cache is plain Python state), or too dense to keep index arrays for
-        return SparseLayout(delta.flat_indices(), tuple(delta.shape))
-    index = delta.index
-    hit = _LAYOUTS.get(delta)
-    if hit is not None and hit[0] is index and hit[1] == index._version:
-        return hit[2]
-    layout = SparseLayout(delta.flat_indices(), tuple(delta.shape))
-    _LAYOUTS[delta] = (index, index._version, layout)
-    return layout
 
 
 def add_x_wt(out: torch.Tensor, x: torch.Tensor, layout: SparseLayout, values: torch.Tensor, csr: bool) -> None:

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from peft import get_peft_model
 from torch import nn
 
-import peft_apet.ops
+import peft_apet.functional
 import peft_apet.sparse_kernels
 from peft_apet import APETConfig
 
@@ -97,7 +97,7 @@ def test_discrete_delta_equals_dense_formula(monkeypatch, k, adapters, kernel, d
         return wrapped
 
     monkeypatch.setattr(peft_apet.sparse_kernels, "_csr", spy("csr", peft_apet.sparse_kernels._csr))
-    monkeypatch.setattr(peft_apet.ops, "add_x_wt", spy("sparse", peft_apet.ops.add_x_wt))
+    monkeypatch.setattr(peft_apet.functional, "add_x_wt", spy("sparse", peft_apet.functional.add_x_wt))
     model, layer = _adapted(k, dtype, adapters)
     _assert_matches_dense_formula(model, layer, dtype)
     assert (calls["csr"] > 0, calls["sparse"] > 0) == {"gather": (False, True), "csr": (True, True),
