@@ -11,7 +11,7 @@ import pytest
 from peft import PeftConfig
 
 from peft_apet import AdapterPart, APETConfig, APETPart, BiasPart, DeltaPart, LoraPart, PromptPart
-from peft_apet.config import (
+from peft_apet.parts import (
     PAIRED_OPERATIONS,
     PART_CLASSES,
     SAVED_FIELDS,
