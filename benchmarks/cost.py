@@ -260,8 +260,7 @@ def attach(method: Method, model: nn.Module, spec: ModelSpec) -> nn.Module:
     return get_peft_model(model, configs[family]())
 
 
-
-
+# ---------------------------------------------------------------------------------------------- one method
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()

@@ -17,6 +17,7 @@ REFERENCE = "peft-lora"  # every ratio is to this method (r=8 on all linear laye
 Shapes = dict[str, list[tuple[int, int]]]
 
 
+# ---------------------------------------------------------------------------------------------- analysis
 def med(values) -> float | None:
     return statistics.median(values) if values else None
 
@@ -126,6 +127,7 @@ def check_targets(runs: list[dict], rows: dict[str, list[dict]], masks: dict) ->
 
 
 
+# ---------------------------------------------------------------------------------------------- report
 def _f(value, fmt: str = ".2f") -> str:
     if value is None:
         return "–"

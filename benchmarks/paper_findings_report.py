@@ -25,6 +25,7 @@ RUN_COLUMNS = ["key", "model", "task", "method", "structure", "mask", "budget", 
                "test_generation_accuracy", "validation_accuracy", "wall_s", "cpu_s", "finished"]
 
 
+# ---------------------------------------------------------------------------------------------- analysis
 @dataclass
 class Point:
     """Test accuracy of one configuration over its seeds; `err` is the std over seeds (ddof=1) or, for one
