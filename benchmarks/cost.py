@@ -54,8 +54,6 @@ from benchmarks.cost_report import REFERENCE, write_outputs
 from benchmarks.harness import PeakSampler, current_rss, trim_memory
 from peft_apet import APETConfig
 
-DEFAULT_OUT = harness.results_folder("cost")
-
 
 # ---------------------------------------------------------------------------------------------- settings
 @dataclass(frozen=True)
@@ -450,7 +448,7 @@ def write_results(out: Path, meta: dict, runs: list[dict], masks: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = harness.arguments(__doc__, DEFAULT_OUT, smoke="tiny models, two budgets, two steps (the test)",
+    parser = harness.arguments(__doc__, "cost", smoke="tiny models, two budgets, two steps (the test)",
                                full="every k on BERT-base and the 1B Llama, more repeats",
                                report_only="rebuild results.md/csv/png from results.json (e.g. after editing "
                                "discussion.md)")

@@ -125,8 +125,6 @@ def check_targets(runs: list[dict], rows: dict[str, list[dict]], masks: dict) ->
     return out
 
 
-
-
 # ---------------------------------------------------------------------------------------------- report
 def _f(value, fmt: str = ".2f") -> str:
     if value is None:

@@ -377,13 +377,15 @@ def save_figure(fig, path: Path, stamp_line: str, bottom: float = 0.04) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------- command line
-def arguments(doc: str, default_out: Path, *, smoke: str, full: str | None = None, report_only: str | None = None,
+def arguments(doc: str, module: str, *, smoke: str, full: str | None = None, report_only: str | None = None,
               threads: int | None = 2) -> argparse.ArgumentParser:
-    """The options every benchmark shares: `--smoke` (and `--full`, exclusive with it), `--out`, `--report-only`
-    where the script can rebuild its report from stored records, and `--threads` (None: no option, torch's
-    default). The description is the first paragraph of the script's docstring `doc`."""
-    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0],
+    """The options every benchmark shares: `--smoke` (and `--full`, exclusive with it), `--out` (default
+    `results_folder(module)`), `--report-only` where the script can rebuild its report from stored records, and
+    `--threads` (None: no option, torch's default). The description is the first paragraph of the script's
+    docstring `doc`."""
+    parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{module}", description=doc.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    default_out = results_folder(module)
     size = parser.add_mutually_exclusive_group() if full else parser
     if full:
         size.add_argument("--full", action="store_true", help=full)

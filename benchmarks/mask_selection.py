@@ -40,7 +40,6 @@ from benchmarks.harness import Task, evaluate, is_head
 from peft_apet import APETConfig, calibrate_masks
 from peft_apet.layer import APETLayer
 
-DEFAULT_OUT = harness.results_folder("mask_selection")
 STRATEGIES = ("random", "magnitude", "gradient", "fisher", "sam")
 LR_CANDIDATES = (1e-2, 3e-2)
 LR_PICK_BUDGET = 10_000
@@ -51,8 +50,11 @@ CSV_COLUMNS = ["strategy", "budget", "seed", "lr", "steps", "trainable_apet", "t
                "calibration_s", "wall_s", "finished"]
 
 
+# ---------------------------------------------------------------------------------------------- settings
 @dataclass(frozen=True)
 class Mode:
+    """Size of the sweep: the model, the budget grid, seeds, steps and the data each run sees."""
+
     name: str
     model: str
     budgets: tuple[int, ...]
@@ -73,6 +75,7 @@ MODES = {
 }
 
 
+# ---------------------------------------------------------------------------------------------- one run
 def weight_kind(module_name: str) -> str:
     """`attention.self.query`, `intermediate.dense`, ... : the module name without its layer prefix."""
     parts = module_name.split(".")
@@ -363,7 +366,7 @@ def report(out: Path, command: str, mode: Mode) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = harness.arguments(__doc__, DEFAULT_OUT, smoke="tiny random BERT, two budgets, two steps",
+    parser = harness.arguments(__doc__, "mask_selection", smoke="tiny random BERT, two budgets, two steps",
                                report_only="only rebuild tables and plot")
     parser.add_argument("--part", choices=("all", "baselines", "grid", "lr-check"), default="all",
                         help="head-only baselines, the strategy grid, both (default), or the lr diagnostic")

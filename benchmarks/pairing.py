@@ -24,7 +24,6 @@ import peft_apet
 from benchmarks import harness
 from peft_apet import APETConfig
 
-DEFAULT_OUT = harness.results_folder("pairing")
 VOCAB = 1000
 
 
@@ -86,10 +85,10 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = harness.arguments(__doc__.splitlines()[0], DEFAULT_OUT, smoke="tiny model, two budgets, two steps",
+    parser = harness.arguments(__doc__.splitlines()[0], "pairing", smoke="tiny model, two budgets, two steps",
                                threads=None)
     args = parser.parse_args(argv)
-    out = args.out or DEFAULT_OUT
+    out = args.out or harness.results_folder("pairing")
     command = harness.start("pairing", argv, out, threads=None)
     budgets = [40, 400] if args.smoke else [400, 1_600, 6_400, 25_600]
     parts = [("lora", None), ("adapter", "relu"), ("adapter", "gelu")]

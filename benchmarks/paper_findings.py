@@ -50,7 +50,6 @@ from benchmarks.harness import Task, evaluate, is_head, task_type
 from benchmarks.paper_findings_report import MASKS, PET_PRESETS, report
 from peft_apet import APETConfig, count_trainable_parameters
 
-DEFAULT_OUT = harness.results_folder("paper_findings")
 FIG5_ORDER = ("lora", "bitfit", "adapter", "prompt")  # run order: the prompt (100 more tokens) costs most
 # Paper, appendix B.3 / C.2: batch 32, lr 3e-4 without warm-up (3e-2 for soft prompts).
 PAPER_LR = 3e-4
@@ -129,7 +128,6 @@ class RunSpec:
                  str(self.budget or ""), f"lr{self.lr:g}", f"s{self.seed}", f"st{self.steps}", f"len{self.max_len}",
                  f"bs{self.batch_size}"]
         return "-".join(p for p in parts if p)
-
 
 
 # ---------------------------------------------------------------------------------------------- configs
@@ -371,10 +369,8 @@ def sweep(mode: Mode, out: Path, log: Callable[[str], None], command: str = "") 
     return plan
 
 
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = harness.arguments(__doc__, DEFAULT_OUT, smoke="tiny random BERT, two budgets, two steps",
+    parser = harness.arguments(__doc__, "paper_findings", smoke="tiny random BERT, two budgets, two steps",
                                full="the full grid (3 seeds, both tasks, more budgets)",
                                report_only="only rebuild tables and plots")
     parser.add_argument("--with-lm", action="store_true",

@@ -288,8 +288,6 @@ def plots(analysis: dict, out: Path, stamp: str) -> list[Path]:
     return written
 
 
-
-
 def _jsonable(analysis: dict) -> dict:
     def convert(value):
         if isinstance(value, Point):
@@ -301,8 +299,6 @@ def _jsonable(analysis: dict) -> dict:
         return value
 
     return convert(analysis)
-
-
 
 
 def run_rows(records: list[dict]) -> list[dict]:

@@ -47,7 +47,6 @@ from benchmarks import harness
 from benchmarks.harness import PeakSampler, Task, current_rss, evaluate, trim_memory, vocab_logits
 from peft_apet import APETConfig
 
-DEFAULT_OUT = harness.results_folder("quantized")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 METHODS = ("qlora", "apet-discrete", "apet-adjacent")
 LR = {"qlora": 3e-4, "apet-discrete": 3e-3, "apet-adjacent": 3e-3}  # paper_findings' picked lr for masked deltas
@@ -332,7 +331,7 @@ def _child(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = harness.arguments(__doc__, DEFAULT_OUT, smoke="tiny random Llama and synthetic data (the test)",
+    parser = harness.arguments(__doc__, "quantized", smoke="tiny random Llama and synthetic data (the test)",
                                threads=1)
     parser.add_argument("--budgets", default=None, help="comma-separated k (default 1e4,1e5,1e6)")
     parser.add_argument("--steps", type=int, default=None, help="measured steps per method")
