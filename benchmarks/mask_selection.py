@@ -2,13 +2,13 @@
 
 One command runs the sweep (resuming from `<out>/runs.jsonl`) and writes the report (see MASK_SELECTION.md)::
 
-    nice -n 15 python benchmarks/mask_selection.py                 # default: 4 budgets x 5 strategies x 3 seeds
-    python benchmarks/mask_selection.py --smoke --out /tmp/x       # tiny random BERT, 2 budgets, 2 steps (the test)
-    python benchmarks/mask_selection.py --report-only              # rebuild tables and plot from finished runs
-    python benchmarks/mask_selection.py --part lr-check            # diagnostic: all strategies at smaller lrs
+    nice -n 15 python -m benchmarks.mask_selection                 # default: 4 budgets x 5 strategies x 3 seeds
+    python -m benchmarks.mask_selection --smoke --out /tmp/x       # tiny random BERT, 2 budgets, 2 steps (the test)
+    python -m benchmarks.mask_selection --report-only              # rebuild tables and plot from finished runs
+    python -m benchmarks.mask_selection --part lr-check            # diagnostic: all strategies at smaller lrs
 
-Setup (shared with `paper_findings.py`, whose data, model and training loop this reuses): all-MiniLM-L6-v2 with a
-new classification head (PEFT `modules_to_save`, reported apart) on Rotten Tomatoes; a discrete masked `delta` of
+Setup (the task, model and training loop of `benchmarks.harness`, as in `paper_findings`): all-MiniLM-L6-v2 with
+a new classification head (PEFT `modules_to_save`, reported apart) on Rotten Tomatoes; a discrete masked `delta` of
 exactly `budget` entries on the base weights of every attention and feed-forward linear layer. Strategies:
 
 - `random`: the seeded uniform draw, split over modules by capacity (the default of `APETConfig.delta`);
@@ -25,43 +25,36 @@ References: the head alone trained the same way (`baselines.jsonl`, k = 0) and r
 
 from __future__ import annotations
 
-import argparse
-import csv
-import datetime
 import json
-import os
-import shlex
-import sys
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+import numpy as np
+import torch
+from peft import get_peft_model
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from peft import get_peft_model  # noqa: E402
+from benchmarks import harness
+from benchmarks.harness import Task, evaluate, is_head
+from peft_apet import APETConfig, calibrate_masks
+from peft_apet.layer import APETLayer
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import paper_findings as pf  # noqa: E402
-
-from peft_apet import APETConfig, calibrate_masks  # noqa: E402
-from peft_apet.layer import APETLayer  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_OUT = REPO / "benchmarks" / "results" / "mask_selection"
 STRATEGIES = ("random", "magnitude", "gradient", "fisher", "sam")
 LR_CANDIDATES = (1e-2, 3e-2)
 LR_PICK_BUDGET = 10_000
 # (budget, lr, seed): every strategy once more at a smaller lr than the picked one (a diagnostic)
 LR_CHECKS = ((1_000, 1e-2, 0), (100_000, 3e-3, 0))
 HEAD_LR = 1e-3  # the new classifier head, the same for every run (3e-4 leaves it untrained in 100 steps)
+CSV_COLUMNS = ["strategy", "budget", "seed", "lr", "steps", "trainable_apet", "test_accuracy", "validation_accuracy",
+               "calibration_s", "wall_s", "finished"]
 
 
+# ---------------------------------------------------------------------------------------------- settings
 @dataclass(frozen=True)
 class Mode:
+    """Size of the sweep: the model, the budget grid, seeds, steps and the data each run sees."""
+
     name: str
     model: str
     budgets: tuple[int, ...]
@@ -73,13 +66,6 @@ class Mode:
     test_size: int = 1000
     lr_candidates: tuple[float, ...] = LR_CANDIDATES
 
-    def data_mode(self) -> pf.Mode:
-        """The `paper_findings` settings that load the same task for this model."""
-        return pf.Mode(name="smoke" if self.name == "smoke" else "default", models=(self.model,),
-                       tasks=("rotten_tomatoes",), budgets=self.budgets, seeds=self.seeds,
-                       steps={self.model: self.steps}, max_len=self.max_len, batch_size=self.batch_size,
-                       test_size=self.test_size)
-
 
 MODES = {
     "default": Mode(name="default", model="minilm", budgets=(100, 1_000, 10_000, 100_000), seeds=(0, 1, 2),
@@ -89,6 +75,7 @@ MODES = {
 }
 
 
+# ---------------------------------------------------------------------------------------------- one run
 def weight_kind(module_name: str) -> str:
     """`attention.self.query`, `intermediate.dense`, ... : the module name without its layer prefix."""
     parts = module_name.split(".")
@@ -101,40 +88,25 @@ def delta_config(strategy: str, budget: int, seed: int) -> APETConfig:
                             selection_scope=scope, task_type="SEQ_CLS", seed=seed)
 
 
-def calibration_data(task: pf.Task, mode: Mode, seed: int) -> list[dict]:
-    stream = pf.batches(task.splits["train"], mode.batch_size, seed + 10_000)
-    return [pf.collate(next(stream), task) for _ in range(mode.calibration_batches)]
+def calibration_data(task: Task, mode: Mode, seed: int) -> list[dict]:
+    stream = harness.batches(task.splits["train"], mode.batch_size, seed + 10_000)
+    return [harness.collate(next(stream), task) for _ in range(mode.calibration_batches)]
 
 
-def train_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, task: pf.Task, mode: Mode,
-                seed: int) -> list[float]:
-    """`mode.steps` optimizer steps on the seed's stream of training batches; returns the loss of each step."""
-    stream = pf.batches(task.splits["train"], mode.batch_size, seed)
-    losses = []
-    for _ in range(mode.steps):
-        batch = pf.collate(next(stream), task)
-        loss, _ = pf.loss_and_scores(pf.vocab_logits(model, batch, task, False), batch["labels"], task)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    return losses
-
-
-def run(strategy: str, budget: int, seed: int, lr: float, task: pf.Task, mode: Mode) -> dict:
+def run(strategy: str, budget: int, seed: int, lr: float, task: Task, mode: Mode) -> dict:
     """Build, calibrate, train and evaluate one configuration; returns its record."""
     wall = time.perf_counter()
     torch.manual_seed(seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "random placeholders until calibrate_masks"
-        model = get_peft_model(pf.new_model(task), delta_config(strategy, budget, seed))
+        model = get_peft_model(harness.new_model(task), delta_config(strategy, budget, seed))
     calibration_s = 0.0
     if strategy in ("gradient", "fisher", "sam"):
         start = time.perf_counter()
         calibrate_masks(model, calibration_data(task, mode, seed), max_batches=mode.calibration_batches)
         calibration_s = time.perf_counter() - start
     trainable = {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
-    head = sum(v for n, v in trainable.items() if pf.is_head(n))
+    head = sum(v for n, v in trainable.items() if is_head(n))
     spread: dict[str, int] = {}
     for name, module in model.base_model.model.named_modules():
         if isinstance(module, APETLayer) and "delta" in module.apet_weights["default"]:
@@ -143,37 +115,37 @@ def run(strategy: str, budget: int, seed: int, lr: float, task: pf.Task, mode: M
 
     model.train()
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW([{"params": [p for n, p in named if not pf.is_head(n)], "lr": lr},
-                                   {"params": [p for n, p in named if pf.is_head(n)], "lr": HEAD_LR}],
+    optimizer = torch.optim.AdamW([{"params": [p for n, p in named if not is_head(n)], "lr": lr},
+                                   {"params": [p for n, p in named if is_head(n)], "lr": HEAD_LR}],
                                   weight_decay=0.0)
-    losses = train_steps(model, optimizer, task, mode, seed)
+    losses = harness.train_steps(model, optimizer, task, mode.steps, mode.batch_size, seed)
     return {
         "strategy": strategy, "budget": budget, "seed": seed, "lr": lr, "steps": mode.steps, "model": mode.model,
         "trainable_apet": sum(trainable.values()) - head, "trainable_head": head, "entries_by_weight": spread,
         "calibration_s": round(calibration_s, 2),
-        "validation_accuracy": pf.evaluate(model, task.splits["validation"], task, False)["accuracy"],
-        "test_accuracy": pf.evaluate(model, task.splits["test"], task, False)["accuracy"],
+        "validation_accuracy": evaluate(model, task.splits["validation"], task, False)["accuracy"],
+        "test_accuracy": evaluate(model, task.splits["test"], task, False)["accuracy"],
         "loss_last": float(np.mean(losses[-10:])) if losses else None,
         "wall_s": round(time.perf_counter() - wall, 2),
-        "finished": datetime.datetime.now().isoformat(timespec="seconds"),
+        "finished": harness.now(),
     }
 
 
-def head_only(seed: int, task: pf.Task, mode: Mode) -> dict:
+def head_only(seed: int, task: Task, mode: Mode) -> dict:
     """The baseline every strategy adds its delta to: the same head (same seed), data order and steps, no delta."""
     wall = time.perf_counter()
     torch.manual_seed(seed)
-    model = pf.new_model(task)
+    model = harness.new_model(task)
     for name, p in model.named_parameters():
-        p.requires_grad_(pf.is_head(name))
+        p.requires_grad_(is_head(name))
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=HEAD_LR, weight_decay=0.0)
-    train_steps(model, optimizer, task, mode, seed)
+    harness.train_steps(model, optimizer, task, mode.steps, mode.batch_size, seed)
     return {"strategy": "head-only", "budget": 0, "seed": seed, "steps": mode.steps, "model": mode.model,
             "trainable_apet": 0, "trainable_head": sum(p.numel() for p in model.parameters() if p.requires_grad),
-            "test_accuracy": pf.evaluate(model, task.splits["test"], task, False)["accuracy"],
+            "test_accuracy": evaluate(model, task.splits["test"], task, False)["accuracy"],
             "wall_s": round(time.perf_counter() - wall, 2),
-            "finished": datetime.datetime.now().isoformat(timespec="seconds")}
+            "finished": harness.now()}
 
 
 # ---------------------------------------------------------------------------------------------- sweep
@@ -181,18 +153,23 @@ def load_records(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
-def baselines(mode: Mode, out: Path, log, task: pf.Task) -> None:
+def append_record(path: Path, record: dict) -> None:
+    """One JSON line, written as soon as its run finished: a rerun skips it."""
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def baselines(mode: Mode, out: Path, log, task: Task) -> None:
     path = out / "baselines.jsonl"
     done = {r["seed"] for r in load_records(path)}
     for seed in mode.seeds:
         if seed not in done:
             record = head_only(seed, task, mode)
-            with path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+            append_record(path, record)
             log(f"head-only seed {seed}: test {record['test_accuracy']:.4f} (run {record['wall_s']:.0f} s)")
 
 
-def lr_check(mode: Mode, out: Path, log, task: pf.Task) -> None:
+def lr_check(mode: Mode, out: Path, log, task: Task) -> None:
     """Every strategy at each of `LR_CHECKS`' (budget, lr, seed) with a smaller lr than the picked one: is a gap
     between strategies an lr effect?"""
     path = out / "lr_check.jsonl"
@@ -201,14 +178,14 @@ def lr_check(mode: Mode, out: Path, log, task: pf.Task) -> None:
             done = {(r["strategy"], r["budget"], r["lr"], r["seed"]) for r in load_records(path)}
             if (strategy, budget, lr, seed) not in done:
                 record = run(strategy, budget, seed, lr, task, mode)
-                with path.open("a") as f:
-                    f.write(json.dumps(record) + "\n")
+                append_record(path, record)
                 log(f"lr check {strategy:9s} k={budget:,} lr {lr:g} seed {seed}: test {record['test_accuracy']:.4f}")
 
 
 def sweep(mode: Mode, out: Path, log, part: str = "all") -> None:
     runs_path, picks_path = out / "runs.jsonl", out / "lr_pick.jsonl"
-    task = pf.load_model_task(mode.model, "rotten_tomatoes", mode.data_mode())
+    task = harness.load_model_task(mode.model, "rotten_tomatoes", max_len=mode.max_len, test_size=mode.test_size,
+                                   subset=64 if mode.name == "smoke" else None)
     if part == "lr-check":
         return lr_check(mode, out, log, task)
     if part in ("all", "baselines"):
@@ -219,8 +196,7 @@ def sweep(mode: Mode, out: Path, log, part: str = "all") -> None:
     for lr in mode.lr_candidates:
         if len(mode.lr_candidates) > 1 and not any(p["lr"] == lr for p in picks):
             picks.append(run("random", LR_PICK_BUDGET, 0, lr, task, mode))
-            with picks_path.open("a") as f:
-                f.write(json.dumps(picks[-1]) + "\n")
+            append_record(picks_path, picks[-1])
             log(f"lr pick {lr:g}: validation {picks[-1]['validation_accuracy']:.4f}")
     lr = max(picks, key=lambda p: p["validation_accuracy"])["lr"] if picks else mode.lr_candidates[0]
     log(f"learning rate {lr:g}")
@@ -231,8 +207,7 @@ def sweep(mode: Mode, out: Path, log, part: str = "all") -> None:
                 if (strategy, budget, seed) in done:  # read again before each run: another process may share the file
                     continue
                 record = run(strategy, budget, seed, lr, task, mode)
-                with runs_path.open("a") as f:
-                    f.write(json.dumps(record) + "\n")
+                append_record(runs_path, record)
                 log(f"{strategy:9s} k={budget:>7,} seed {seed}: test {record['test_accuracy']:.4f} "
                     f"(calibration {record['calibration_s']:.1f} s, run {record['wall_s']:.0f} s)")
 
@@ -347,11 +322,7 @@ def markdown(records: list[dict], picks: list[dict], base: list[dict], meta: dic
 
 
 def plot(records: list[dict], base: list[dict], path: Path, stamp: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = harness.pyplot()
     summary = summarise(records)
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for i, s in enumerate(STRATEGIES):
@@ -370,10 +341,7 @@ def plot(records: list[dict], base: list[dict], path: Path, stamp: str) -> None:
     ax.set_ylabel("test accuracy (%), mean ± std over seeds")
     ax.set_title("Mask selection strategies at equal budgets (MiniLM, Rotten Tomatoes)", fontsize=10)
     ax.legend(fontsize=7)
-    fig.tight_layout(rect=(0, 0.04, 1, 1))
-    fig.text(0.01, 0.01, stamp, fontsize=5, color="dimgrey")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    harness.save_figure(fig, path, stamp)
 
 
 def report(out: Path, command: str, mode: Mode) -> None:
@@ -381,8 +349,8 @@ def report(out: Path, command: str, mode: Mode) -> None:
     base = unique(load_records(out / "baselines.jsonl"))
     checks = unique(load_records(out / "lr_check.jsonl"))
     finished = sorted(r["finished"] for r in records) or ["—"]
-    produced_by = "python benchmarks/mask_selection.py" + (" --smoke" if mode.name == "smoke" else "")
-    meta = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": pf.machine(),
+    produced_by = "python -m benchmarks.mask_selection" + (" --smoke" if mode.name == "smoke" else "")
+    meta = {"date": harness.now(), "machine": harness.machine_line(),
             "command": produced_by, "report_command": command, "first_finished": finished[0],
             "last_finished": finished[-1],
             "expected_runs": len(STRATEGIES) * len(mode.budgets) * len(mode.seeds),
@@ -390,35 +358,23 @@ def report(out: Path, command: str, mode: Mode) -> None:
     (out / "results.md").write_text(markdown(records, picks, base, {**meta, "lr_check": checks}))
     summary = {f"{s}/{b}": v for (s, b), v in summarise(records).items()}
     paired = {f"{s}/{b}": v for (s, b), v in paired_vs_random(records).items()}
-    (out / "results.json").write_text(json.dumps({"meta": meta, "lr_pick": picks, "summary": summary,
-                                                  "paired_vs_random": paired, "head_only": base, "lr_check": checks,
-                                                  "runs": records},
-                                                 indent=1))
-    columns = ["strategy", "budget", "seed", "lr", "steps", "trainable_apet", "test_accuracy",
-               "validation_accuracy", "calibration_s", "wall_s", "finished"]
-    with (out / "results.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(records + base)
-    stamp = f"{meta['last_finished']} · {os.cpu_count()} CPU cores · torch {torch.__version__} · {produced_by}"
-    plot(records, base, out / "accuracy_vs_budget.png", stamp)
+    harness.write_json(out / "results.json", {"meta": meta, "lr_pick": picks, "summary": summary,
+                                              "paired_vs_random": paired, "head_only": base, "lr_check": checks,
+                                              "runs": records})
+    harness.write_csv(out / "results.csv", records + base, CSV_COLUMNS)
+    plot(records, base, out / "accuracy_vs_budget.png", harness.stamp(meta["last_finished"], produced_by))
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--smoke", action="store_true", help="tiny random BERT, two budgets, two steps")
-    parser.add_argument("--out", type=Path, default=None, help=f"results folder (default {DEFAULT_OUT})")
-    parser.add_argument("--report-only", action="store_true", help="only rebuild tables and plot")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser = harness.arguments(__doc__, "mask_selection", smoke="tiny random BERT, two budgets, two steps",
+                               report_only="only rebuild tables and plot")
     parser.add_argument("--part", choices=("all", "baselines", "grid", "lr-check"), default="all",
                         help="head-only baselines, the strategy grid, both (default), or the lr diagnostic")
     args = parser.parse_args(argv)
     mode = MODES["smoke" if args.smoke else "default"]
-    out = args.out or (DEFAULT_OUT if mode.name == "default" else DEFAULT_OUT.parent / "mask_selection_smoke")
-    out.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(args.threads)
-    command = shlex.join(["python", "benchmarks/mask_selection.py", *(argv if argv is not None else sys.argv[1:])])
-    log = pf.sweep_logger(out)
+    out = args.out or harness.results_folder("mask_selection", mode.name)
+    command = harness.start("mask_selection", argv, out, args.threads)
+    log = harness.logger(out / "sweep.log")
     if not args.report_only:
         log(f"start {command}")
         sweep(mode, out, log, args.part)

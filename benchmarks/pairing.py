@@ -7,24 +7,21 @@ bottleneck-24 adapter (relu and gelu), both masks, both pairings and budgets k =
 - `zero_gradient`: trainable entries whose gradient stayed exactly zero over 4 SGD steps (lr 0.5, batches of
   8 x 32 random tokens, random labels): the structural ones, plus units a relu switched off on every token.
 
-    python benchmarks/pairing.py                 # writes benchmarks/results/pairing/results.{json,md} (14 min shared)
-    python benchmarks/pairing.py --smoke --out DIR
+    python -m benchmarks.pairing                 # writes benchmarks/results/pairing/results.{json,md} (14 min shared)
+    python -m benchmarks.pairing --smoke --out DIR
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 import time
 import warnings
-from pathlib import Path
 
 import torch
 from peft import get_peft_model
 from transformers import BertConfig, BertForSequenceClassification
 
 import peft_apet
+from benchmarks import harness
 from peft_apet import APETConfig
 
 VOCAB = 1000
@@ -88,20 +85,20 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="tiny model, two budgets, two steps")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "pairing")
+    parser = harness.arguments(__doc__.splitlines()[0], "pairing", smoke="tiny model, two budgets, two steps",
+                               threads=None)
     args = parser.parse_args(argv)
+    out = args.out or harness.results_folder("pairing")
+    command = harness.start("pairing", argv, out, threads=None)
     budgets = [40, 400] if args.smoke else [400, 1_600, 6_400, 25_600]
     parts = [("lora", None), ("adapter", "relu"), ("adapter", "gelu")]
     start = time.time()
     rows = [measure(part, act, mask, pairing, k, args.smoke) for part, act in parts for mask in ("discrete", "adjacent")
             for pairing in ("independent", "aligned") for k in budgets]
-    stamp = {"date": time.strftime("%Y-%m-%d %H:%M"), "command": " ".join(["python", *sys.argv]),
+    stamp = {"date": time.strftime("%Y-%m-%d %H:%M"), "command": command,
              "seconds": round(time.time() - start, 1), "torch": torch.__version__, "peft_apet": peft_apet.__version__}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps({"meta": stamp, "rows": rows}, indent=1) + "\n")
-    (args.out / "results.md").write_text(
+    harness.write_json(out / "results.json", {"meta": stamp, "rows": rows}, end="\n")
+    (out / "results.md").write_text(
         "# Budget that can learn: independent vs aligned masks\n\n"
         f"{stamp['date']}, `{stamp['command']}`, {stamp['seconds']} s, torch {stamp['torch']}. Each cell: share of "
         "the k trainable entries that can never receive a gradient (structural) / whose gradient stayed exactly "

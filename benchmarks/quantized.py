@@ -2,8 +2,8 @@
 
 One command, one process::
 
-    nice -n 10 python benchmarks/quantized.py --threads 1       # SmolLM2-135M in nf4 (real weights), ~25 min
-    python benchmarks/quantized.py --smoke --out /tmp/q          # tiny random Llama, synthetic task (the test)
+    nice -n 10 python -m benchmarks.quantized --threads 1       # SmolLM2-135M in nf4 (real weights), ~25 min
+    python -m benchmarks.quantized --smoke --out /tmp/q          # tiny random Llama, synthetic task (the test)
 
 For each budget k (default 1e4, 1e5, 1e6) three methods train on a fresh copy of the same base, loaded with
 `BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=float32)` on CPU:
@@ -17,21 +17,19 @@ For each budget k (default 1e4, 1e5, 1e6) three methods train on a fresh copy of
 Measured per method (one command; each method in a fresh Python process, so that none inherits memory another
 freed; `--in-process` and `--smoke` run them in this process): the median step time (forward, backward, AdamW
 step; after warm-up steps), peak memory as the peak resident set size (RSS, sampled every 5 ms from
-/proc/self/statm as in `benchmarks/cost.py`) during injection and training minus the RSS just before injection
+/proc/self/statm, `harness.PeakSampler`) during injection and training minus the RSS just before injection
 (the quantized base is loaded then), the bytes autograd saves for backward in one forward pass
 (allocator-independent: what the side path keeps between forward and backward), the trainable state (parameters
 + gradients + AdamW moments, read from the tensors), and, after the short run, Rotten Tomatoes generation accuracy
-on a fixed test prefix (the full-vocabulary argmax at the answer slot must be the label word, as in
-`benchmarks/paper_findings.py`, whose task code is used).
+on a fixed test prefix (the full-vocabulary argmax at the answer slot must be the label word: the label-word task
+of `benchmarks.harness`, as in `paper_findings`).
 Ratios are APET / QLoRA at the same k. Nothing is asserted about speed: results.md states what was met.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import shlex
 import statistics
 import subprocess
 import sys
@@ -45,26 +43,10 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "benchmarks"))
+from benchmarks import harness
+from benchmarks.harness import PeakSampler, Task, current_rss, evaluate, trim_memory, vocab_logits
+from peft_apet import APETConfig
 
-from cost import PeakSampler, current_rss, machine, trainable_state_bytes, trim_memory  # noqa: E402
-from paper_findings import (  # noqa: E402
-    Mode,
-    Task,
-    batches,
-    collate,
-    evaluate,
-    load_model_task,
-    loss_and_scores,
-    sweep_logger,
-    vocab_logits,
-)
-
-import peft_apet  # noqa: E402,F401
-from peft_apet import APETConfig  # noqa: E402
-
-DEFAULT_OUT = REPO / "benchmarks" / "results" / "quantized"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 METHODS = ("qlora", "apet-discrete", "apet-adjacent")
 LR = {"qlora": 3e-4, "apet-discrete": 3e-3, "apet-adjacent": 3e-3}  # paper_findings' picked lr for masked deltas
@@ -146,8 +128,8 @@ def qlora_config(shapes: list[tuple[str, int, int]], k: int) -> tuple[LoraConfig
     layers = sorted(per_layer)
     total = sum(per_layer.values())
     if k >= total:
-        r = max(1, round(k / total))
-        return LoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS), r * total, f"r={r}, all {len(layers)} layers"
+        r, count = harness.nearest_rank(total, k)
+        return LoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS), count, f"r={r}, all {len(layers)} layers"
     counts = [sum(per_layer[i] for i in layers[:n]) for n in range(1, len(layers) + 1)]
     n = min(range(len(counts)), key=lambda i: abs(counts[i] - k)) + 1
     config = LoraConfig(r=1, lora_alpha=2, target_modules=TARGETS, layers_to_transform=layers[:n])
@@ -176,18 +158,15 @@ def run_method(method: str, k: int, task: Task, settings: Settings, log) -> dict
         optimizer = torch.optim.AdamW(params, lr=LR[method])
         model.train()
         times, losses = [], []
-        stream = batches(task.splits["train"], settings.batch_size, seed=0)
+        stream = harness.batches(task.splits["train"], settings.batch_size, seed=0)
         for _ in range(settings.warmup + settings.steps):
-            batch = collate(next(stream), task)
+            batch = harness.collate(next(stream), task)
             t = time.perf_counter()
-            loss, _ = loss_and_scores(vocab_logits(model, batch, task, False), batch["labels"], task)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=False)  # keep gradients allocated: state is read below
+            # set_to_none=False keeps the gradients allocated: the state is read below
+            losses.append(harness.train_step(model, optimizer, batch, task, set_to_none=False))
             times.append(time.perf_counter() - t)
-            losses.append(loss.item())
-    state = trainable_state_bytes(params, optimizer)
-    saved = saved_for_backward_bytes(model, collate(next(stream), task), task)
+    state = harness.trainable_state_bytes(params, optimizer)
+    saved = saved_for_backward_bytes(model, harness.collate(next(stream), task), task)
     test = evaluate(model, task.splits["test"], task, False, batch_size=16)
     record = {"method": method, "k": k, "trainable": sum(p.numel() for p in params), "qlora": description,
               "inject_s": inject_s, "step_s": times[settings.warmup:], "warmup_step_s": times[:settings.warmup],
@@ -221,10 +200,10 @@ def run_isolated(method: str, k: int, settings: Settings, smoke: bool, log) -> d
     """`run_method` in a fresh Python process, so that no method inherits another's freed-but-kept memory."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "record.json"
-        command = [sys.executable, __file__, "--one", method, str(k), "--record", str(out),
+        command = [sys.executable, "-m", "benchmarks.quantized", "--one", method, str(k), "--record", str(out),
                    "--threads", str(torch.get_num_threads()),
                    "--settings", json.dumps(asdict(settings))] + (["--smoke"] if smoke else [])
-        proc = subprocess.run(command, capture_output=True, text=True)
+        proc = subprocess.run(command, capture_output=True, text=True, cwd=harness.REPO)
         if proc.returncode != 0:
             raise RuntimeError(proc.stderr[-2000:])
         record = json.loads(out.read_text())
@@ -336,9 +315,9 @@ def markdown(meta: dict, rows: list[dict], zero: dict) -> str:
 def make_task(settings: Settings, smoke: bool, folder: Path) -> tuple[Task, str]:
     if smoke:
         return smoke_task(folder), "tiny random Llama (hidden 64, 2 layers)"
-    mode = Mode(name="quantized", models=("smollm2",), tasks=("rotten_tomatoes",), budgets=(), seeds=(0,), steps={},
-                max_len=settings.max_len, test_size=settings.test_size)
-    return load_model_task("smollm2", "rotten_tomatoes", mode), "SmolLM2-135M-Instruct"
+    task = harness.load_model_task("smollm2", "rotten_tomatoes", max_len=settings.max_len,
+                                   test_size=settings.test_size)
+    return task, "SmolLM2-135M-Instruct"
 
 
 def _child(args: argparse.Namespace) -> int:
@@ -352,10 +331,8 @@ def _child(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--smoke", action="store_true", help="tiny random Llama and synthetic data (the test)")
-    parser.add_argument("--out", type=Path, default=None, help=f"results folder (default {DEFAULT_OUT})")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 on a shared machine)")
+    parser = harness.arguments(__doc__, "quantized", smoke="tiny random Llama and synthetic data (the test)",
+                               threads=1)
     parser.add_argument("--budgets", default=None, help="comma-separated k (default 1e4,1e5,1e6)")
     parser.add_argument("--steps", type=int, default=None, help="measured steps per method")
     parser.add_argument("--in-process", action="store_true", help="run every method in this process (smoke default)")
@@ -370,12 +347,9 @@ def main(argv: list[str] | None = None) -> int:
         settings = Settings(**{**asdict(settings), "budgets": tuple(int(float(b)) for b in args.budgets.split(","))})
     if args.steps:
         settings = Settings(**{**asdict(settings), "steps": args.steps})
-    out = args.out or (DEFAULT_OUT if not args.smoke else DEFAULT_OUT.parent / "quantized_smoke")
-    out.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(args.threads)
-    command = shlex.join(["python", "benchmarks/quantized.py", *(argv if argv is not None else sys.argv[1:])])
-    (out / "sweep.log").unlink(missing_ok=True)
-    log = sweep_logger(out)
+    out = args.out or harness.results_folder("quantized", settings.name)
+    command = harness.start("quantized", argv, out, args.threads)
+    log = harness.logger(out / "sweep.log", append=False)
     import bitsandbytes
 
     start = time.perf_counter()
@@ -398,15 +372,14 @@ def main(argv: list[str] | None = None) -> int:
                     trim_memory()
                 records.append({**record, "round": round_})
     tmp.cleanup()
-    meta = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "command": command, "machine": machine(),
+    meta = {"date": harness.now(), "command": command, "machine": harness.machine(),
             "threads": args.threads, "torch": torch.__version__, "bitsandbytes": bitsandbytes.__version__,
             "model": model_name, "settings": asdict(settings), "wall_s": time.perf_counter() - start,
             "isolated": isolated,
             "notes": ["Short runs (a few steps): accuracy differences between methods are not meaningful at this "
                       "length; they show that each method trains on the 4-bit base."]}
     rows = summarise(records)
-    (out / "results.json").write_text(json.dumps({"meta": meta, "zero_shot": zero, "records": records,
-                                                  "summary": rows}, indent=1))
+    harness.write_json(out / "results.json", {"meta": meta, "zero_shot": zero, "records": records, "summary": rows})
     discussion = out / "discussion.md"  # hand-written notes on the measured numbers, kept across reruns
     (out / "results.md").write_text(markdown(meta, rows, zero)
                                     + ("\n" + discussion.read_text() if discussion.exists() else ""))

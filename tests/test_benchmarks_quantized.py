@@ -1,4 +1,4 @@
-"""Smoke test of benchmarks/quantized.py: the whole 4-bit benchmark on a tiny random Llama and a synthetic task.
+"""Smoke test of `python -m benchmarks.quantized`: the whole 4-bit benchmark on a tiny random Llama, synthetic task.
 
 Checks what the benchmark claims about its runs, never timings: every method ran at every k, APET got exactly QLoRA's
 trainable count, the trainable state is read from the real tensors (16 bytes per fp32 entry with AdamW, plus step
@@ -8,28 +8,22 @@ counters), and the report has a row per method with its ratios to QLoRA.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
 pytest.importorskip("bitsandbytes")
-ROOT = Path(__file__).parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
+from benchmarks import quantized  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory) -> Path:
-    import quantized
-
     out = tmp_path_factory.mktemp("quantized_smoke")
     assert quantized.main(["--smoke", "--out", str(out)]) == 0
     return out
 
 
 def test_every_method_at_equal_k(smoke):
-    import quantized
-
     results = json.loads((smoke / "results.json").read_text())
     records = results["records"]
     assert [(r["k"], r["method"]) for r in records] == [
@@ -56,8 +50,6 @@ def test_report(smoke):
 
 
 def test_isolated_run_in_a_fresh_process():
-    import quantized
-
     record = quantized.run_isolated("apet-discrete", 200, quantized.SETTINGS["smoke"], True, print)
     assert record["trainable"] == 1088  # r=1 LoRA count of the first layer's 7 projections of the tiny Llama
     assert record["saved_for_backward_bytes"] > 0 and record["peak_rss_delta"] > 0

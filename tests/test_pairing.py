@@ -178,11 +178,10 @@ def test_pairing_settings_are_validated():
 
 
 def test_pairing_benchmark_smoke(tmp_path):
-    """`benchmarks/pairing.py --smoke`: aligned masks leave nothing structurally unable to learn, independent ones do,
-    and the gradient count includes the structural one."""
-    script = ROOT / "benchmarks" / "pairing.py"
-    result = subprocess.run([sys.executable, str(script), "--smoke", "--out", str(tmp_path)], capture_output=True,
-                            text=True, timeout=600)
+    """`python -m benchmarks.pairing --smoke`: aligned masks leave nothing structurally unable to learn, independent
+    ones do, and the gradient count includes the structural one."""
+    result = subprocess.run([sys.executable, "-m", "benchmarks.pairing", "--smoke", "--out", str(tmp_path)],
+                            capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-2000:]
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
     assert len(rows) == 3 * 2 * 2 * 2

