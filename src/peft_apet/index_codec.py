@@ -91,8 +91,9 @@ def encode_indices(index: torch.Tensor, universe: int) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def decode_indices(code: torch.Tensor, count: int, universe: int) -> torch.Tensor:
-    """The int32 positions `(count,)`, strictly increasing, stored in `code` (from `encode_indices`).
+def decode_indices(code: torch.Tensor, count: int, universe: int, dtype: torch.dtype = torch.int32) -> torch.Tensor:
+    """The positions `(count,)` (int32, or `dtype` for universes beyond int32), strictly increasing, stored in
+    `code` (from `encode_indices`).
 
     Raises ValueError if `code` is not such a code: not 1-D uint8, wrong length (truncated, or the code of another
     tensor or budget), a high-part bitmap with the wrong number of ones, or positions not strictly increasing in
@@ -105,7 +106,7 @@ def decode_indices(code: torch.Tensor, count: int, universe: int) -> torch.Tenso
         raise ValueError(f"encoded mask index of {code.numel()} bytes, expected {expected} for {count} entries of a "
                          f"tensor of {universe} (damaged, or saved for another tensor or budget)")
     if count == 0:
-        return torch.empty(0, dtype=torch.int32)
+        return torch.empty(0, dtype=dtype)
     code = code.cpu()
     bits = low_bits(count, universe)
     q, r = divmod(bits, 8)
@@ -125,7 +126,7 @@ def decode_indices(code: torch.Tensor, count: int, universe: int) -> torch.Tenso
     if int(positions[-1]) >= universe or not bool((positions[1:] > positions[:-1]).all()):
         raise ValueError("encoded mask index is damaged: its positions are not strictly increasing in "
                          f"[0, {universe})")
-    return positions.to(torch.int32)
+    return positions.to(dtype)
 
 
 def stored_positions(stored: torch.Tensor, count: int, universe: int) -> torch.Tensor:
