@@ -164,16 +164,18 @@ def _fit_problems(packed: Mapping[str, torch.Tensor], layout: Mapping[Key, tuple
         rows = [layout[key] for key in sorted(layout) if key[1] == role]
         values, index = packed.get(f"{PACKED_PREFIX}{role}.values"), packed.get(f"{PACKED_PREFIX}{role}.index")
         k = sum(k for _, k in rows)
-        if values is None or values.dim() != 1 or not values.is_floating_point() or values.numel() != k:
+        if values is None or values.dim() != 1 or not values.is_floating_point():
             found = "none" if values is None else f"{tuple(values.shape)} ({values.dtype})"
-            problems.append(f"role {role}: values {found} in the file, this model's adapter has {k} (1-D floating)")
+            problems.append(f"role {role}: values {found} in the file, expected a 1-D floating tensor")
+        elif values.numel() != k:
+            problems.append(f"role {role}: {values.numel()} values in the file, {k} in this model's adapter")
         count, universe = (sum(c) for c in zip(*(_ids(spec, k) for spec, k in rows)))
         masked = any(spec.mask is not None for spec, _ in rows)
         size = encoded_size(count, universe)
         if masked and (index is None or index.dtype != torch.uint8 or tuple(index.shape) != (size,)):
-            found = "none" if index is None else f"{tuple(index.shape)} ({index.dtype})"
-            problems.append(f"role {role}: mask index {found} in the file, expected uint8 ({size},) for {count} ids "
-                            f"among {universe}")
+            found = "no mask index" if index is None else f"a mask index {tuple(index.shape)} ({index.dtype})"
+            problems.append(f"role {role}: {found} in the file, expected uint8 ({size},): the code of {count} ids "
+                            f"among {universe} in this model's adapter")
         elif not masked and index is not None:
             problems.append(f"role {role}: the file has a mask index, this model's adapter has no mask there")
     if not problems and not marker.is_meta and int(marker[2]) != int(_layout_tensor(layout)[2]):
