@@ -160,8 +160,8 @@ def test_an_int32_index_saved_by_peft_apet_0_1_still_loads(tmp_path):
 
 DAMAGED_CODE = {  # file format -> what the error says
     "0.1 (per module)": r"encoded mask index of \d+ bytes.*Nothing was loaded or changed",
-    "packed": r"role delta: a mask index \(\d+,\) \(torch.uint8\) in the file, expected uint8 \(\d+,\): the code of "
-              r"500 ids.*Nothing was loaded or changed",
+    "packed": r"a mask index of \d+ bytes in the file, \d+ for the masks of this model's adapter.*Nothing was loaded "
+              r"or changed",
 }
 
 

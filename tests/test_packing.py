@@ -17,7 +17,8 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
 from peft_apet import APETConfig, APETLayer
-from peft_apet.packing import LAYOUT_KEY, layout_text, pack, unpack
+from peft_apet.index_codec import encode_indices
+from peft_apet.packing import INDEX_KEY, VALUES_KEY, index_size, layout_text, pack, unpack
 
 WEIGHTS = "adapter_model.safetensors"
 
@@ -66,12 +67,19 @@ def test_pack_then_unpack_is_exact_for_every_mask_and_beyond_int32_universes():
             index = torch.empty(0, dtype=torch.int32)
         state[(module, role)] = (s, torch.randn(s.num_entries, generator=g), index)
     packed = pack(state)
-    assert sorted(packed) == ["apet_packed.bias.values", "apet_packed.delta.index", "apet_packed.delta.values",
-                              LAYOUT_KEY, "apet_packed.lora_A.index", "apet_packed.lora_A.values"]
+    assert sorted(packed) == [INDEX_KEY, VALUES_KEY]
     layout = {key: (s, s.num_entries) for key, s in specs.items()}
-    assert packed[LAYOUT_KEY].tolist() == [1, 7, zlib.crc32(layout_text(layout).encode())]
-    # values in layout order: sorted by (module, role)
-    assert torch.equal(packed["apet_packed.delta.values"], torch.cat([state[(m, "delta")][1] for m in "abcd"]))
+    order = sorted(specs, key=lambda key: (key[1], key[0]))  # by role, then module
+    assert torch.equal(packed[VALUES_KEY], torch.cat([state[key][1] for key in order]))
+    # the head: version 1, 7 tensors, CRC-32 of the layout text; then per masked role (delta, lora_A) one code
+    head = struct.pack("<BII", 1, 7, zlib.crc32(layout_text(layout).encode()))
+    assert bytes(packed[INDEX_KEY][:9].tolist()) == head
+    delta = torch.cat([state[("a", "delta")][2].long(), state[("c", "delta")][2].long() + 2**32 + 48,
+                       state[("d", "delta")][2].long() + 2**32 + 96])  # b (6 x 8) has no entry
+    lora = torch.cat([state[("a", "lora_A")][2].long(), state[("b", "lora_A")][2].long() + 8])
+    expected = torch.cat([torch.frombuffer(bytearray(head), dtype=torch.uint8), encode_indices(delta, 2**33 + 96),
+                          encode_indices(lora, 8 + 4)])
+    assert torch.equal(packed[INDEX_KEY], expected) and packed[INDEX_KEY].numel() == index_size(layout)
     out = unpack({**packed, "base_model.model.head.weight": (2, 3)}, specs)
     assert out["base_model.model.head.weight"] == (2, 3)
     for (module, role), (_, values, index) in state.items():
@@ -89,10 +97,12 @@ def test_a_layout_with_the_same_totals_but_other_modules_is_refused():
     renamed = {("k", "delta"): specs[("q", "delta")], ("v", "delta"): specs[("v", "delta")]}
     with pytest.raises(ValueError, match="layout checksum differs"):
         unpack(packed, renamed)
+    newer = packed[INDEX_KEY].clone()
+    newer[0] = 2
     with pytest.raises(ValueError, match=r"packed in format 2.*upgrade peft-apet"):
-        unpack({**packed, LAYOUT_KEY: torch.tensor([2, 2, 0])}, specs)
-    with pytest.raises(ValueError, match=r"unexpected packed tensors \['apet_packed.bias.values'\]"):
-        unpack({**packed, "apet_packed.bias.values": torch.zeros(1)}, specs)
+        unpack({**packed, INDEX_KEY: newer}, specs)
+    with pytest.raises(ValueError, match=r"its packed tensors are \['apet_packed.bias', 'apet_packed.index'"):
+        unpack({**packed, "apet_packed.bias": torch.zeros(1)}, specs)
 
 
 def test_a_saved_file_has_the_documented_keys_and_is_small(tmp_path):
@@ -100,12 +110,12 @@ def test_a_saved_file_has_the_documented_keys_and_is_small(tmp_path):
                                                           task_type="CAUSAL_LM"))
     model.save_pretrained(tmp_path)
     tensors = load_file(tmp_path / WEIGHTS)
-    assert sorted(tensors) == ["apet_packed.delta.index", "apet_packed.delta.values", LAYOUT_KEY]
-    assert tensors[LAYOUT_KEY].dtype == torch.int64 and tensors["apet_packed.delta.index"].dtype == torch.uint8
-    assert tensors["apet_packed.delta.values"].shape == (1000,)
+    assert sorted(tensors) == [INDEX_KEY, VALUES_KEY]
+    assert tensors[INDEX_KEY].dtype == torch.uint8 and tensors[VALUES_KEY].dtype == torch.float32
+    assert tensors[VALUES_KEY].shape == (1000,)
     data = (tmp_path / WEIGHTS).read_bytes()
     header = struct.unpack("<Q", data[:8])[0]
-    assert header <= 300  # three tensors, whatever the number of modules (0.1: two per module, ~135 bytes each)
+    assert header <= 200  # two tensors, whatever the number of modules (0.1: two per module, ~135 bytes each)
     assert len(data) / 1000 <= 6.0
 
 
@@ -170,9 +180,9 @@ def test_a_meta_model_packs_to_tensors_of_the_right_shapes():
 def test_a_damaged_packed_code_is_refused_before_anything_is_copied(tmp_path):
     get_peft_model(tiny_bert(), unified()).save_pretrained(tmp_path)
     tensors = load_file(tmp_path / WEIGHTS)
-    code = tensors["apet_packed.delta.index"].clone()
-    code[-1] = 0  # the last byte of the high-part bitmap: the last entry's one is gone
-    save_file({**tensors, "apet_packed.delta.index": code}, tmp_path / WEIGHTS, metadata={"format": "pt"})
+    code = tensors[INDEX_KEY].clone()
+    code[-1] = 0  # the last byte of the last role's (lora_A) high-part bitmap: its last entry's one is gone
+    save_file({**tensors, INDEX_KEY: code}, tmp_path / WEIGHTS, metadata={"format": "pt"})
     base = tiny_bert()
     with pytest.raises(ValueError, match=r"packed mask index is damaged.*Nothing was loaded or changed"):
         PeftModel.from_pretrained(base, tmp_path)
