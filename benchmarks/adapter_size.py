@@ -147,11 +147,11 @@ def machine() -> dict:
             "torch": torch.__version__, "platform": platform.platform()}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--smoke", action="store_true", help="two points on BERT-base")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     grid = [(m, mask, k) for m in MODELS for mask in MASKS for k in KS]
     if args.smoke:
         grid = [("bert-base q/v", "discrete", 1_000), ("bert-base q/v", "adjacent", 10_000)]
@@ -165,7 +165,8 @@ def main() -> None:
               f"target {r['target']} met={r['met']}  {r['seconds']} s", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps({"meta": machine(), "rows": rows}, indent=1) + "\n")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

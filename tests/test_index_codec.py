@@ -115,8 +115,8 @@ def index_keys(tensors: dict) -> list[str]:
 
 @pytest.mark.parametrize("k", [200, 1_000, 20_480])
 def test_adapter_files_store_at_most_six_bytes_per_trainable_fp32_entry_plus_the_header(tmp_path, k):
-    """README: the tensor data take at most 6 bytes per fp32 entry; the whole file adds safetensors' 8-byte length
-    and JSON header, at most 140 bytes per stored tensor (measured 130-135 here: two tensors per adapted module)."""
+    """The tensor data take at most 6 bytes per fp32 entry; the whole file adds safetensors' 8-byte length and JSON
+    header, at most 140 bytes per stored tensor (two tensors in all: `peft_apet.packing`)."""
     # tiny Llama's delta targets hold 20,480 entries: densities 1/102 to 1 (each tensor also rounds to whole bytes)
     model = get_peft_model(tiny_llama(), discrete_delta(k, "CAUSAL_LM"))
     model.save_pretrained(tmp_path)

@@ -1,8 +1,9 @@
 """Elias-Fano coding of discrete mask indices: how an adapter file stores which entries a mask trains.
 
 In memory a discrete mask is an int32 tensor of `k` sorted flat positions `p_0 < ... < p_{k-1}` in a tensor of
-`n` entries (4 bytes each). On disk it is this code, a 1-D uint8 tensor under the same `index` key (see
-`MaskedWeight`). With `L = floor(log2(n / k))` (0 when `k > n / 2`) and `L = 8 q + r` (`r < 8`):
+`n` entries (4 bytes each). In a module's state dict it is this code, a 1-D uint8 tensor under the same `index` key
+(see `MaskedWeight`); an adapter file holds one such code per role over all that role's tensors
+(`peft_apet.packing`). With `L = floor(log2(n / k))` (0 when `k > n / 2`) and `L = 8 q + r` (`r < 8`):
 
 1. the low `r` bits of every position, as one bit stream (entry `i` in bits `i r .. i r + r - 1`, least significant
    bit first, bytes filled from their least significant bit): `ceil(k r / 8)` bytes;
