@@ -120,12 +120,12 @@ def _own_ids(key: Key, spec: Any, k: int, stored: torch.Tensor | None) -> torch.
 def pack(tensors: Mapping[Key, tuple[Any, torch.Tensor, torch.Tensor | None]]) -> dict[str, torch.Tensor]:
     """`{apet_packed.values, apet_packed.index}` (format above) of `tensors`: `(module, role) -> (spec, values (k,),
     index)`, the index as a state dict holds it (int32 ids; a discrete one may be its uint8 code) or None when
-    unmasked. On the device of the values; meta tensors give meta tensors of the right sizes. Raises ValueError for
-    an index that does not fit its tensor."""
+    unmasked. On the device of the first values; meta tensors give meta tensors of the right sizes. Raises
+    ValueError for an index that does not fit its tensor."""
     layout = {key: (spec, values.numel()) for key, (spec, values, _) in tensors.items()}
     values = [tensors[key][1].detach().reshape(-1) for key in _order(layout)]
     dtype = functools.reduce(torch.promote_types, [v.dtype for v in values])
-    packed_values = torch.cat([v.to(dtype) for v in values])
+    packed_values = torch.cat([v.to(device=values[0].device, dtype=dtype) for v in values])  # e.g. device_map
     if packed_values.is_meta or any(i is not None and i.is_meta for _, _, i in tensors.values()):
         return {VALUES_KEY: packed_values, INDEX_KEY: torch.empty(index_size(layout), dtype=torch.uint8,
                                                                   device="meta")}
