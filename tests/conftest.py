@@ -114,6 +114,22 @@ def model_output(model, inputs: dict) -> torch.Tensor:
         return model(**{k: v for k, v in inputs.items() if k != "labels"}).logits
 
 
+def write_per_module(model, folder, adapter_name: str = "default") -> None:
+    """Rewrite `folder/adapter_model.safetensors` (saved from `model`) as peft-apet 0.1 wrote it: per module
+    `<module>.apet_weights.<role>.values` and `.index` (discrete ones Elias-Fano coded) instead of the packed tensors
+    (`peft_apet.packing`); other tensors (heads, token rows) are kept."""
+    from safetensors.torch import load_file, save_file
+
+    from peft_apet.packing import is_packed_key
+
+    path = os.path.join(folder, "adapter_model.safetensors")
+    tensors = {k: v for k, v in load_file(path).items() if not is_packed_key(k)}
+    marker = f".apet_weights.{adapter_name}."
+    tensors.update({k.replace(marker, ".apet_weights."): v.contiguous() for k, v in model.state_dict().items()
+                    if marker in k})
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
 @pytest.fixture(params=sorted(MODELS))
 def model_name(request) -> str:
     return request.param

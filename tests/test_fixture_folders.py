@@ -1,5 +1,6 @@
-"""Adapter folders written by peft-apet 0.1.0 (`tests/fixtures/adapters_0_1/`) load unchanged and give the same
-outputs; today's code, given the same config and seed, writes the same bytes."""
+"""Adapter folders written by peft-apet 0.1.0 (`tests/fixtures/adapters_0_1/`, per-module tensors) load unchanged
+and give the same outputs; today's code, given the same config and seed, writes the same adapter (packed:
+`peft_apet.packing`) and the same `adapter_config.json` bytes, and save -> load -> save is byte-identical."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import torch
 from conftest import MODELS
 from peft import PeftModel
 from safetensors.torch import load_file
+
+from peft_apet import APETLayer
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 sys.path.insert(0, str(FIXTURES))
@@ -33,8 +36,35 @@ def test_folder_loads_with_the_same_outputs(name):
         torch.testing.assert_close(model(**expected).logits, logits, rtol=0, atol=1e-6)
 
 
+def _tensors(model: PeftModel) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Every APET tensor's values and decoded mask (row-major flat positions), by parameter path."""
+    return {f"{name}.{role}": (weight.values.detach().clone(), weight.flat_indices())
+            for name, module in model.named_modules() if isinstance(module, APETLayer)
+            for role, weight in module.apet_weights["default"].items()}
+
+
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_same_config_and_seed_write_the_same_bytes(name, tmp_path):
+def test_same_config_and_seed_write_the_same_adapter(name, tmp_path):
+    model_name = CASES[name][0]
     write(name, *CASES[name], tmp_path)
+    assert (tmp_path / name / "adapter_config.json").read_bytes() == (FOLDER / name / "adapter_config.json"
+                                                                      ).read_bytes()
+    fresh, old = (PeftModel.from_pretrained(MODELS[model_name][0](), folder / name) for folder in (tmp_path, FOLDER))
+    fresh_tensors, old_tensors = _tensors(fresh), _tensors(old)
+    assert fresh_tensors.keys() == old_tensors.keys() and fresh_tensors
+    for key, (values, positions) in old_tensors.items():
+        assert torch.equal(fresh_tensors[key][0], values) and fresh_tensors[key][0].dtype == values.dtype, key
+        assert torch.equal(fresh_tensors[key][1], positions), key
+    fresh_other = {k: v for k, v in fresh.state_dict().items() if ".apet_weights." not in k}
+    for key, value in old.state_dict().items():  # heads (modules_to_save), token rows: the same too
+        if ".apet_weights." not in key:
+            assert torch.equal(fresh_other[key], value), key
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_save_load_save_is_byte_identical(name, tmp_path):
+    model_name = CASES[name][0]
+    write(name, *CASES[name], tmp_path)
+    PeftModel.from_pretrained(MODELS[model_name][0](), tmp_path / name).save_pretrained(tmp_path / "again")
     for file in ("adapter_config.json", "adapter_model.safetensors"):
-        assert (tmp_path / name / file).read_bytes() == (FOLDER / name / file).read_bytes(), file
+        assert (tmp_path / "again" / file).read_bytes() == (tmp_path / name / file).read_bytes(), file

@@ -10,7 +10,7 @@ import time
 
 import pytest
 import torch
-from conftest import model_inputs, model_output, tiny_bert, tiny_llama
+from conftest import model_inputs, model_output, tiny_bert, tiny_llama, write_per_module
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from peft import PeftModel, get_peft_model
@@ -115,8 +115,8 @@ def index_keys(tensors: dict) -> list[str]:
 
 @pytest.mark.parametrize("k", [200, 1_000, 20_480])
 def test_adapter_files_store_at_most_six_bytes_per_trainable_fp32_entry_plus_the_header(tmp_path, k):
-    """README: the tensor data take at most 6 bytes per fp32 entry; the whole file adds safetensors' 8-byte length
-    and JSON header, at most 140 bytes per stored tensor (measured 130-135 here: two tensors per adapted module)."""
+    """The tensor data take at most 6 bytes per fp32 entry; the whole file adds safetensors' 8-byte length and JSON
+    header, at most 140 bytes per stored tensor (two tensors in all: `peft_apet.packing`)."""
     # tiny Llama's delta targets hold 20,480 entries: densities 1/102 to 1 (each tensor also rounds to whole bytes)
     model = get_peft_model(tiny_llama(), discrete_delta(k, "CAUSAL_LM"))
     model.save_pretrained(tmp_path)
@@ -145,6 +145,7 @@ def test_an_int32_index_saved_by_peft_apet_0_1_still_loads(tmp_path):
     model = get_peft_model(tiny_bert(), discrete_delta(500)).eval()
     inputs = model_inputs("bert")
     model.save_pretrained(tmp_path)
+    write_per_module(model, tmp_path)
     path = tmp_path / "adapter_model.safetensors"
     tensors = load_file(path)
     layers = {n: m for n, m in model.base_model.model.named_modules() if isinstance(m, APETLayer)}
@@ -157,15 +158,26 @@ def test_an_int32_index_saved_by_peft_apet_0_1_still_loads(tmp_path):
     torch.testing.assert_close(model_output(loaded, inputs), model_output(model, inputs), rtol=0, atol=0)
 
 
-def test_a_damaged_code_is_refused_before_the_model_changes(tmp_path):
-    get_peft_model(tiny_bert(), discrete_delta(500)).save_pretrained(tmp_path)
+DAMAGED_CODE = {  # file format -> what the error says
+    "0.1 (per module)": r"encoded mask index of \d+ bytes.*Nothing was loaded or changed",
+    "packed": r"a mask index of \d+ bytes in the file, \d+ for the masks of this model's adapter.*Nothing was loaded "
+              r"or changed",
+}
+
+
+@pytest.mark.parametrize("form", sorted(DAMAGED_CODE))
+def test_a_damaged_code_is_refused_before_the_model_changes(tmp_path, form):
+    model = get_peft_model(tiny_bert(), discrete_delta(500))
+    model.save_pretrained(tmp_path)
+    if form != "packed":
+        write_per_module(model, tmp_path)
     path = tmp_path / "adapter_model.safetensors"
     tensors = load_file(path)
     key = index_keys(tensors)[0]
     tensors[key] = tensors[key][:-1].clone()
     save_file(tensors, path, metadata={"format": "pt"})
     base = tiny_bert()
-    with pytest.raises(ValueError, match=r"encoded mask index of \d+ bytes.*Nothing was loaded or changed"):
+    with pytest.raises(ValueError, match=DAMAGED_CODE[form]):
         PeftModel.from_pretrained(base, tmp_path)
     assert not any(isinstance(m, APETLayer) for m in base.modules())
 

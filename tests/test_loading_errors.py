@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import MODELS, VOCAB, model_inputs, model_output, tiny_bert
+from conftest import MODELS, VOCAB, model_inputs, model_output, tiny_bert, write_per_module
 from peft import AutoPeftModelForSequenceClassification, PeftConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from transformers import BertConfig, BertForSequenceClassification
@@ -68,27 +68,44 @@ def assert_unchanged(model: torch.nn.Module, before: dict) -> None:
     assert not changed, changed
 
 
-# Checkpoints of tiny_bert (hidden 32, 2 layers) loaded onto other base models, and what the error names.
+# Checkpoints of tiny_bert (hidden 32, 2 layers) loaded onto other base models, and what the error names: a packed
+# file (`peft_apet.packing`, what save_pretrained writes) holds totals and a layout checksum, a file of peft-apet 0.1
+# one values and one index tensor per module.
+PACKED, PER_MODULE = "packed", "0.1 (per module)"
 OTHER_BASE_MODELS = {
-    "wider (shape mismatch)": (lambda: bert(hidden=64), {}, r"layer\.0\.attention\.self\.query \(lora_A\): values "
-                                                            r"of shape \(256,\) in the checkpoint, \(512,\)"),
-    "deeper (missing modules)": (lambda: bert(layers=3), {}, r"no tensors for modules \['bert\.encoder\.layer\.2\."),
-    "shallower (extra modules)": (lambda: bert(layers=1), {}, r"modules this model's adapter does not have: "
-                                                              r"\['bert\.encoder\.layer\.1\."),
+    "wider (shape mismatch)": (lambda: bert(hidden=64), {}, {
+        PER_MODULE: r"layer\.0\.attention\.self\.query \(lora_A\): values of shape \(256,\) in the checkpoint, "
+                    r"\(512,\)",
+        PACKED: r"2048 values in the file, 4096 in this model's adapter"}),
+    "deeper (missing modules)": (lambda: bert(layers=3), {}, {
+        PER_MODULE: r"no tensors for modules \['bert\.encoder\.layer\.2\.",
+        PACKED: r"it holds 8 APET tensors, this model's adapter has 12; 2048 values in the file, 3072"}),
+    "shallower (extra modules)": (lambda: bert(layers=1), {}, {
+        PER_MODULE: r"modules this model's adapter does not have: \['bert\.encoder\.layer\.1\.",
+        PACKED: r"it holds 8 APET tensors, this model's adapter has 4; 2048 values in the file, 1024"}),
     # Same budget on a narrower model: same number of values, but the coded mask is for larger tensors.
-    "narrower, same budget": (lambda: bert(hidden=16), {"mask": "discrete", "num_trainable_params": 200},
-                              r"query \(lora_A\): encoded mask index of \d+ bytes, expected \d+ for \d+ entries of "
-                              r"a tensor of 128 \(damaged, or saved for another tensor or budget\)"),
+    "narrower, same budget": (lambda: bert(hidden=16), {"mask": "discrete", "num_trainable_params": 200}, {
+        PER_MODULE: r"query \(lora_A\): encoded mask index of \d+ bytes, expected \d+ for \d+ entries of a tensor of "
+                    r"128 \(damaged, or saved for another tensor or budget\)",
+        PACKED: r"a mask index of 143 bytes in the file, 117 for the masks of this model's adapter"}),
 }
 
 
+def save_in_form(path, config: APETConfig, form: str):
+    model = save_adapter(path, config)
+    if form == PER_MODULE:
+        write_per_module(model, path)
+    return model
+
+
+@pytest.mark.parametrize("form", [PACKED, PER_MODULE])
 @pytest.mark.parametrize("case", sorted(OTHER_BASE_MODELS))
-def test_from_pretrained_onto_another_base_model_is_refused_and_leaves_it_unchanged(tmp_path, case):
-    make_base, kwargs, message = OTHER_BASE_MODELS[case]
-    save_adapter(tmp_path / "adapter", lora(**kwargs))
+def test_from_pretrained_onto_another_base_model_is_refused_and_leaves_it_unchanged(tmp_path, case, form):
+    make_base, kwargs, messages = OTHER_BASE_MODELS[case]
+    save_in_form(tmp_path / "adapter", lora(**kwargs), form)
     base = make_base()
     before = snapshot(base)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=messages[form]):
         PeftModel.from_pretrained(base, tmp_path / "adapter")
     assert_unchanged(base, before)
     assert not any(isinstance(m, APETLayer) for m in base.modules())
@@ -127,7 +144,7 @@ def test_a_pickle_checkpoint_goes_through_the_same_checks(tmp_path):
 
     base = bert(hidden=16)
     before = snapshot(base)
-    with pytest.raises(ValueError, match=r"adapter_model\.bin.*query \(lora_A\)"):
+    with pytest.raises(ValueError, match=r"adapter_model\.bin.*a mask index of \d+ bytes in the file"):
         PeftModel.from_pretrained(base, tmp_path / "adapter")
     assert_unchanged(base, before)
 
@@ -143,15 +160,16 @@ def test_a_pickle_checkpoint_goes_through_the_same_checks(tmp_path):
     assert_unchanged(base, before)
 
 
+@pytest.mark.parametrize("form", [PACKED, PER_MODULE])
 @pytest.mark.parametrize("case", sorted(OTHER_BASE_MODELS))
-def test_load_adapter_of_another_base_model_keeps_the_existing_adapters(tmp_path, case):
-    make_base, kwargs, message = OTHER_BASE_MODELS[case]
-    save_adapter(tmp_path / "adapter", lora(**kwargs))
+def test_load_adapter_of_another_base_model_keeps_the_existing_adapters(tmp_path, case, form):
+    make_base, kwargs, messages = OTHER_BASE_MODELS[case]
+    save_in_form(tmp_path / "adapter", lora(**kwargs), form)
     model = get_peft_model(make_base(), APETConfig.bitfit(task_type="SEQ_CLS", init_weights=False))
     inputs = model_inputs("bert")
     expected = model_output(model, inputs)
     before = snapshot(model)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=messages[form]):
         model.load_adapter(tmp_path / "adapter", adapter_name="other")
     assert_unchanged(model, before)
     assert list(model.peft_config) == ["default"]
@@ -159,12 +177,13 @@ def test_load_adapter_of_another_base_model_keeps_the_existing_adapters(tmp_path
     assert torch.equal(model_output(model, inputs), expected)
 
 
-def test_reloading_into_an_existing_adapter_checks_before_copying(tmp_path):
+@pytest.mark.parametrize("form,names", [(PACKED, r"values in the file"), (PER_MODULE, r"query \(lora_A\)")])
+def test_reloading_into_an_existing_adapter_checks_before_copying(tmp_path, form, names):
     """`load_adapter` under a name that exists skips creating the adapter: the state dict itself is checked."""
-    save_adapter(tmp_path / "adapter", lora())
+    save_in_form(tmp_path / "adapter", lora(), form)
     model = get_peft_model(bert(hidden=64), lora())
     before = snapshot(model)
-    with pytest.raises(ValueError, match=r"loaded into adapter 'default' does not fit.*query \(lora_A\)"):
+    with pytest.raises(ValueError, match=rf"loaded into adapter 'default' does not fit.*{names}"):
         model.load_adapter(tmp_path / "adapter", adapter_name="default")
     assert_unchanged(model, before)
 

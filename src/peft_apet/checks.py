@@ -11,7 +11,9 @@
   weight changes, so a broken adapter leaves all base weights bit-identical.
 
 Checkpoint keys look like `base_model.model.<module>.apet_weights.<role>.<tensor>` (tensor: `values` or `index`);
-any other key is a full tensor of the base model (e.g. a `modules_to_save` head) and must match its shape.
+any other key is a full tensor of the base model (e.g. a `modules_to_save` head) and must match its shape. A packed
+file (`peft_apet.packing`) is unpacked against the expected tensors first: a layout that does not fit is refused
+with the same error, before anything is copied.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from .config import APETConfig
 from .index_codec import stored_positions
 from .layer import APETLayer
 from .masks import line_length, num_lines
+from .packing import is_packed_key, unpack
 from .plan import AdapterPlan, TensorPlan
 from .tokens import TOKENS_KEY
 
@@ -160,20 +163,19 @@ def _tensor_shape(model: nn.Module, key: str) -> tuple[int, ...] | None:
     return None if tensor is None else tuple(tensor.shape)
 
 
-def _read_checkpoint(path: str) -> _Checkpoint:
-    """Shapes of every tensor in a safetensors file and its mask indices; ValueError naming the file if damaged."""
+def _read_checkpoint(path: str) -> dict[str, torch.Tensor | tuple[int, ...]]:
+    """Shapes of every tensor in a safetensors file, its mask indices and packed tensors; ValueError naming the file
+    if damaged."""
     try:
         with safe_open(path, framework="pt") as f:
-            return _Checkpoint.from_items(
-                (key, f.get_tensor(key) if key.endswith(".index") else tuple(f.get_slice(key).get_shape()))
-                for key in f.keys()
-            )
+            return {key: f.get_tensor(key) if key.endswith(".index") or is_packed_key(key) else
+                    tuple(f.get_slice(key).get_shape()) for key in f.keys()}
     except (SafetensorError, OSError) as e:
         raise ValueError(f"{path} is damaged and cannot be read ({e}); save the adapter again. Nothing was "
                          "loaded or changed.") from e
 
 
-def _read_pickle_checkpoint(path: str) -> _Checkpoint:
+def _read_pickle_checkpoint(path: str) -> dict[str, torch.Tensor]:
     """The same as `_read_checkpoint` for an `adapter_model.bin`, read with `torch.load(weights_only=True)` (tensors
     and plain containers only: no code in the file runs); ValueError naming the file if it cannot be read."""
     try:
@@ -184,7 +186,7 @@ def _read_pickle_checkpoint(path: str) -> _Checkpoint:
     if not isinstance(state, Mapping) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                                   for k, v in state.items()):
         raise ValueError(f"{path} does not hold a state dict (str -> tensor). Nothing was loaded or changed.")
-    return _Checkpoint.from_items(state.items())
+    return dict(state)
 
 
 def check_checkpoint_fits_plan(config: APETConfig, plan: AdapterPlan, model: nn.Module) -> None:
@@ -199,15 +201,16 @@ def check_checkpoint_fits_plan(config: APETConfig, plan: AdapterPlan, model: nn.
         return
     path = os.path.join(folder, SAFETENSORS_WEIGHTS_NAME)
     if os.path.isfile(path):
-        checkpoint = _read_checkpoint(path)
+        items = _read_checkpoint(path)
     elif os.path.isfile(os.path.join(folder, WEIGHTS_NAME)):
         # `save_pretrained(safe_serialization=False)`: PEFT reads it with torch.load(weights_only=True); so do we.
         path = os.path.join(folder, WEIGHTS_NAME)
-        checkpoint = _read_pickle_checkpoint(path)
+        items = _read_pickle_checkpoint(path)
     else:
         raise FileNotFoundError(f"{folder} has an adapter_config.json but no {SAFETENSORS_WEIGHTS_NAME} (nor "
                                 f"{WEIGHTS_NAME}).")
     expected = {(m.name, role): t for m in plan.modules.values() for role, t in m.tensors.items()}
+    checkpoint = _Checkpoint.from_items(_unpacked(items, expected, path, "Nothing was loaded or changed.").items())
     # trainable token rows (peft_apet.tokens): saved by PEFT's wrapper, which does not exist before injection
     rows = {f"{PEFT_PREFIX}{t.name}.{TOKENS_KEY}": t.shape for t in plan.tokens.values()}
     problems = _problems(expected, checkpoint, lambda key: rows[key] if key in rows else _tensor_shape(
@@ -218,21 +221,37 @@ def check_checkpoint_fits_plan(config: APETConfig, plan: AdapterPlan, model: nn.
     _raise(path, problems, "Nothing was loaded or changed.")
 
 
-def check_state_fits_model(model: nn.Module, adapter_name: str, state_dict: Mapping[str, torch.Tensor]) -> None:
+def adapter_tensors(model: nn.Module, adapter_name: str) -> dict[tuple[str, str], nn.Module]:
+    """`(module name without base_model.model., role) -> MaskedWeight` of adapter `adapter_name` in `model`."""
+    return {(name.removeprefix(PEFT_PREFIX), role): weight for name, module in model.named_modules()
+            if isinstance(module, APETLayer) and adapter_name in module.apet_weights
+            for role, weight in module.apet_weights[adapter_name].items()}
+
+
+def _unpacked(state: Mapping[str, object], expected: Mapping[tuple[str, str], object], source: str,
+              outcome: str) -> dict:
+    """`peft_apet.packing.unpack`, its ValueError worded as every refused checkpoint's."""
+    try:
+        return unpack(state, expected)
+    except ValueError as e:
+        _raise(source, [str(e)], outcome)
+
+
+def check_state_fits_model(model: nn.Module, adapter_name: str,
+                           state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Check a checkpoint state dict (keys without the adapter name) against the adapter `adapter_name` already
     in `model` (a `PeftModel`), before anything is copied; raise ValueError naming the modules otherwise.
 
+    Returns the state dict with packed tensors (`peft_apet.packing`) unpacked to per-module keys, as loading needs.
     Runs after injection: when `PeftModel.from_pretrained` is given `config=` (not read from the folder), it is the
     only check, and a refused checkpoint leaves the (empty) APET layers in the base model.
     """
-    expected = {}
-    for name, module in model.named_modules():
-        if isinstance(module, APETLayer) and adapter_name in module.apet_weights:
-            for role, weight in module.apet_weights[adapter_name].items():
-                expected[(name.removeprefix(PEFT_PREFIX), role)] = weight
-    _raise(f"loaded into adapter '{adapter_name}'", _problems(
-        expected, _Checkpoint.from_items(state_dict.items()), lambda key: _tensor_shape(model, key)),
-        "No value was loaded.")
+    expected = adapter_tensors(model, adapter_name)
+    source, outcome = f"loaded into adapter '{adapter_name}'", "No value was loaded."
+    state_dict = _unpacked(state_dict, expected, source, outcome)
+    _raise(source, _problems(expected, _Checkpoint.from_items(state_dict.items()), lambda key: _tensor_shape(
+        model, key)), outcome)
+    return state_dict
 
 
 def check_merge_is_finite(model: nn.Module, adapter_names: list[str]) -> None:

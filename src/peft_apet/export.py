@@ -27,6 +27,7 @@ from .checks import _APET_KEY, PEFT_PREFIX
 from .config import APETConfig
 from .layer import APETLayer
 from .modules import is_conv1d
+from .packing import is_packed_key
 
 LORA_EXPRESSIBLE = ("lora",)
 
@@ -95,7 +96,7 @@ def lora_state_dict(peft_model: PeftModel, adapter_name: str = "default") -> tup
     # modules_to_save heads and trainable token rows: PEFT's wrappers save them the same way for every method
     for key, value in get_peft_model_state_dict(peft_model, adapter_name=adapter_name,
                                                 save_embedding_layers=False).items():
-        if not _APET_KEY.match(key.removeprefix(PEFT_PREFIX)):
+        if not _APET_KEY.match(key.removeprefix(PEFT_PREFIX)) and not is_packed_key(key):
             state[key] = value.detach().clone().contiguous()
     return state, {"target_modules": targets, "fan_in_fan_out": bool(conv1d) and all(conv1d),
                    "mixed_conv1d": any(conv1d) and not all(conv1d)}

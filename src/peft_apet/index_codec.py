@@ -1,8 +1,9 @@
 """Elias-Fano coding of discrete mask indices: how an adapter file stores which entries a mask trains.
 
 In memory a discrete mask is an int32 tensor of `k` sorted flat positions `p_0 < ... < p_{k-1}` in a tensor of
-`n` entries (4 bytes each). On disk it is this code, a 1-D uint8 tensor under the same `index` key (see
-`MaskedWeight`). With `L = floor(log2(n / k))` (0 when `k > n / 2`) and `L = 8 q + r` (`r < 8`):
+`n` entries (4 bytes each). In a module's state dict it is this code, a 1-D uint8 tensor under the same `index` key
+(see `MaskedWeight`); an adapter file holds one such code per role over all that role's tensors
+(`peft_apet.packing`). With `L = floor(log2(n / k))` (0 when `k > n / 2`) and `L = 8 q + r` (`r < 8`):
 
 1. the low `r` bits of every position, as one bit stream (entry `i` in bits `i r .. i r + r - 1`, least significant
    bit first, bytes filled from their least significant bit): `ceil(k r / 8)` bytes;
@@ -91,8 +92,9 @@ def encode_indices(index: torch.Tensor, universe: int) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def decode_indices(code: torch.Tensor, count: int, universe: int) -> torch.Tensor:
-    """The int32 positions `(count,)`, strictly increasing, stored in `code` (from `encode_indices`).
+def decode_indices(code: torch.Tensor, count: int, universe: int, dtype: torch.dtype = torch.int32) -> torch.Tensor:
+    """The positions `(count,)` (int32, or `dtype` for universes beyond int32), strictly increasing, stored in
+    `code` (from `encode_indices`).
 
     Raises ValueError if `code` is not such a code: not 1-D uint8, wrong length (truncated, or the code of another
     tensor or budget), a high-part bitmap with the wrong number of ones, or positions not strictly increasing in
@@ -105,7 +107,7 @@ def decode_indices(code: torch.Tensor, count: int, universe: int) -> torch.Tenso
         raise ValueError(f"encoded mask index of {code.numel()} bytes, expected {expected} for {count} entries of a "
                          f"tensor of {universe} (damaged, or saved for another tensor or budget)")
     if count == 0:
-        return torch.empty(0, dtype=torch.int32)
+        return torch.empty(0, dtype=dtype)
     code = code.cpu()
     bits = low_bits(count, universe)
     q, r = divmod(bits, 8)
@@ -125,7 +127,7 @@ def decode_indices(code: torch.Tensor, count: int, universe: int) -> torch.Tenso
     if int(positions[-1]) >= universe or not bool((positions[1:] > positions[:-1]).all()):
         raise ValueError("encoded mask index is damaged: its positions are not strictly increasing in "
                          f"[0, {universe})")
-    return positions.to(torch.int32)
+    return positions.to(dtype)
 
 
 def stored_positions(stored: torch.Tensor, count: int, universe: int) -> torch.Tensor:

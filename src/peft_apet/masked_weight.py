@@ -1,10 +1,11 @@
 """`MaskedWeight`: a trainable tensor `W~ = W ⊙ m` that stores only its `k` trainable entries.
 
-State (both saved in `adapter_model.safetensors`):
+State:
 - `values`: 1-D `nn.Parameter` of length `k` (the only trainable state: gradients and optimizer state are O(k));
-- `index`: int32 buffer, the compact mask of `peft_apet.masks` (empty when unmasked). In a state dict (and so in
-  every saved file) a discrete mask's index is Elias-Fano coded as uint8 (`peft_apet.index_codec`, about
-  log2(n / k) + 2 bits per entry instead of 32); loading accepts that code and the int32 index of peft-apet 0.1.
+- `index`: int32 buffer, the compact mask of `peft_apet.masks` (empty when unmasked). In a module state dict a
+  discrete mask's index is Elias-Fano coded as uint8 (`peft_apet.index_codec`, about log2(n / k) + 2 bits per entry
+  instead of 32); loading accepts that code and int32 positions. Adapter files pack every module's values and
+  index into two tensors (`peft_apet.packing`), unpacked to this per-module form before loading.
 
 `dense()` rebuilds the full tensor (zeros off the mask) for the small tensors of LoRA, adapters, biases and
 prompts; masked deltas on large base weights never go through it (see `peft_apet.functional`).

@@ -7,7 +7,6 @@ Injection follows PEFT's `BaseTuner.inject_adapter`; APET adds one step before a
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import replace
 from typing import Any
@@ -19,9 +18,8 @@ from torch import nn
 from .checks import check_checkpoint_fits_plan, check_merge_is_finite, check_state_fits_model
 from .config import APETConfig
 from .export import modules_gaining_a_bias, warn_new_biases
-from .index_codec import encode_indices
 from .layer import APETLayer, Linear, OutputLayer, PromptEmbedding
-from .masked_weight import MaskedWeight
+from .packing import is_packed_key, pack_entries
 from .plan import AdapterPlan, ModulePlan, plan_adapter, summary_table
 from .prompt import prepend_prompt
 from .quantized import check_quantized_mergeable
@@ -105,6 +103,8 @@ class APETModel(BaseTuner):
     def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
         # APET keys hold the adapter name before the role: `<module>.apet_weights.<adapter>.<role>.values`;
         # checkpoints store `<module>.apet_weights.<role>.values`, whatever the adapter is called.
+        if is_packed_key(key):  # `peft_apet.packing`: one key per role, no adapter name
+            return key
         marker = f".apet_weights.{adapter_name}."
         head, found, tail = key.rpartition(marker)
         if found:
@@ -114,24 +114,16 @@ class APETModel(BaseTuner):
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model: nn.Module, config: APETConfig, adapter_name: str,
                                            state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        check_state_fits_model(model, adapter_name, state_dict)  # before load_state_dict copies anything
+        state_dict = check_state_fits_model(model, adapter_name, state_dict)  # unpacked; before anything is copied
         return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
 
     @classmethod
     def _get_adapter_state_dict(cls, model: nn.Module, config: APETConfig, adapter_name: str,
                                 state_dict: dict[str, torch.Tensor], unwanted_adapter_names: list[str]) -> dict:
-        """As PEFT's, with every discrete mask's `index` in its saved form (the uint8 code).
-
-        `MaskedWeight._save_to_state_dict` codes the index, but a state dict built without `state_dict()` holds the
-        raw int32 positions: DeepSpeed ZeRO-3 collects its consolidated state dict module by module, and the Trainer
-        saves that. Coding it here makes every save path write the same folder."""
+        """As PEFT's, with the adapter's APET tensors packed (`peft_apet.packing`): every save path goes through here,
+        including DeepSpeed ZeRO-3's consolidated state dict (raw int32 indices, collected module by module)."""
         entries = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
-        for key, tensor in entries.items():
-            if key.endswith(".index") and tensor.dtype != torch.uint8:
-                module = model.get_submodule(key[: -len(".index")])
-                if isinstance(module, MaskedWeight) and module.mask == "discrete":
-                    entries[key] = encode_indices(tensor, math.prod(module.shape)).to(tensor.device)
-        return entries
+        return pack_entries(entries, adapter_name, model.get_submodule)
 
     def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
         # APET layers put their tensors on the base layer's device in `update_layer`; PEFT's generic version also
