@@ -17,10 +17,10 @@ from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
 from .budget import allocate_budget, avoid_unpaired_counts, density_to_count, split_aligned_pair, split_config_budget
-from .config import PAIRED_OPERATIONS, APETConfig, APETPart
+from .config import APETConfig, APETPart
 from .masks import stable_seed
-from .modules import has_bias, is_linear, linear_shape, output_features
-from .operations import OPERATION_ROLES
+from .modules import has_bias, is_linear, output_features
+from .operations import OPERATIONS, operations_in
 from .quantized import check_supported
 from .targets import ALL_LINEAR, ALL_WITH_BIAS, default_target_modules
 from .tokens import TOKENS_ROLE, TokenPlan, plan_trainable_tokens
@@ -57,7 +57,7 @@ class ModulePlan:
 
     @property
     def operations(self) -> list[str]:
-        return [op for op, roles in OPERATION_ROLES.items() if any(r in self.tensors for r in roles)]
+        return [op.name for op in operations_in(self.tensors)]
 
 
 @dataclass
@@ -144,7 +144,8 @@ def resolve_targets(
     model: nn.Module, part: APETPart, candidates: list[tuple[str, nn.Module]], modules_to_save: list[str] | None
 ) -> list[tuple[str, nn.Module]]:
     """The modules a part acts on, checked to be of a kind the operation supports."""
-    if part.operation == "prompt":
+    operation = OPERATIONS[part.operation]
+    if operation.targets == "input_embedding":
         name = prompt_embedding_name(model, candidates)
         module = dict(candidates)[name]
         if not isinstance(module, nn.Embedding):
@@ -177,14 +178,20 @@ def resolve_targets(
 
     for name, module in chosen:
         check_supported(name, module, part.operation)  # quantized layers other than bitsandbytes
-        needs_linear = part.operation in ("lora", "delta")
-        if needs_linear and not is_linear(module):
+        if operation.targets == "linear" and not is_linear(module):
             raise ValueError(f"part '{part.operation}' needs nn.Linear or Conv1D modules, but target {name} is a "
                              f"{type(module).__name__}.")
         if output_features(module) is None:
             raise ValueError(f"part '{part.operation}': cannot tell the output size of target {name} "
                              f"({type(module).__name__}); target linear layers or norms.")
     return chosen
+
+
+def _module_kind(part: APETPart, module: nn.Module) -> str:
+    """The layer class a module gets: "embedding" (`PromptEmbedding`), "linear" (`Linear`) or "output"."""
+    if OPERATIONS[part.operation].targets == "input_embedding":
+        return "embedding"
+    return "linear" if is_linear(module) else "output"
 
 
 def _in_special_set(spec: str, name: str, module: nn.Module, heads: set[str]) -> bool:
@@ -194,22 +201,8 @@ def _in_special_set(spec: str, name: str, module: nn.Module, heads: set[str]) ->
     return has_bias(module) and (is_linear(module) or isinstance(module, nn.LayerNorm)) and name not in heads
 
 
-def _tensor_shapes(part: APETPart, module: nn.Module, kind: str) -> dict[str, tuple[int, ...]]:
-    if part.operation == "prompt":
-        return {"prompt": (part.num_virtual_tokens, module.embedding_dim)}
-    features = output_features(module)
-    if part.operation == "bias":
-        return {"bias": (features,)}
-    if part.operation == "adapter":
-        return {"adapter_down": (part.bottleneck, features), "adapter_up": (features, part.bottleneck)}
-    out_f, in_f = linear_shape(module)
-    if part.operation == "delta":
-        return {"delta": (out_f, in_f)}
-    return {"lora_A": (part.r, in_f), "lora_B": (out_f, part.r)}
-
-
 def _is_aligned(part: APETPart) -> bool:
-    return part.operation in PAIRED_OPERATIONS and part.mask is not None and part.mask_pairing == "aligned"
+    return OPERATIONS[part.operation].paired and part.mask is not None and part.mask_pairing == "aligned"
 
 
 def _split_within_module(shapes: dict[str, tuple[int, ...]], count: int, part: APETPart) -> dict[str, int]:
@@ -239,10 +232,10 @@ def plan_adapter(model: nn.Module, config: APETConfig, adapter_name: str = "defa
     for part in config.parts:
         entries = []
         for name, module in resolve_targets(model, part, candidates, modules_to_save):
-            kind = "embedding" if part.operation == "prompt" else ("linear" if is_linear(module) else "output")
+            kind = _module_kind(part, module)
             if kinds.setdefault(name, kind) != kind:
                 raise ValueError(f"module {name} is targeted as {kinds[name]} and as {kind} by different parts.")
-            entries.append((name, module, _tensor_shapes(part, module, kind)))
+            entries.append((name, module, OPERATIONS[part.operation].shapes(part, module)))
         per_part[part.operation] = entries
     tokens = plan_trainable_tokens(model, config, modules_to_save)
     shared = [name for name in tokens if name in kinds]
@@ -273,19 +266,16 @@ def plan_adapter(model: nn.Module, config: APETConfig, adapter_name: str = "defa
     modules: dict[str, ModulePlan] = {}
     for part in config.parts:
         entries = per_part[part.operation]
-        module_caps = [sum(math.prod(s) for s in shapes.values()) for _, _, shapes in entries]
-        module_counts = _module_counts(part, [name for name, _, _ in entries], module_caps,
-                                       part_counts[part.operation])
+        module_counts = _module_counts(part, entries, part_counts[part.operation])
         for (name, module, shapes), count in zip(entries, module_counts):
-            plan = modules.setdefault(name, ModulePlan(name, kinds[name], output_features(module) or 0))
-            if part.operation == "prompt":
-                plan.features = module.embedding_dim
+            features = module.embedding_dim if kinds[name] == "embedding" else output_features(module) or 0
+            plan = modules.setdefault(name, ModulePlan(name, kinds[name], features))
             aligned = _is_aligned(part)
             for i, (role, k) in enumerate(_split_within_module(shapes, count, part).items()):
                 plan.tensors[role] = TensorPlan(
                     role=role, shape=shapes[role], mask=part.mask, axis=i if aligned else part.mask_axis,
                     num_entries=k, seed=stable_seed(config.seed, name, role), pairing="aligned" if aligned else None)
-            plan.settings.update(_operation_settings(part, module))
+            plan.settings.update(OPERATIONS[part.operation].settings(part, module))
     ordered = {name: modules[name] for name, _ in candidates if name in modules}
     return AdapterPlan(ordered, part_counts, tokens)
 
@@ -311,13 +301,18 @@ def _no_lone_entry_in_aligned_parts(config: APETConfig, counts: dict[str, int], 
     return counts
 
 
-def _module_counts(part: APETPart, names: list[str], capacities: list[int], total: int) -> list[int]:
-    """Entries of each module of a part: split by capacity, or as a mask strategy chose them (`part.mask_counts`)."""
+def _module_counts(part: APETPart, entries: list[tuple[str, nn.Module, dict[str, tuple[int, ...]]]],
+                   total: int) -> list[int]:
+    """Entries of each module of a part: split by capacity, or as a mask strategy chose them (`part.mask_counts`).
+
+    `entries`: `(name, module, shape by role)` of each targeted module."""
+    names = [name for name, _, _ in entries]
+    capacities = [sum(math.prod(s) for s in shapes.values()) for _, _, shapes in entries]
     if part.mask_counts is None:
         counts = allocate_budget(capacities, total)
-        if _is_aligned(part):
-            unit_lengths = [c // (part.r if part.operation == "lora" else part.bottleneck) for c in capacities]
-            counts = avoid_unpaired_counts(counts, capacities, unit_lengths, part.mask)
+        if _is_aligned(part):  # a pair's first matrix holds one rank unit per row
+            units = [next(iter(shapes.values()))[0] for _, _, shapes in entries]
+            counts = avoid_unpaired_counts(counts, capacities, [c // u for c, u in zip(capacities, units)], part.mask)
         return counts
     recorded = part.mask_counts
     if set(recorded) != set(names) or sum(recorded.values()) != total or any(
@@ -329,16 +324,6 @@ def _module_counts(part: APETPart, names: list[str], capacities: list[int], tota
             "config; set `mask_counts=None` to choose the masks afresh."
         )
     return [recorded[n] for n in names]
-
-
-def _operation_settings(part: APETPart, module: nn.Module) -> dict[str, object]:
-    if part.operation == "lora":
-        return {"lora_scaling": part.lora_alpha / part.r, "lora_dropout": part.lora_dropout}
-    if part.operation == "adapter":
-        return {"adapter_activation": part.activation}
-    if part.operation == "prompt":
-        return {"num_virtual_tokens": part.num_virtual_tokens, "vocab_size": module.num_embeddings}
-    return {}
 
 
 def count_trainable_parameters(model: nn.Module, config: APETConfig) -> int:
