@@ -73,13 +73,11 @@ class APETLayer(BaseTunerLayer):
             prepare_layouts([w for w in self.apet_weights[adapter_name].values()])
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
-    def replace_mask(self, adapter_name: str, tensor: TensorPlan, index: torch.Tensor, init_weights: bool) -> None:
-        """Give tensor `tensor.role` of `adapter_name` the mask `index` (compact form, `peft_apet.masks`) with
+    def replace_mask(self, adapter_name: str, tensor: TensorPlan, init_weights: bool = True) -> None:
+        """Give tensor `tensor.role` of `adapter_name` the mask `tensor.index` (chosen by a strategy) with
         `tensor.num_entries` entries, and initial values; same device, dtype and trainability as before."""
         old = self.apet_weights[adapter_name][tensor.role]
-        new = MaskedWeight(tensor, init_weights)
-        new.index = index.cpu()
-        new = new.to(device=old.values.device, dtype=old.values.dtype)
+        new = MaskedWeight(tensor, init_weights).to(device=old.values.device, dtype=old.values.dtype)
         new.values.requires_grad_(old.values.requires_grad)
         self.apet_weights[adapter_name][tensor.role] = new
 

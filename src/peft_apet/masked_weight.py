@@ -44,11 +44,14 @@ class MaskedWeight(nn.Module):
 
     def __init__(self, plan: TensorPlan, init_weights: bool = True, init_values: torch.Tensor | None = None,
                  index: torch.Tensor | None = None):
-        """`index`: the compact mask (`peft_apet.masks`) when drawn elsewhere (aligned pairs); else drawn here."""
+        """`index`: the compact mask (`peft_apet.masks`) when drawn elsewhere (aligned pairs); else the one a strategy
+        chose (`plan.index`), or one drawn here from `plan.seed`."""
         super().__init__()
         self.shape = tuple(plan.shape)
         self.mask = plan.mask
         self.axis = plan.axis
+        if index is None and plan.index is not None:
+            index = plan.index.cpu()  # like a drawn mask: the layer moves it to its base layer's device
         if index is None:
             ordered = plan.role in _FIRST_OF_PAIR and plan.axis == 0
             index = build_mask(self.shape, plan.mask, plan.num_entries, plan.axis, plan.seed, ordered)

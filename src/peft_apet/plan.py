@@ -1,9 +1,14 @@
-"""Planning: which modules get which tensors, of which shape, with how many trainable entries.
+"""Planning: which modules get which tensors, of which shape, with how many trainable entries, and which entries.
 
 `plan_adapter(model, config)` reads the model without changing it and returns an `AdapterPlan`; the tuner
-builds its layers from the plan, and `count_trainable_parameters` reports the plan's total so users can
+builds its layers once from the plan, and `count_trainable_parameters` reports the plan's total so users can
 match budgets across methods before touching the model. All errors about targets and budgets are raised
 here, before any module is replaced.
+
+Masks: parts with a data-free `mask_strategy` (`magnitude`, registered ones) get their masks chosen here, from the
+base weights (`peft_apet.selection`): their `TensorPlan.index` holds the chosen mask, and `AdapterPlan.mask_counts`
+the per-module entries the tuner records in `part.mask_counts` (`record_mask_counts`). Every other tensor draws its
+mask from its `seed` when it is built. A part whose counts are recorded already (a saved adapter) keeps them.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import math
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
+import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, _ExcludedModule, check_target_module_exists
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
@@ -22,6 +28,8 @@ from .masks import stable_seed
 from .modules import has_bias, is_linear, output_features
 from .operations import OPERATIONS, operations_in
 from .quantized import check_supported
+from .selection import choose_masks, data_free_scores, targets_of_part
+from .strategies import data_free_score_fn
 from .targets import ALL_LINEAR, ALL_WITH_BIAS, default_target_modules
 from .tokens import TOKENS_ROLE, TokenPlan, plan_trainable_tokens
 
@@ -39,6 +47,8 @@ class TensorPlan:
     num_entries: int
     seed: int
     pairing: str | None = None  # "aligned": drawn with its partner matrix (`peft_apet.masks.aligned_pair_masks`)
+    # The mask a strategy chose (compact form of `peft_apet.masks`); None: drawn from `seed` when the tensor is built.
+    index: torch.Tensor | None = field(default=None, compare=False, repr=False)
 
     @property
     def capacity(self) -> int:
@@ -65,6 +75,14 @@ class AdapterPlan:
     modules: dict[str, ModulePlan]
     part_counts: dict[str, int]
     tokens: dict[str, TokenPlan] = field(default_factory=dict)  # trainable token rows (peft_apet.tokens)
+    # By operation, for parts whose masks a strategy chose: entries per module (what `part.mask_counts` records).
+    mask_counts: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def set_chosen(self, operation: str, chosen: list[tuple[str, TensorPlan]]) -> None:
+        """Give part `operation` the masks a strategy chose: `(module name, tensor with its index)` per module."""
+        for name, tensor in chosen:
+            self.modules[name].tensors[tensor.role] = tensor
+        self.mask_counts[operation] = {name: tensor.num_entries for name, tensor in chosen}
 
     @property
     def num_trainable_params(self) -> int:
@@ -221,8 +239,19 @@ def _split_within_module(shapes: dict[str, tuple[int, ...]], count: int, part: A
     return dict(zip(roles, shares))
 
 
-def plan_adapter(model: nn.Module, config: APETConfig, adapter_name: str = "default") -> AdapterPlan:
-    """Plan an adapter on `model` without modifying it; raises ValueError for bad targets or budgets."""
+def plan_adapter(model: nn.Module, config: APETConfig, adapter_name: str = "default", *, select: bool = True,
+                 recorded_counts: bool = True) -> AdapterPlan:
+    """Plan an adapter on `model` without modifying it; raises ValueError for bad targets or budgets.
+
+    Args:
+        model: the base model (or a model with adapters injected already: planning sees the original modules).
+        config: the adapter's config.
+        adapter_name: unused; kept for callers of peft-apet 0.1.
+        select: choose the masks of data-free strategies (scores the base weights); False leaves every mask to its
+            seed (the counts of parts without recorded counts are the same).
+        recorded_counts: follow `part.mask_counts` where recorded; False plans as if no strategy had chosen masks
+            yet (the per-module split by capacity that calibration ranks within).
+    """
     modules_to_save = list(config.modules_to_save or [])
     if config.task_type == "SEQ_CLS":  # PeftModelForSequenceClassification trains these heads in full
         modules_to_save += [m for m in SEQ_CLS_HEADS if m not in modules_to_save]
@@ -266,7 +295,8 @@ def plan_adapter(model: nn.Module, config: APETConfig, adapter_name: str = "defa
     modules: dict[str, ModulePlan] = {}
     for part in config.parts:
         entries = per_part[part.operation]
-        module_counts = _module_counts(part, entries, part_counts[part.operation])
+        recorded = part.mask_counts if recorded_counts else None
+        module_counts = _module_counts(part, entries, part_counts[part.operation], recorded)
         for (name, module, shapes), count in zip(entries, module_counts):
             features = module.embedding_dim if kinds[name] == "embedding" else output_features(module) or 0
             plan = modules.setdefault(name, ModulePlan(name, kinds[name], features))
@@ -276,8 +306,30 @@ def plan_adapter(model: nn.Module, config: APETConfig, adapter_name: str = "defa
                     role=role, shape=shapes[role], mask=part.mask, axis=i if aligned else part.mask_axis,
                     num_entries=k, seed=stable_seed(config.seed, name, role), pairing="aligned" if aligned else None)
             plan.settings.update(OPERATIONS[part.operation].settings(part, module))
-    ordered = {name: modules[name] for name, _ in candidates if name in modules}
-    return AdapterPlan(ordered, part_counts, tokens)
+    plan = AdapterPlan({name: modules[name] for name, _ in candidates if name in modules}, part_counts, tokens)
+    if select:
+        _choose_data_free_masks(plan, model, config, recorded_counts)
+    return plan
+
+
+def _choose_data_free_masks(plan: AdapterPlan, model: nn.Module, config: APETConfig, recorded_counts: bool) -> None:
+    """Choose the masks of parts with a data-free strategy from `model`'s weights, into `plan`. A part with recorded
+    counts keeps them (each module's entries ranked within the module); the checkpoint then supplies the masks."""
+    for part in config.parts:
+        if data_free_score_fn(part.mask_strategy) is None:
+            continue  # random, data-driven (`calibrate_masks`), or registered in the process that saved the adapter
+        targets = targets_of_part(plan, model, part)
+        scope = "module" if recorded_counts and part.mask_counts is not None else config.selection_scope
+        chosen = choose_masks(targets, data_free_scores(part, targets), scope)
+        plan.set_chosen(part.operation, [(t.name, t.tensor) for t in chosen])
+
+
+def record_mask_counts(config: APETConfig, plan: AdapterPlan) -> None:
+    """Write the per-module entries of every part whose masks `plan` chose into `part.mask_counts`: the config field
+    that lets a saved adapter reload with the same shapes (the masks are in its checkpoint). The only writer of it."""
+    for part in config.parts:
+        if part.operation in plan.mask_counts:
+            part.mask_counts = dict(plan.mask_counts[part.operation])
 
 
 def _no_lone_entry_in_aligned_parts(config: APETConfig, counts: dict[str, int], capacities: dict[str, int],
@@ -302,19 +354,17 @@ def _no_lone_entry_in_aligned_parts(config: APETConfig, counts: dict[str, int], 
 
 
 def _module_counts(part: APETPart, entries: list[tuple[str, nn.Module, dict[str, tuple[int, ...]]]],
-                   total: int) -> list[int]:
-    """Entries of each module of a part: split by capacity, or as a mask strategy chose them (`part.mask_counts`).
-
-    `entries`: `(name, module, shape by role)` of each targeted module."""
+                   total: int, recorded: dict[str, int] | None) -> list[int]:
+    """Entries of each module of a part: split by capacity, or as a mask strategy chose them (`recorded`, the part's
+    `mask_counts`). `entries`: `(name, module, shape by role)` of each targeted module."""
     names = [name for name, _, _ in entries]
     capacities = [sum(math.prod(s) for s in shapes.values()) for _, _, shapes in entries]
-    if part.mask_counts is None:
+    if recorded is None:
         counts = allocate_budget(capacities, total)
         if _is_aligned(part):  # a pair's first matrix holds one rank unit per row
             units = [next(iter(shapes.values()))[0] for _, _, shapes in entries]
             counts = avoid_unpaired_counts(counts, capacities, [c // u for c, u in zip(capacities, units)], part.mask)
         return counts
-    recorded = part.mask_counts
     if set(recorded) != set(names) or sum(recorded.values()) != total or any(
             recorded[n] > c for n, c in zip(names, capacities)):
         raise ValueError(
@@ -333,4 +383,4 @@ def count_trainable_parameters(model: nn.Module, config: APETConfig) -> int:
     The model is not modified. Use it to give an APET variant the budget of another method, e.g.
     `APETConfig.lora(mask="discrete", num_trainable_params=count_trainable_parameters(model, APETConfig.bitfit()))`.
     """
-    return plan_adapter(model, config).num_trainable_params
+    return plan_adapter(model, config, select=False).num_trainable_params
