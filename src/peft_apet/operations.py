@@ -62,13 +62,19 @@ class Operation:
         return None
 
     def folded(self, weights: nn.ModuleDict) -> list[nn.Module]:
+        """The `MaskedWeight`s of `(out, in)` a linear layer's base matmul adds to its weight (`functional`'s
+        `masked_delta_linear`, or `add_sparse_delta` on a quantized base)."""
         return []
 
     def after_base(self, x: torch.Tensor, result: torch.Tensor, weights: nn.ModuleDict) -> torch.Tensor:
+        """The base output `result` `(..., out)` for input `x` `(..., in)`, changed right after the base computation
+        (run for every active adapter before any `on_output`)."""
         return result
 
     def on_output(self, x: torch.Tensor, result: torch.Tensor, weights: nn.ModuleDict, settings: dict[str, Any],
                   dropout: nn.Module | None) -> torch.Tensor:
+        """The layer output `result` `(..., out)`, changed by this operation of one adapter (`settings`: its
+        `apet_settings`; `dropout`: its input dropout, if any)."""
         return result
 
     def add_to_base(self, target: torch.Tensor, weights: nn.ModuleDict, settings: dict[str, Any],
