@@ -4,7 +4,7 @@ an operation, and how a layer applies it.
 Each entry of `OPERATIONS` states:
 - `roles`: the tensors it owns, in allocation order; `init`: how each starts ("zeros" keeps the adapter an identity
   at init, "kaiming_uniform" as `nn.Linear` / LoRA A, "normal" as prompt embeddings);
-- `targets`: the modules it acts on: "linear" (`nn.Linear` / Conv1D), "features" (any module whose output size is
+- `acts_on`: the modules it can target: "linear" (`nn.Linear` / Conv1D), "features" (any module whose output size is
   known: linear layers and norms) or "input_embedding";
 - `shapes(part, module)` and `settings(part, module)`: each tensor's logical shape, and the scalars the layer reads;
 - `paired`: two matrices, the first holding rank (bottleneck) unit j on row j, the second on column j (their
@@ -40,7 +40,7 @@ class Operation:
     name: str = ""
     roles: tuple[str, ...] = ()
     init: dict[str, str] = {}
-    targets: str = "features"
+    acts_on: str = "features"
     paired: bool = False
     scored: bool = False
     merges_into: str | None = None
@@ -89,7 +89,7 @@ class Operation:
 class Delta(Operation):
     """`f(h; W + W~)`: a masked change of the base weight (discrete or unmasked: folded into the matmul)."""
 
-    name, roles, init, targets = "delta", ("delta",), {"delta": "zeros"}, "linear"
+    name, roles, init, acts_on = "delta", ("delta",), {"delta": "zeros"}, "linear"
     scored, merges_into = True, "weight"
 
     def shapes(self, part, module):
@@ -112,7 +112,7 @@ class Delta(Operation):
 class Lora(Operation):
     """`f(h) + a·h·W~3·W~4`: a low-rank path beside the base weight."""
 
-    name, roles, targets = "lora", ("lora_A", "lora_B"), "linear"
+    name, roles, acts_on = "lora", ("lora_A", "lora_B"), "linear"
     init = {"lora_A": "kaiming_uniform", "lora_B": "zeros"}
     paired, merges_into = True, "weight"
 
@@ -177,7 +177,7 @@ class Adapter(Operation):
 class Prompt(Operation):
     """`f([W~2; X])`: virtual tokens prepended to the input (`peft_apet.layer.PromptEmbedding`, `peft_apet.prompt`)."""
 
-    name, roles, init, targets = "prompt", ("prompt",), {"prompt": "normal"}, "input_embedding"
+    name, roles, init, acts_on = "prompt", ("prompt",), {"prompt": "normal"}, "input_embedding"
 
     def shapes(self, part, module):
         return {"prompt": (part.num_virtual_tokens, module.embedding_dim)}

@@ -163,7 +163,7 @@ def resolve_targets(
 ) -> list[tuple[str, nn.Module]]:
     """The modules a part acts on, checked to be of a kind the operation supports."""
     operation = OPERATIONS[part.operation]
-    if operation.targets == "input_embedding":
+    if operation.acts_on == "input_embedding":
         name = prompt_embedding_name(model, candidates)
         module = dict(candidates)[name]
         if not isinstance(module, nn.Embedding):
@@ -196,7 +196,7 @@ def resolve_targets(
 
     for name, module in chosen:
         check_supported(name, module, part.operation)  # quantized layers other than bitsandbytes
-        if operation.targets == "linear" and not is_linear(module):
+        if operation.acts_on == "linear" and not is_linear(module):
             raise ValueError(f"part '{part.operation}' needs nn.Linear or Conv1D modules, but target {name} is a "
                              f"{type(module).__name__}.")
         if output_features(module) is None:
@@ -207,7 +207,7 @@ def resolve_targets(
 
 def _module_kind(part: APETPart, module: nn.Module) -> str:
     """The layer class a module gets: "embedding" (`PromptEmbedding`), "linear" (`Linear`) or "output"."""
-    if OPERATIONS[part.operation].targets == "input_embedding":
+    if OPERATIONS[part.operation].acts_on == "input_embedding":
         return "embedding"
     return "linear" if is_linear(module) else "output"
 
