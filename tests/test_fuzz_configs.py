@@ -32,7 +32,7 @@ from peft import PeftModel, get_peft_model
 from transformers.pytorch_utils import Conv1D
 
 from peft_apet import APETConfig, APETLayer, APETPart, plan_adapter
-from peft_apet.config import ACTIVATIONS
+from peft_apet.parts import ACTIVATIONS
 
 OPERATIONS = ["lora", "adapter", "bias", "delta", "prompt"]
 # Part budgets: symbolic "capacity" / "capacity+1" are resolved against the part's targets on the drawn model.

@@ -11,11 +11,10 @@ import pytest
 from peft import PeftConfig
 
 from peft_apet import AdapterPart, APETConfig, APETPart, BiasPart, DeltaPart, LoraPart, PromptPart
+from peft_apet.operations import PAIRED_OPERATIONS, SCORED_OPERATIONS
 from peft_apet.parts import (
-    PAIRED_OPERATIONS,
     PART_CLASSES,
     SAVED_FIELDS,
-    SCORED_OPERATIONS,
     PairedPart,
     ScoredPart,
     UnknownFieldError,

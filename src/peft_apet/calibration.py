@@ -28,7 +28,6 @@ not depend on the loss scale; `mask_strategy_kwargs={"damping": ...}`, default 1
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -37,8 +36,8 @@ from torch import nn
 
 from .config import APETConfig, APETPart
 from .modules import base_layer_of
-from .plan import plan_adapter
-from .selection import ScoredTensor, checked_scores, choose_masks, data_free_scores, record_counts, targets_of_part
+from .plan import plan_adapter, record_mask_counts
+from .selection import ScoredTensor, checked_scores, choose_masks, targets_of_part
 from .strategies import check_mask_strategy, data_free_score_fn, is_data_driven, registered_score_fn
 
 SAM_DAMPING = 1.0
@@ -276,10 +275,8 @@ def calibrate_masks(
             check_mask_strategy(p.mask_strategy, {}, f"part '{p.operation}'")  # raises: not registered here
 
     inner = model.base_model.model
-    fresh = copy.deepcopy(config)  # plan the split every part would get before any counts were recorded
-    for p in fresh.parts:
-        p.mask_counts = None
-    plan = plan_adapter(inner, fresh)
+    # The split every part would get before any counts were recorded; data-free parts get their masks here.
+    plan = plan_adapter(inner, config, recorded_counts=False)
     targets = {p.operation: targets_of_part(plan, inner, p) for p in scored}
 
     stats: dict[str, list[_Statistics]] = {}
@@ -292,14 +289,13 @@ def calibrate_masks(
     if probes:
         _collect_statistics(model, probes, data, max_batches, loss_fn)
 
-    for part in scored:
+    for part in needs_data:
         part_targets = targets[part.operation]
-        if is_data_driven(part.mask_strategy):
-            scores = _data_driven_scores(part, stats.pop(part.operation), part_targets)
-        else:
-            scores = data_free_scores(part, part_targets)
-        choices = choose_masks(part_targets, scores, config.selection_scope)
+        scores = _data_driven_scores(part, stats.pop(part.operation), part_targets)
+        chosen = choose_masks(part_targets, scores, config.selection_scope)
         del scores
-        model.base_model.install_masks(adapter_name, choices)
-        record_counts(part, choices)
+        plan.set_chosen(part.operation, [(t.name, t.tensor) for t in chosen])
+    model.base_model.replace_masks(adapter_name, [(t.name, plan.modules[t.name].tensors[t.tensor.role])
+                                                  for p in scored for t in targets[p.operation]])
+    record_mask_counts(config, plan)
     return model

@@ -31,7 +31,6 @@ from peft.utils.other import AuxiliaryTrainingWrapper
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from .config import APETConfig
 from .index_codec import stored_positions
 from .layer import APETLayer
 from .masks import line_length, num_lines
@@ -189,14 +188,11 @@ def _read_pickle_checkpoint(path: str) -> dict[str, torch.Tensor]:
     return dict(state)
 
 
-def check_checkpoint_fits_plan(config: APETConfig, plan: AdapterPlan, model: nn.Module) -> None:
-    """If `config` was read from a local folder (`APETConfig.from_pretrained`), check that folder's weights fit
-    `plan` (planned on `model`, nothing injected yet); raise ValueError / FileNotFoundError naming the file or the
-    modules otherwise.
-
-    The folder is checked once: the first injection of a freshly read config is the load itself.
-    """
-    folder = config.__dict__.pop("_loaded_from", None)
+def check_checkpoint_fits_plan(folder: str | None, plan: AdapterPlan, model: nn.Module) -> None:
+    """Check that the weights in the adapter folder `folder` fit `plan` (planned on `model`, nothing injected yet);
+    raise ValueError / FileNotFoundError naming the file or the modules otherwise. Nothing to check if `folder` is
+    None (`APETModel._prepare_model` passes the folder whose config `PeftModel.from_pretrained` or `load_adapter`
+    read: `peft_apet.loading.adapter_folder_being_loaded`)."""
     if folder is None:
         return
     path = os.path.join(folder, SAFETENSORS_WEIGHTS_NAME)

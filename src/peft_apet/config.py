@@ -29,10 +29,8 @@ from typing import Any
 from peft import PeftConfig
 from peft.utils import TaskType
 
-from .parts import (  # noqa: F401 (ACTIVATIONS, PAIRED_OPERATIONS: still imported from here by plan.py and tests)
-    ACTIVATIONS,
-    PAIRED_OPERATIONS,
-    SCORED_OPERATIONS,
+from .operations import SCORED_OPERATIONS
+from .parts import (
     AdapterPart,
     APETPart,
     BasePart,
@@ -262,16 +260,12 @@ class APETConfig(PeftConfig):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None,
                         **kwargs: Any) -> APETConfig:
-        """PEFT's `from_pretrained`, with errors that name the file. A config read from a local folder remembers
-        it, so that the tuner checks the folder's weights fit the model before injecting the adapter
-        (`peft_apet.checks.check_checkpoint_fits_plan`)."""
+        """PEFT's `from_pretrained`, with errors that name the file."""
         folder = os.path.join(pretrained_model_name_or_path, subfolder) if subfolder else pretrained_model_name_or_path
         try:
             config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
         except ValueError as e:
             raise ValueError(f"{os.path.join(folder, 'adapter_config.json')}: {e}") from e
-        if os.path.isdir(folder):
-            config._loaded_from = str(folder)
         return config
 
     @classmethod

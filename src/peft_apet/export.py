@@ -27,6 +27,7 @@ from .checks import _APET_KEY, PEFT_PREFIX
 from .config import APETConfig
 from .layer import APETLayer
 from .modules import is_conv1d
+from .operations import MERGEABLE_OPERATIONS
 from .packing import is_packed_key
 
 LORA_EXPRESSIBLE = ("lora",)
@@ -56,7 +57,7 @@ def check_lora_exportable(peft_model: PeftModel, adapter_name: str = "default") 
     config = _apet_config(peft_model, adapter_name)
     other = [p.operation for p in config.parts if p.operation not in LORA_EXPRESSIBLE]
     if other:
-        mergeable = [op for op in other if op in ("delta", "bias")]
+        mergeable = [op for op in other if op in MERGEABLE_OPERATIONS]
         hint = ("For a plain transformers model, merge the adapter instead: `model.merge_and_unload()` folds delta, "
                 "bias and lora parts into the base weights, then `save_pretrained(folder)`.")
         if len(mergeable) < len(other):

@@ -15,11 +15,16 @@ matmul). Adjacent deltas are dense blocks of whole lines, so they run as one sma
 
 from __future__ import annotations
 
+import weakref
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 
-from .masked_weight import MaskedWeight, layout_of
-from .sparse_kernels import SparseLayout, add_g_w, add_x_wt, values_grad
+from .sparse_kernels import SparseLayout, add_g_w, add_x_wt, csr_max, values_grad
+
+if TYPE_CHECKING:  # annotations only: this module imports nothing of the package but its kernels
+    from .masked_weight import MaskedWeight
 
 
 def _use_sparse_path(tokens: int, k: int, numel: int) -> bool:
@@ -226,3 +231,20 @@ def prepare_layouts(deltas: list[MaskedWeight]) -> None:
             layout.csr, layout.transposed  # noqa: B018 - cached properties, computed here
         else:
             layout.rows, layout.cols  # noqa: B018
+
+
+_LAYOUTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def layout_of(delta: MaskedWeight) -> SparseLayout:
+    """The layout of `delta`'s mask, computed once per index tensor (and in-place version of it)."""
+    if torch.compiler.is_compiling() or delta.num_entries > csr_max(delta.shape):
+        # traced once per graph (the cache is plain Python state), or too dense to keep index arrays for
+        return SparseLayout(delta.flat_indices(), tuple(delta.shape))
+    index = delta.index
+    hit = _LAYOUTS.get(delta)
+    if hit is not None and hit[0] is index and hit[1] == index._version:
+        return hit[2]
+    layout = SparseLayout(delta.flat_indices(), tuple(delta.shape))
+    _LAYOUTS[delta] = (index, index._version, layout)
+    return layout

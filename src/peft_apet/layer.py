@@ -8,7 +8,8 @@
   looked up in the prompt table (the tuner prepends them, see `peft_apet.prompt`).
 
 Each layer keeps per-adapter state in `apet_weights[adapter][role]` (`MaskedWeight`s) and
-`apet_settings[adapter]` (scalars from the plan).
+`apet_settings[adapter]` (scalars from the plan). What each operation does in the forward pass and when merging is
+its `Operation`'s hooks (`peft_apet.operations`); the layers run them in table order and never name an operation.
 """
 
 from __future__ import annotations
@@ -20,17 +21,11 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-from .functional import (
-    adapter_output,
-    add_sparse_delta,
-    adjacent_delta_output,
-    lora_output,
-    masked_delta_linear,
-    prepare_layouts,
-)
-from .masked_weight import PAIRS, MaskedWeight, aligned_indices
+from .functional import add_sparse_delta, masked_delta_linear, prepare_layouts
+from .masked_weight import MaskedWeight, aligned_indices
 from .masks import learnable_pair_entries
 from .modules import is_conv1d, linear_shape, output_features
+from .operations import MERGEABLE_OPERATIONS, OPERATION_OF_ROLE, PAIRS, operations_in
 from .plan import ModulePlan, TensorPlan
 from .quantized import (
     dequantized_weight,
@@ -41,10 +36,6 @@ from .quantized import (
     restore_weight,
     stash_weight,
 )
-
-ROLE_OPERATION = {"delta": "delta", "bias": "bias", "lora_A": "lora", "lora_B": "lora",
-                  "adapter_down": "adapter", "adapter_up": "adapter", "prompt": "prompt"}
-UNMERGEABLE = ("adapter", "prompt")
 
 
 class APETLayer(BaseTunerLayer):
@@ -73,28 +64,27 @@ class APETLayer(BaseTunerLayer):
              for role, t in plan.tensors.items()}
         )
         self.apet_settings[adapter_name] = dict(plan.settings)
-        if "lora_A" in plan.tensors:
-            p = float(plan.settings["lora_dropout"])
-            self.apet_dropout[adapter_name] = nn.Dropout(p) if p > 0 else nn.Identity()
+        for op in operations_in(plan.tensors):
+            dropout = op.dropout(plan.settings)
+            if dropout is not None:
+                self.apet_dropout[adapter_name] = dropout
         self._move_adapter_to_device_of_base_layer(adapter_name)
         if is_bnb_quantized(self.get_base_layer()):
             prepare_layouts([w for w in self.apet_weights[adapter_name].values()])
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
-    def replace_mask(self, adapter_name: str, tensor: TensorPlan, index: torch.Tensor, init_weights: bool) -> None:
-        """Give tensor `tensor.role` of `adapter_name` the mask `index` (compact form, `peft_apet.masks`) with
+    def replace_mask(self, adapter_name: str, tensor: TensorPlan, init_weights: bool = True) -> None:
+        """Give tensor `tensor.role` of `adapter_name` the mask `tensor.index` (chosen by a strategy) with
         `tensor.num_entries` entries, and initial values; same device, dtype and trainability as before."""
         old = self.apet_weights[adapter_name][tensor.role]
-        new = MaskedWeight(tensor, init_weights)
-        new.index = index.cpu()
-        new = new.to(device=old.values.device, dtype=old.values.dtype)
+        new = MaskedWeight(tensor, init_weights).to(device=old.values.device, dtype=old.values.dtype)
         new.values.requires_grad_(old.values.requires_grad)
         self.apet_weights[adapter_name][tensor.role] = new
 
     def operations(self, adapter_name: str) -> list[str]:
         """Operations `adapter_name` has on this layer, e.g. `["delta", "lora"]`."""
         roles = self.apet_weights[adapter_name] if adapter_name in self.apet_weights else {}
-        return list(dict.fromkeys(ROLE_OPERATION[r] for r in roles))
+        return list(dict.fromkeys(OPERATION_OF_ROLE[r].name for r in roles))
 
     def learnable_entries(self, adapter_name: str) -> dict[str, int]:
         """By role, the trainable entries of `adapter_name` that can receive a gradient: all of them, except in a
@@ -114,25 +104,25 @@ class APETLayer(BaseTunerLayer):
 
     def _check_mergeable(self, adapter_names: list[str]) -> None:
         for name in adapter_names:
-            blocked = [op for op in self.operations(name) if op in UNMERGEABLE]
+            blocked = [op for op in self.operations(name) if op not in MERGEABLE_OPERATIONS]
             if blocked:
                 raise ValueError(
                     f"APET adapter '{name}' has parts {blocked} that cannot be merged into the base weights "
-                    f"(they are non-linear or change the input sequence); mergeable parts are lora, bias and delta."
+                    f"(they are non-linear or change the input sequence); mergeable parts are "
+                    f"{', '.join(sorted(MERGEABLE_OPERATIONS))}."
                 )
 
-    def _apply_output_ops(self, x: torch.Tensor, result: torch.Tensor,
-                          active: list[tuple[str, nn.ModuleDict]]) -> torch.Tensor:
+    def _after_base(self, x: torch.Tensor, result: torch.Tensor,
+                    active: list[tuple[str, nn.ModuleDict]]) -> torch.Tensor:
+        """`result` (the base computation) with the active adapters applied: first every adapter's
+        `Operation.after_base`, then, adapter by adapter, each operation's `Operation.on_output` in table order."""
+        for _, weights in active:
+            for op in operations_in(weights):
+                result = op.after_base(x, result, weights)
         for name, weights in active:
-            if "lora_A" in weights:
-                settings = self.apet_settings[name]
-                result = result + lora_output(x, weights["lora_A"], weights["lora_B"], settings["lora_scaling"],
-                                              self.apet_dropout[name]).to(result.dtype)
-            if "bias" in weights:
-                result = result + weights["bias"].dense().to(result.dtype)
-            if "adapter_down" in weights:
-                result = adapter_output(result, weights["adapter_down"], weights["adapter_up"],
-                                        self.apet_settings[name]["adapter_activation"])
+            settings, dropout = self.apet_settings[name], self.apet_dropout[name] if name in self.apet_dropout else None
+            for op in operations_in(weights):
+                result = op.on_output(x, result, weights, settings, dropout)
         return result
 
     # ------------------------------------------------------------------ merging
@@ -156,12 +146,12 @@ class APETLayer(BaseTunerLayer):
     def _merge_targets(self, name: str, create_bias: bool, with_weight: bool = True) -> dict[str, torch.Tensor]:
         """The base tensors adapter `name` merges into: `weight` as `(out, in)` (a dequantized copy for a quantized
         base) and/or `bias` (zeros standing in for a bias the base layer does not have yet, unless `create_bias`)."""
-        weights = self.apet_weights[name]
+        into = {op.merges_into for op in operations_in(self.apet_weights[name])}
         targets = {}
-        if with_weight and ("delta" in weights or "lora_A" in weights):
+        if with_weight and "weight" in into:
             base = self.get_base_layer()
             targets["weight"] = dequantized_weight(base) if is_bnb_quantized(base) else self.weight_out_in().data
-        if "bias" in weights:
+        if "bias" in into:
             bias = self._bias_target(create=create_bias)
             targets["bias"] = bias if bias is not None else self.get_base_weight().new_zeros(
                 self.out_features, dtype=self._float_dtype())
@@ -170,15 +160,9 @@ class APETLayer(BaseTunerLayer):
     def _add_adapter_to(self, name: str, targets: dict[str, torch.Tensor], sign: float) -> None:
         """`targets += sign * (what adapter `name` adds to the base weight and bias)`, in place."""
         weights = self.apet_weights[name]
-        if "weight" not in targets:  # unmerging a quantized layer: its original weight is restored instead
-            weights = {role: w for role, w in weights.items() if role == "bias"}
-        if "delta" in weights:
-            weights["delta"].add_to_(targets["weight"], alpha=sign)
-        if "lora_A" in weights:
-            delta = self.apet_settings[name]["lora_scaling"] * (weights["lora_B"].dense() @ weights["lora_A"].dense())
-            targets["weight"] += sign * delta.detach().to(targets["weight"].dtype)
-        if "bias" in weights:
-            weights["bias"].add_to_(targets["bias"], alpha=sign)
+        for op in operations_in(weights):  # unmerging a quantized layer: no "weight" (it is restored instead)
+            if op.merges_into in targets:
+                op.add_to_base(targets[op.merges_into], weights, self.apet_settings[name], sign)
 
     def broken_merge_targets(self, adapter_names: list[str]) -> list[str]:
         """The base tensors (`weight`, `bias`) that would hold NaN or inf after merging `adapter_names` in turn;
@@ -243,11 +227,9 @@ class APETLayer(BaseTunerLayer):
         weights = self.apet_weights[adapter_name]
         device = next(iter(weights.values())).values.device
         delta = torch.zeros((self.out_features, self.in_features), dtype=torch.float32, device=device)
-        if "delta" in weights:
-            weights["delta"].add_to_(delta)
-        if "lora_A" in weights:
-            delta += self.apet_settings[adapter_name]["lora_scaling"] * (
-                weights["lora_B"].dense() @ weights["lora_A"].dense()).detach().float()
+        for op in operations_in(weights):
+            if op.merges_into == "weight":
+                op.add_to_base(delta, weights, self.apet_settings[adapter_name], 1.0)
         return delta
 
 
@@ -290,7 +272,7 @@ class Linear(_WrappedLayer):
         active = self._active_weights()
         if self.merged or not active:
             return self.base_layer(x, *args, **kwargs)
-        sparse = [w["delta"] for _, w in active if "delta" in w and w["delta"].mask != "adjacent"]
+        sparse = [t for _, weights in active for op in operations_in(weights) for t in op.folded(weights)]
         if sparse and self._bnb_quantized:  # a side path: never reads the packed weight
             result = add_sparse_delta(self.base_layer(x, *args, **kwargs), x, sparse)
         elif sparse:
@@ -298,10 +280,7 @@ class Linear(_WrappedLayer):
             result = masked_delta_linear(x, self.weight_out_in(), self.get_base_layer().bias, sparse)
         else:
             result = self.base_layer(x, *args, **kwargs)
-        for _, weights in active:
-            if "delta" in weights and weights["delta"].mask == "adjacent":
-                result = adjacent_delta_output(x, weights["delta"], result)
-        return self._apply_output_ops(x, result, active)
+        return self._after_base(x, result, active)
 
 
 class OutputLayer(_WrappedLayer):
@@ -323,7 +302,7 @@ class OutputLayer(_WrappedLayer):
         result = self.base_layer(x, *args, **kwargs)
         if self.merged or not active:
             return result
-        return self._apply_output_ops(x, result, active)
+        return self._after_base(x, result, active)
 
 
 class PromptEmbedding(_WrappedLayer):

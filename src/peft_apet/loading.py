@@ -1,16 +1,20 @@
-"""A refused `PeftModel.from_pretrained` leaves the base model as it was.
+"""A refused `PeftModel.from_pretrained` or `load_adapter` leaves the base model as it was.
 
-When `from_pretrained` reads the config from the adapter folder, `peft_apet.checks.check_checkpoint_fits_plan`
-refuses a checkpoint that does not fit before any module is replaced. With `config=` given, PEFT injects the
-(empty) adapter first and only then reads the weights, so a checkpoint that `check_state_fits_model` refuses would
-leave empty APET layers (and frozen parameters) in the caller's model. `install_from_pretrained_hook` wraps
-`PeftModel.from_pretrained`: if loading an APET adapter raises, the model's module tree, the `requires_grad` flags
-of its parameters and its attributes are put back as they were before the call, then the error propagates.
+When `from_pretrained` or `load_adapter` reads the config from the adapter folder, the tuner plans the adapter and
+`peft_apet.checks.check_checkpoint_fits_plan` refuses a checkpoint that does not fit before any module is replaced:
+`install_from_pretrained_hook` wraps both so that, while they inject that adapter, `adapter_folder_being_loaded()`
+names the folder (PEFT passes the tuner only the config). With `config=` given, PEFT injects the (empty) adapter
+first and only then reads the weights, so a checkpoint that `check_state_fits_model` refuses would leave empty APET
+layers (and frozen parameters) in the caller's model: if loading an APET adapter raises, the wrapped
+`from_pretrained` puts the model's module tree, the `requires_grad` flags of its parameters and its attributes back
+as they were before the call, then the error propagates.
 """
 
 from __future__ import annotations
 
 import functools
+import os
+from contextvars import ContextVar
 from typing import Any
 
 from peft import PeftModel
@@ -18,6 +22,19 @@ from torch import nn
 
 from .config import APETConfig
 from .layer import APETLayer
+
+_FOLDER: ContextVar[str | None] = ContextVar("peft_apet_adapter_folder", default=None)
+
+
+def adapter_folder_being_loaded() -> str | None:
+    """The local folder whose adapter `PeftModel.from_pretrained` / `load_adapter` is injecting now, having read its
+    config from there; None otherwise (e.g. `get_peft_model`, or `from_pretrained` given `config=`)."""
+    return _FOLDER.get()
+
+
+def _folder(model_id: Any, subfolder: str | None) -> str | None:
+    folder = os.path.join(str(model_id), subfolder) if subfolder else str(model_id)
+    return folder if os.path.isdir(folder) else None
 
 
 def _snapshot(model: nn.Module) -> tuple[list[tuple[nn.Module, dict]], dict, set[str], bool]:
@@ -41,22 +58,37 @@ def _restore(model: nn.Module, snapshot: tuple[list[tuple[nn.Module, dict]], dic
 
 
 def install_from_pretrained_hook() -> None:
-    """Wrap `PeftModel.from_pretrained` so that a refused APET load leaves `model` unchanged (idempotent)."""
+    """Wrap `PeftModel.from_pretrained` so that a refused APET load leaves `model` unchanged, and it and
+    `PeftModel.load_adapter` so that the tuner knows the folder it loads (idempotent)."""
     original = PeftModel.__dict__["from_pretrained"].__func__
     if getattr(original, "_apet_hook", False):
         return
+    original_load_adapter = PeftModel.load_adapter
 
     @functools.wraps(original)
     def from_pretrained(cls, model: nn.Module, model_id: Any, *args: Any, **kwargs: Any) -> PeftModel:
         snapshot = _snapshot(model)
+        config = kwargs.get("config", args[2] if len(args) > 2 else None)
+        token = _FOLDER.set(_folder(model_id, kwargs.get("subfolder")) if config is None else None)
         try:
             return original(cls, model, model_id, *args, **kwargs)
         except Exception:
-            config = kwargs.get("config", args[2] if len(args) > 2 else None)
             added_apet = any(isinstance(m, APETLayer) for m in model.modules()) and not snapshot[3]
             if isinstance(config, APETConfig) or added_apet:  # other methods keep PEFT's behaviour
                 _restore(model, snapshot)
             raise
+        finally:
+            _FOLDER.reset(token)
+
+    @functools.wraps(original_load_adapter)
+    def load_adapter(self: PeftModel, model_id: Any, adapter_name: str, *args: Any, **kwargs: Any) -> Any:
+        new = adapter_name not in self.peft_config  # PEFT then reads the config from the folder and injects it
+        token = _FOLDER.set(_folder(model_id, kwargs.get("subfolder")) if new else None)
+        try:
+            return original_load_adapter(self, model_id, adapter_name, *args, **kwargs)
+        finally:
+            _FOLDER.reset(token)
 
     from_pretrained._apet_hook = True
     PeftModel.from_pretrained = classmethod(from_pretrained)
+    PeftModel.load_adapter = load_adapter

@@ -14,32 +14,17 @@ prompts; masked deltas on large base weights never go through it (see `peft_apet
 from __future__ import annotations
 
 import math
-import weakref
 
 import torch
 from torch import nn
 
 from .index_codec import encode_indices, encoded_size, stored_positions
 from .masks import aligned_pair_masks, build_mask, flat_indices
+from .operations import OPERATION_OF_ROLE, PAIRS
 from .plan import TensorPlan
-from .sparse_kernels import SparseLayout, csr_max
 
-# How a tensor is initialised, by role: "zeros" keeps the adapter an identity at init.
-INIT_BY_ROLE = {
-    "delta": "zeros",
-    "bias": "zeros",
-    "lora_A": "kaiming_uniform",
-    "lora_B": "zeros",
-    "adapter_down": "kaiming_uniform",
-    "adapter_up": "zeros",
-    "prompt": "normal",
-}
-
-
-# The two matrices of each two-matrix path: the first holds rank (bottleneck) unit j on row j, the second on column j.
-PAIRS = (("lora_A", "lora_B"), ("adapter_down", "adapter_up"))
 # First matrices of two-matrix paths (see `peft_apet.masks.build_mask`).
-FIRST_OF_PAIR = tuple(first for first, _ in PAIRS)
+_FIRST_OF_PAIR = tuple(first for first, _ in PAIRS)
 
 
 def aligned_indices(tensors: dict[str, TensorPlan]) -> dict[str, torch.Tensor]:
@@ -60,13 +45,16 @@ class MaskedWeight(nn.Module):
 
     def __init__(self, plan: TensorPlan, init_weights: bool = True, init_values: torch.Tensor | None = None,
                  index: torch.Tensor | None = None):
-        """`index`: the compact mask (`peft_apet.masks`) when drawn elsewhere (aligned pairs); else drawn here."""
+        """`index`: the compact mask (`peft_apet.masks`) when drawn elsewhere (aligned pairs); else the one a strategy
+        chose (`plan.index`), or one drawn here from `plan.seed`."""
         super().__init__()
         self.shape = tuple(plan.shape)
         self.mask = plan.mask
         self.axis = plan.axis
+        if index is None and plan.index is not None:
+            index = plan.index.cpu()  # like a drawn mask: the layer moves it to its base layer's device
         if index is None:
-            ordered = plan.role in FIRST_OF_PAIR and plan.axis == 0
+            ordered = plan.role in _FIRST_OF_PAIR and plan.axis == 0
             index = build_mask(self.shape, plan.mask, plan.num_entries, plan.axis, plan.seed, ordered)
         self.register_buffer("index", index)
         values = self._initial_values(plan, init_weights, init_values)
@@ -78,7 +66,7 @@ class MaskedWeight(nn.Module):
             flat = flat_indices(self.shape, self.mask, self.index, k, self.axis)
             return init_values.reshape(-1)[flat].detach().clone().float()
         generator = torch.Generator().manual_seed(plan.seed + 1)
-        scheme = INIT_BY_ROLE[plan.role]
+        scheme = OPERATION_OF_ROLE[plan.role].init[plan.role]
         if scheme == "zeros" and not init_weights:
             scheme = "kaiming_uniform"  # non-identity init for tests, like PEFT's init_lora_weights=False
         if scheme == "zeros":
@@ -154,20 +142,3 @@ class MaskedWeight(nn.Module):
 
     def extra_repr(self) -> str:
         return f"shape={self.shape}, mask={self.mask}, axis={self.axis}, trainable={self.num_entries}"
-
-
-_LAYOUTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def layout_of(delta: MaskedWeight) -> SparseLayout:
-    """The layout of `delta`'s mask, computed once per index tensor (and in-place version of it)."""
-    if torch.compiler.is_compiling() or delta.num_entries > csr_max(delta.shape):
-        # traced once per graph (the cache is plain Python state), or too dense to keep index arrays for
-        return SparseLayout(delta.flat_indices(), tuple(delta.shape))
-    index = delta.index
-    hit = _LAYOUTS.get(delta)
-    if hit is not None and hit[0] is index and hit[1] == index._version:
-        return hit[2]
-    layout = SparseLayout(delta.flat_indices(), tuple(delta.shape))
-    _LAYOUTS[delta] = (index, index._version, layout)
-    return layout

@@ -1,14 +1,16 @@
 """`APETModel`: the PEFT tuner that places APET layers into a model.
 
 Injection follows PEFT's `BaseTuner.inject_adapter`; APET adds one step before any module is touched:
-`peft_apet.plan.plan_adapter` resolves every part's targets and splits the exact budget (raising
-`ValueError` on bad targets or budgets), and each matched module is then wrapped according to the plan.
+`_prepare_model` plans the adapter (`peft_apet.plan.plan_adapter`: every part's targets, the exact budget split, and
+the masks of data-free strategies; `ValueError` on bad targets or budgets), checks an adapter folder being loaded
+against the plan (`peft_apet.checks.check_checkpoint_fits_plan`), and keeps the plan in `building_plan`; each matched
+module is then wrapped once, with its final masks, from its `ModulePlan`. After injection the chosen per-module
+counts are recorded in the config (`peft_apet.plan.record_mask_counts`).
 """
 
 from __future__ import annotations
 
 import warnings
-from dataclasses import replace
 from typing import Any
 
 import torch
@@ -19,11 +21,12 @@ from .checks import check_checkpoint_fits_plan, check_merge_is_finite, check_sta
 from .config import APETConfig
 from .export import modules_gaining_a_bias, warn_new_biases
 from .layer import APETLayer, Linear, OutputLayer, PromptEmbedding
+from .loading import adapter_folder_being_loaded
 from .packing import is_packed_key, pack_entries
-from .plan import AdapterPlan, ModulePlan, plan_adapter, summary_table
+from .plan import AdapterPlan, ModulePlan, TensorPlan, plan_adapter, record_mask_counts, summary_table
 from .prompt import prepend_prompt
 from .quantized import check_quantized_mergeable
-from .selection import MaskChoice, select_data_free_masks
+from .strategies import is_data_driven
 from .tokens import TOKENS_ROLE, token_layers
 
 LAYER_CLASSES = {"linear": Linear, "output": OutputLayer, "embedding": PromptEmbedding}
@@ -52,40 +55,45 @@ class APETModel(BaseTuner):
     def _prepare_adapter_config(self, peft_config: APETConfig, model_config: dict) -> APETConfig:
         return peft_config
 
+    # The plan of the adapter being injected: set by `_prepare_model`, read by `_create_and_replace`, None otherwise.
+    building_plan: AdapterPlan | None = None
+
     def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs: Any) -> None:
-        # Data-free mask strategies (e.g. "magnitude") choose entries from the base weights before any module is
-        # replaced, and record per-module counts the plan then follows; see peft_apet.selection.
-        choices = select_data_free_masks(model, self.peft_config[adapter_name])
-        super().inject_adapter(model, adapter_name, **kwargs)
-        self.install_masks(adapter_name, choices)
+        config = self.peft_config[adapter_name]
+        for part in config.parts:
+            if is_data_driven(part.mask_strategy) and part.mask_counts is None:
+                warnings.warn(f"APET part '{part.operation}' uses mask_strategy={part.mask_strategy!r}: its masks are "
+                              "random placeholders until `peft_apet.calibrate_masks(model, batches)` chooses them.",
+                              stacklevel=3)
+        try:
+            super().inject_adapter(model, adapter_name, **kwargs)  # plans in `_prepare_model`, then builds layers
+            record_mask_counts(config, self.building_plan)
+        finally:
+            self.building_plan = None
         self._warn_unlearnable(adapter_name)
 
-    def install_masks(self, adapter_name: str, choices: list[MaskChoice]) -> None:
-        """Give the chosen masks (and initial values) to the tensors of `adapter_name` they were chosen for."""
+    def replace_masks(self, adapter_name: str, chosen: list[tuple[str, TensorPlan]]) -> None:
+        """Give tensors of `adapter_name` the masks a strategy chose: `(module name, tensor with its index)` each
+        (`APETLayer.replace_mask`; the values restart from their initial values)."""
         init_weights = self.peft_config[adapter_name].init_weights
-        for choice in choices:
-            layer = self.model.get_submodule(choice.target.name)
+        for name, tensor in chosen:
+            layer = self.model.get_submodule(name)
             if not isinstance(layer, APETLayer):
-                raise ValueError(f"{choice.target.name} is not an APET layer; was the adapter injected?")
-            tensor = replace(choice.target.tensor, num_entries=choice.num_entries)
-            layer.replace_mask(adapter_name, tensor, choice.index, init_weights)
+                raise ValueError(f"{name} is not an APET layer; was the adapter injected?")
+            layer.replace_mask(adapter_name, tensor, init_weights)
 
     def _prepare_model(self, peft_config: APETConfig, model: nn.Module) -> None:
         # Runs before PEFT matches or replaces any module: every target, budget and checkpoint error surfaces here.
         plan = plan_adapter(model, peft_config)
-        check_checkpoint_fits_plan(peft_config, plan, model)
-        self.__dict__["_pending_plan"] = plan
-
-    @property
-    def pending_plan(self) -> AdapterPlan:
-        return self.__dict__["_pending_plan"]
+        check_checkpoint_fits_plan(adapter_folder_being_loaded(), plan, model)
+        self.building_plan = plan
 
     def _check_target_module_exists(self, peft_config: APETConfig, key: str) -> bool:
-        return key in self.pending_plan.modules
+        return key in self.building_plan.modules
 
     def _create_and_replace(self, peft_config: APETConfig, adapter_name: str, target: nn.Module, target_name: str,
                             parent: nn.Module, current_key: str, **optional_kwargs: Any) -> None:
-        plan = self.pending_plan.modules.get(current_key)
+        plan = self.building_plan.modules.get(current_key)
         if plan is None:
             raise ValueError(f"module {current_key} is not part of the APET adapter '{adapter_name}' planned for "
                              "this model (does the checkpoint belong to another base model?).")

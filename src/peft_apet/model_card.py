@@ -17,7 +17,8 @@ from huggingface_hub import ModelCard, ModelCardData
 from peft import PeftModel
 
 from .config import APETConfig
-from .layer import ROLE_OPERATION, APETLayer
+from .layer import APETLayer
+from .operations import OPERATION_OF_ROLE
 
 SECTION_START = "<!-- peft-apet:start -->"
 SECTION_END = "<!-- peft-apet:end -->"
@@ -45,8 +46,9 @@ def _entries_by_operation(model: PeftModel, adapter_name: str) -> tuple[dict[str
     for module_name, module in model.named_modules():
         if isinstance(module, APETLayer) and adapter_name in module.apet_weights:
             for role, weight in module.apet_weights[adapter_name].items():
-                entries[ROLE_OPERATION[role]] += weight.num_entries
-                modules[ROLE_OPERATION[role]].add(module_name)
+                operation = OPERATION_OF_ROLE[role].name
+                entries[operation] += weight.num_entries
+                modules[operation].add(module_name)
     return dict(entries), {op: len(names) for op, names in modules.items()}
 
 

@@ -19,19 +19,15 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from .operations import MERGEABLE_OPERATIONS, SCORED_OPERATIONS
 from .strategies import check_mask_strategy
 
 OPERATIONS = ("prompt", "lora", "adapter", "bias", "delta")
 MASKS = ("adjacent", "discrete")
 ACTIVATIONS = ("relu", "gelu", "silu", "tanh", "sigmoid", "identity")
 PROMPT_INITS = ("random", "text")
-MERGEABLE_OPERATIONS = ("lora", "bias", "delta")
-# Parts whose entries a non-random strategy can rank: additive changes that start at zero on top of a pre-trained
-# tensor, so that a score taken at the pre-trained model says what training that entry would do.
-SCORED_OPERATIONS = ("delta", "bias")
 # How the masks of a two-matrix part (lora A/B, adapter down/up) relate; see `peft_apet.masks.aligned_pair_masks`.
 MASK_PAIRINGS = ("aligned", "independent")
-PAIRED_OPERATIONS = ("lora", "adapter")
 
 
 class UnknownFieldError(TypeError, ValueError):

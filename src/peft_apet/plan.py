@@ -1,9 +1,14 @@
-"""Planning: which modules get which tensors, of which shape, with how many trainable entries.
+"""Planning: which modules get which tensors, of which shape, with how many trainable entries, and which entries.
 
 `plan_adapter(model, config)` reads the model without changing it and returns an `AdapterPlan`; the tuner
-builds its layers from the plan, and `count_trainable_parameters` reports the plan's total so users can
+builds its layers once from the plan, and `count_trainable_parameters` reports the plan's total so users can
 match budgets across methods before touching the model. All errors about targets and budgets are raised
 here, before any module is replaced.
+
+Masks: parts with a data-free `mask_strategy` (`magnitude`, registered ones) get their masks chosen here, from the
+base weights (`peft_apet.selection`): their `TensorPlan.index` holds the chosen mask, and `AdapterPlan.mask_counts`
+the per-module entries the tuner records in `part.mask_counts` (`record_mask_counts`). Every other tensor draws its
+mask from its `seed` when it is built. A part whose counts are recorded already (a saved adapter) keeps them.
 """
 
 from __future__ import annotations
@@ -12,16 +17,19 @@ import math
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
+import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, _ExcludedModule, check_target_module_exists
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
 from .budget import allocate_budget, avoid_unpaired_counts, density_to_count, split_aligned_pair, split_config_budget
-from .config import PAIRED_OPERATIONS, APETConfig, APETPart
+from .config import APETConfig, APETPart
 from .masks import stable_seed
-from .modules import has_bias, is_linear, linear_shape, output_features
-from .operations import OPERATION_ROLES
+from .modules import has_bias, is_linear, output_features
+from .operations import OPERATIONS, operations_in
 from .quantized import check_supported
+from .selection import choose_masks, data_free_scores, targets_of_part
+from .strategies import data_free_score_fn
 from .targets import ALL_LINEAR, ALL_WITH_BIAS, default_target_modules
 from .tokens import TOKENS_ROLE, TokenPlan, plan_trainable_tokens
 
@@ -39,6 +47,8 @@ class TensorPlan:
     num_entries: int
     seed: int
     pairing: str | None = None  # "aligned": drawn with its partner matrix (`peft_apet.masks.aligned_pair_masks`)
+    # The mask a strategy chose (compact form of `peft_apet.masks`); None: drawn from `seed` when the tensor is built.
+    index: torch.Tensor | None = field(default=None, compare=False, repr=False)
 
     @property
     def capacity(self) -> int:
@@ -57,7 +67,7 @@ class ModulePlan:
 
     @property
     def operations(self) -> list[str]:
-        return [op for op, roles in OPERATION_ROLES.items() if any(r in self.tensors for r in roles)]
+        return [op.name for op in operations_in(self.tensors)]
 
 
 @dataclass
@@ -65,6 +75,14 @@ class AdapterPlan:
     modules: dict[str, ModulePlan]
     part_counts: dict[str, int]
     tokens: dict[str, TokenPlan] = field(default_factory=dict)  # trainable token rows (peft_apet.tokens)
+    # By operation, for parts whose masks a strategy chose: entries per module (what `part.mask_counts` records).
+    mask_counts: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def set_chosen(self, operation: str, chosen: list[tuple[str, TensorPlan]]) -> None:
+        """Give part `operation` the masks a strategy chose: `(module name, tensor with its index)` per module."""
+        for name, tensor in chosen:
+            self.modules[name].tensors[tensor.role] = tensor
+        self.mask_counts[operation] = {name: tensor.num_entries for name, tensor in chosen}
 
     @property
     def num_trainable_params(self) -> int:
@@ -144,7 +162,8 @@ def resolve_targets(
     model: nn.Module, part: APETPart, candidates: list[tuple[str, nn.Module]], modules_to_save: list[str] | None
 ) -> list[tuple[str, nn.Module]]:
     """The modules a part acts on, checked to be of a kind the operation supports."""
-    if part.operation == "prompt":
+    operation = OPERATIONS[part.operation]
+    if operation.acts_on == "input_embedding":
         name = prompt_embedding_name(model, candidates)
         module = dict(candidates)[name]
         if not isinstance(module, nn.Embedding):
@@ -177,14 +196,20 @@ def resolve_targets(
 
     for name, module in chosen:
         check_supported(name, module, part.operation)  # quantized layers other than bitsandbytes
-        needs_linear = part.operation in ("lora", "delta")
-        if needs_linear and not is_linear(module):
+        if operation.acts_on == "linear" and not is_linear(module):
             raise ValueError(f"part '{part.operation}' needs nn.Linear or Conv1D modules, but target {name} is a "
                              f"{type(module).__name__}.")
         if output_features(module) is None:
             raise ValueError(f"part '{part.operation}': cannot tell the output size of target {name} "
                              f"({type(module).__name__}); target linear layers or norms.")
     return chosen
+
+
+def _module_kind(part: APETPart, module: nn.Module) -> str:
+    """The layer class a module gets: "embedding" (`PromptEmbedding`), "linear" (`Linear`) or "output"."""
+    if OPERATIONS[part.operation].acts_on == "input_embedding":
+        return "embedding"
+    return "linear" if is_linear(module) else "output"
 
 
 def _in_special_set(spec: str, name: str, module: nn.Module, heads: set[str]) -> bool:
@@ -194,22 +219,8 @@ def _in_special_set(spec: str, name: str, module: nn.Module, heads: set[str]) ->
     return has_bias(module) and (is_linear(module) or isinstance(module, nn.LayerNorm)) and name not in heads
 
 
-def _tensor_shapes(part: APETPart, module: nn.Module, kind: str) -> dict[str, tuple[int, ...]]:
-    if part.operation == "prompt":
-        return {"prompt": (part.num_virtual_tokens, module.embedding_dim)}
-    features = output_features(module)
-    if part.operation == "bias":
-        return {"bias": (features,)}
-    if part.operation == "adapter":
-        return {"adapter_down": (part.bottleneck, features), "adapter_up": (features, part.bottleneck)}
-    out_f, in_f = linear_shape(module)
-    if part.operation == "delta":
-        return {"delta": (out_f, in_f)}
-    return {"lora_A": (part.r, in_f), "lora_B": (out_f, part.r)}
-
-
 def _is_aligned(part: APETPart) -> bool:
-    return part.operation in PAIRED_OPERATIONS and part.mask is not None and part.mask_pairing == "aligned"
+    return OPERATIONS[part.operation].paired and part.mask is not None and part.mask_pairing == "aligned"
 
 
 def _split_within_module(shapes: dict[str, tuple[int, ...]], count: int, part: APETPart) -> dict[str, int]:
@@ -228,8 +239,19 @@ def _split_within_module(shapes: dict[str, tuple[int, ...]], count: int, part: A
     return dict(zip(roles, shares))
 
 
-def plan_adapter(model: nn.Module, config: APETConfig, adapter_name: str = "default") -> AdapterPlan:
-    """Plan an adapter on `model` without modifying it; raises ValueError for bad targets or budgets."""
+def plan_adapter(model: nn.Module, config: APETConfig, adapter_name: str = "default", *, select: bool = True,
+                 recorded_counts: bool = True) -> AdapterPlan:
+    """Plan an adapter on `model` without modifying it; raises ValueError for bad targets or budgets.
+
+    Args:
+        model: the base model (or a model with adapters injected already: planning sees the original modules).
+        config: the adapter's config.
+        adapter_name: unused; kept for callers of peft-apet 0.1.
+        select: choose the masks of data-free strategies (scores the base weights); False leaves every mask to its
+            seed (the counts of parts without recorded counts are the same).
+        recorded_counts: follow `part.mask_counts` where recorded; False plans as if no strategy had chosen masks
+            yet (the per-module split by capacity that calibration ranks within).
+    """
     modules_to_save = list(config.modules_to_save or [])
     if config.task_type == "SEQ_CLS":  # PeftModelForSequenceClassification trains these heads in full
         modules_to_save += [m for m in SEQ_CLS_HEADS if m not in modules_to_save]
@@ -239,10 +261,10 @@ def plan_adapter(model: nn.Module, config: APETConfig, adapter_name: str = "defa
     for part in config.parts:
         entries = []
         for name, module in resolve_targets(model, part, candidates, modules_to_save):
-            kind = "embedding" if part.operation == "prompt" else ("linear" if is_linear(module) else "output")
+            kind = _module_kind(part, module)
             if kinds.setdefault(name, kind) != kind:
                 raise ValueError(f"module {name} is targeted as {kinds[name]} and as {kind} by different parts.")
-            entries.append((name, module, _tensor_shapes(part, module, kind)))
+            entries.append((name, module, OPERATIONS[part.operation].shapes(part, module)))
         per_part[part.operation] = entries
     tokens = plan_trainable_tokens(model, config, modules_to_save)
     shared = [name for name in tokens if name in kinds]
@@ -273,21 +295,41 @@ def plan_adapter(model: nn.Module, config: APETConfig, adapter_name: str = "defa
     modules: dict[str, ModulePlan] = {}
     for part in config.parts:
         entries = per_part[part.operation]
-        module_caps = [sum(math.prod(s) for s in shapes.values()) for _, _, shapes in entries]
-        module_counts = _module_counts(part, [name for name, _, _ in entries], module_caps,
-                                       part_counts[part.operation])
+        recorded = part.mask_counts if recorded_counts else None
+        module_counts = _module_counts(part, entries, part_counts[part.operation], recorded)
         for (name, module, shapes), count in zip(entries, module_counts):
-            plan = modules.setdefault(name, ModulePlan(name, kinds[name], output_features(module) or 0))
-            if part.operation == "prompt":
-                plan.features = module.embedding_dim
+            features = module.embedding_dim if kinds[name] == "embedding" else output_features(module) or 0
+            plan = modules.setdefault(name, ModulePlan(name, kinds[name], features))
             aligned = _is_aligned(part)
             for i, (role, k) in enumerate(_split_within_module(shapes, count, part).items()):
                 plan.tensors[role] = TensorPlan(
                     role=role, shape=shapes[role], mask=part.mask, axis=i if aligned else part.mask_axis,
                     num_entries=k, seed=stable_seed(config.seed, name, role), pairing="aligned" if aligned else None)
-            plan.settings.update(_operation_settings(part, module))
-    ordered = {name: modules[name] for name, _ in candidates if name in modules}
-    return AdapterPlan(ordered, part_counts, tokens)
+            plan.settings.update(OPERATIONS[part.operation].settings(part, module))
+    plan = AdapterPlan({name: modules[name] for name, _ in candidates if name in modules}, part_counts, tokens)
+    if select:
+        _choose_data_free_masks(plan, model, config, recorded_counts)
+    return plan
+
+
+def _choose_data_free_masks(plan: AdapterPlan, model: nn.Module, config: APETConfig, recorded_counts: bool) -> None:
+    """Choose the masks of parts with a data-free strategy from `model`'s weights, into `plan`. A part with recorded
+    counts keeps them (each module's entries ranked within the module); the checkpoint then supplies the masks."""
+    for part in config.parts:
+        if data_free_score_fn(part.mask_strategy) is None:
+            continue  # random, data-driven (`calibrate_masks`), or registered in the process that saved the adapter
+        targets = targets_of_part(plan, model, part)
+        scope = "module" if recorded_counts and part.mask_counts is not None else config.selection_scope
+        chosen = choose_masks(targets, data_free_scores(part, targets), scope)
+        plan.set_chosen(part.operation, [(t.name, t.tensor) for t in chosen])
+
+
+def record_mask_counts(config: APETConfig, plan: AdapterPlan) -> None:
+    """Write the per-module entries of every part whose masks `plan` chose into `part.mask_counts`: the config field
+    that lets a saved adapter reload with the same shapes (the masks are in its checkpoint). The only writer of it."""
+    for part in config.parts:
+        if part.operation in plan.mask_counts:
+            part.mask_counts = dict(plan.mask_counts[part.operation])
 
 
 def _no_lone_entry_in_aligned_parts(config: APETConfig, counts: dict[str, int], capacities: dict[str, int],
@@ -311,15 +353,18 @@ def _no_lone_entry_in_aligned_parts(config: APETConfig, counts: dict[str, int], 
     return counts
 
 
-def _module_counts(part: APETPart, names: list[str], capacities: list[int], total: int) -> list[int]:
-    """Entries of each module of a part: split by capacity, or as a mask strategy chose them (`part.mask_counts`)."""
-    if part.mask_counts is None:
+def _module_counts(part: APETPart, entries: list[tuple[str, nn.Module, dict[str, tuple[int, ...]]]],
+                   total: int, recorded: dict[str, int] | None) -> list[int]:
+    """Entries of each module of a part: split by capacity, or as a mask strategy chose them (`recorded`, the part's
+    `mask_counts`). `entries`: `(name, module, shape by role)` of each targeted module."""
+    names = [name for name, _, _ in entries]
+    capacities = [sum(math.prod(s) for s in shapes.values()) for _, _, shapes in entries]
+    if recorded is None:
         counts = allocate_budget(capacities, total)
-        if _is_aligned(part):
-            unit_lengths = [c // (part.r if part.operation == "lora" else part.bottleneck) for c in capacities]
-            counts = avoid_unpaired_counts(counts, capacities, unit_lengths, part.mask)
+        if _is_aligned(part):  # a pair's first matrix holds one rank unit per row
+            units = [next(iter(shapes.values()))[0] for _, _, shapes in entries]
+            counts = avoid_unpaired_counts(counts, capacities, [c // u for c, u in zip(capacities, units)], part.mask)
         return counts
-    recorded = part.mask_counts
     if set(recorded) != set(names) or sum(recorded.values()) != total or any(
             recorded[n] > c for n, c in zip(names, capacities)):
         raise ValueError(
@@ -331,16 +376,6 @@ def _module_counts(part: APETPart, names: list[str], capacities: list[int], tota
     return [recorded[n] for n in names]
 
 
-def _operation_settings(part: APETPart, module: nn.Module) -> dict[str, object]:
-    if part.operation == "lora":
-        return {"lora_scaling": part.lora_alpha / part.r, "lora_dropout": part.lora_dropout}
-    if part.operation == "adapter":
-        return {"adapter_activation": part.activation}
-    if part.operation == "prompt":
-        return {"num_virtual_tokens": part.num_virtual_tokens, "vocab_size": module.num_embeddings}
-    return {}
-
-
 def count_trainable_parameters(model: nn.Module, config: APETConfig) -> int:
     """How many parameters `config` would train on `model` (adapter entries and trainable token rows, not
     `modules_to_save`).
@@ -348,4 +383,4 @@ def count_trainable_parameters(model: nn.Module, config: APETConfig) -> int:
     The model is not modified. Use it to give an APET variant the budget of another method, e.g.
     `APETConfig.lora(mask="discrete", num_trainable_params=count_trainable_parameters(model, APETConfig.bitfit()))`.
     """
-    return plan_adapter(model, config).num_trainable_params
+    return plan_adapter(model, config, select=False).num_trainable_params

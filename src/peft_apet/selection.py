@@ -31,26 +31,30 @@ so scores are never concatenated or sorted. Memory: scores of a part are one flo
 calibration holds at most two per targeted tensor (`sam`: the summed gradient, what `.grad` would hold in full
 fine-tuning, and one running sum of squares) and the inputs of the targeted modules for one batch.
 
-Lifecycle. `get_peft_model` chooses the masks of data-free strategies from the base weights before any module is
-replaced (so an error leaves the model as it was); data-driven parts start with random placeholder masks (with a
-warning) until `calibrate_masks(model, batches)` replaces them. Choosing masks resets the part's values to their
-initial values and writes `part.mask_counts`.
+Lifecycle. Data-free strategies choose their masks while the adapter is planned (`peft_apet.plan.plan_adapter`,
+from the base weights, before any module is replaced: an error leaves the model as it was); the plan carries the
+chosen masks, and the layers are built once with them. Data-driven parts start with random placeholder masks (with
+a warning) until `calibrate_masks(model, batches)` plans the adapter again, chooses their masks and swaps them in
+(`APETLayer.replace_mask`). Choosing masks resets the part's values to their initial values; the tuner then
+records the per-module counts in `part.mask_counts` (`peft_apet.plan.record_mask_counts`).
 """
 from __future__ import annotations
 
 import math
 import struct
-import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from .config import APETConfig, APETPart
+from .config import APETPart
 from .masks import INDEX_DTYPE, as_2d, line_length
 from .modules import base_layer_of
-from .plan import AdapterPlan, TensorPlan, plan_adapter
-from .strategies import data_free_score_fn, is_data_driven
+from .strategies import data_free_score_fn
+
+if TYPE_CHECKING:  # annotations only: planning imports this module
+    from .plan import AdapterPlan, TensorPlan
 
 
 # ---------------------------------------------------------------------------------------------- top-k
@@ -109,15 +113,9 @@ class ScoredTensor:
     tensor: TensorPlan
 
 
-@dataclass
-class MaskChoice:
-    target: ScoredTensor
-    index: torch.Tensor  # the compact mask of `peft_apet.masks` (flat indices or line ids)
-    num_entries: int
-
-
 def targets_of_part(plan: AdapterPlan, model: nn.Module, part: APETPart) -> list[ScoredTensor]:
-    role = part.operation  # delta and bias parts own one tensor per module, named like the operation
+    """The tensors of `part` in `plan`, in model order."""
+    role = part.operation  # scored parts (delta, bias) own one tensor per module, named like the operation
     return [ScoredTensor(name, base_layer_of(model, name), m.tensors[role]) for name, m in plan.modules.items()
             if role in m.tensors]
 
@@ -146,12 +144,18 @@ def data_free_scores(part: APETPart, targets: list[ScoredTensor]) -> list[torch.
     return out
 
 
-def choose_masks(targets: list[ScoredTensor], scores: list[torch.Tensor], scope: str) -> list[MaskChoice]:
-    """The masks of a part: top entries per module (its planned count) or over the part (`scope="global"`)."""
+def _chosen(target: ScoredTensor, index: torch.Tensor, num_entries: int) -> ScoredTensor:
+    return ScoredTensor(target.name, target.base_layer,
+                        replace(target.tensor, index=index.to(INDEX_DTYPE), num_entries=num_entries))
+
+
+def choose_masks(targets: list[ScoredTensor], scores: list[torch.Tensor], scope: str) -> list[ScoredTensor]:
+    """The targets with their chosen masks (`TensorPlan.index`, and `num_entries`): top entries per module (its
+    planned count) or over the part (`scope="global"`, where each module gets the entries its scores earn)."""
     if scope == "global":
         total = sum(t.tensor.num_entries for t in targets)
         picks = select_top_k(scores, total)
-        return [MaskChoice(t, p.to(INDEX_DTYPE), p.numel()) for t, p in zip(targets, picks)]
+        return [_chosen(t, p, p.numel()) for t, p in zip(targets, picks)]
     out = []
     for t, s in zip(targets, scores):
         plan = t.tensor
@@ -161,40 +165,5 @@ def choose_masks(targets: list[ScoredTensor], scores: list[torch.Tensor], scope:
             (index,) = select_top_k([lines], math.ceil(plan.num_entries / line_length(plan.shape, plan.axis)))
         else:
             (index,) = select_top_k([s], plan.num_entries)
-        out.append(MaskChoice(t, index.to(INDEX_DTYPE), plan.num_entries))
+        out.append(_chosen(t, index, plan.num_entries))
     return out
-
-
-def record_counts(part: APETPart, choices: list[MaskChoice]) -> None:
-    part.mask_counts = {c.target.name: c.num_entries for c in choices}
-
-
-def select_data_free_masks(model: nn.Module, config: APETConfig) -> list[MaskChoice]:
-    """Choose the masks of parts with a data-free strategy (`magnitude`, registered ones) from `model`'s weights,
-    before the adapter is injected, and record their per-module counts in the parts (so the plan builds those
-    shapes). Returns the choices for `APETModel.install_masks` once the layers exist. Called by
-    `APETModel.inject_adapter`.
-
-    Parts whose counts are recorded already (a saved adapter being loaded) keep them: each module gets its recorded
-    number of entries, ranked within the module, and the checkpoint then supplies the masks.
-    """
-    scored = [p for p in config.parts if p.mask_strategy != "random"]
-    if not scored:
-        return []
-    plan = plan_adapter(model, config)
-    choices = []
-    for part in scored:
-        if is_data_driven(part.mask_strategy):
-            if part.mask_counts is None:
-                warnings.warn(f"APET part '{part.operation}' uses mask_strategy={part.mask_strategy!r}: its masks are "
-                              "random placeholders until `peft_apet.calibrate_masks(model, batches)` chooses them.",
-                              stacklevel=4)
-            continue
-        if data_free_score_fn(part.mask_strategy) is None:
-            continue  # a registered strategy of a saved adapter, not registered here: the checkpoint has its masks
-        targets = targets_of_part(plan, model, part)
-        scope = "module" if part.mask_counts is not None else config.selection_scope
-        part_choices = choose_masks(targets, data_free_scores(part, targets), scope)
-        record_counts(part, part_choices)
-        choices += part_choices
-    return choices

@@ -8,7 +8,7 @@ Measured on one 3072 x 768 layer with 64 to 1024 tokens: the two are level aroun
 faster above it.
 
 The index arrays of a mask (rows, columns, CSR row pointers, the transposed order) depend only on the mask, so
-`masked_weight.layout_of` keeps them per `MaskedWeight` (of density at most 1/16) until its index tensor is
+`functional.layout_of` keeps them per `MaskedWeight` (of density at most 1/16) until its index tensor is
 replaced or changed in place.
 """
 
