@@ -241,7 +241,11 @@ class APETConfig(PeftConfig):
         return [p.operation for p in self.parts]
 
     def part(self, operation: str) -> APETPart | None:
-        """The part with this operation, or None."""
+        """The part with this operation, or None.
+
+        Args:
+            operation: one of "prompt", "lora", "adapter", "bias", "delta".
+        """
         return next((p for p in self.parts if p.operation == operation), None)
 
     def to_dict(self) -> dict:
@@ -260,7 +264,13 @@ class APETConfig(PeftConfig):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None,
                         **kwargs: Any) -> APETConfig:
-        """PEFT's `from_pretrained`, with errors that name the file."""
+        """PEFT's `from_pretrained`, with errors that name the file.
+
+        Args:
+            pretrained_model_name_or_path: a folder with `adapter_config.json`, or a Hub repository id.
+            subfolder: the adapter's subfolder in it, if any.
+            **kwargs: passed to `PeftConfig.from_pretrained` (e.g. `revision`).
+        """
         folder = os.path.join(pretrained_model_name_or_path, subfolder) if subfolder else pretrained_model_name_or_path
         try:
             config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)

@@ -41,12 +41,21 @@ def aligned_indices(tensors: dict[str, TensorPlan]) -> dict[str, torch.Tensor]:
 
 
 class MaskedWeight(nn.Module):
-    """A masked trainable tensor of logical shape `plan.shape` with `plan.num_entries` trainable entries."""
+    """A masked trainable tensor of logical shape `plan.shape` with `plan.num_entries` trainable entries.
+
+    Args:
+        plan: shape, role, mask kind and axis, entries and seed of the tensor (`peft_apet.plan.TensorPlan`).
+        init_weights: start at the role's initialisation ("zeros" keeps the adapter an identity); False replaces
+            "zeros" by a kaiming-uniform draw, so the adapter is not an identity (for tests, like PEFT's
+            `init_lora_weights=False`).
+        init_values: dense `plan.shape` values to start from (e.g. a prompt initialised from text); the trainable
+            entries are read from it.
+        index: the compact mask (`peft_apet.masks`) when drawn elsewhere (aligned pairs); else the one a strategy
+            chose (`plan.index`), or one drawn here from `plan.seed`.
+    """
 
     def __init__(self, plan: TensorPlan, init_weights: bool = True, init_values: torch.Tensor | None = None,
                  index: torch.Tensor | None = None):
-        """`index`: the compact mask (`peft_apet.masks`) when drawn elsewhere (aligned pairs); else the one a strategy
-        chose (`plan.index`), or one drawn here from `plan.seed`."""
         super().__init__()
         self.shape = tuple(plan.shape)
         self.mask = plan.mask

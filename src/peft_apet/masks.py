@@ -71,7 +71,16 @@ def _sample_distinct(population: int, k: int, generator: torch.Generator) -> tor
 
 
 def discrete_mask(shape: tuple[int, ...], k: int, seed: int) -> torch.Tensor:
-    """Sorted int32 flat indices of `k` entries of a tensor of `shape`, uniform without replacement."""
+    """Sorted int32 flat indices of `k` entries of a tensor of `shape`, uniform without replacement.
+
+    Args:
+        shape: the tensor's shape (any number of dimensions; positions are row-major).
+        k: how many entries to choose, `0 <= k <= prod(shape)`.
+        seed: seed of the torch generator the draw uses (the same seed gives the same mask in any process).
+
+    Returns:
+        int32 tensor `(k,)` of sorted flat positions.
+    """
     numel = math.prod(shape)
     if not 0 <= k <= numel:
         raise ValueError(f"cannot choose k={k} entries of a tensor with {numel} entries")
@@ -86,6 +95,16 @@ def adjacent_mask(shape: tuple[int, ...], k: int, axis: int, seed: int, ordered:
 
     The lines are chosen uniformly at random (seeded) and sorted; the partial line, when there is one, is the
     last chosen line in sorted order. `ordered=True` takes lines `0, 1, 2, ...` instead (see `build_mask`).
+
+    Args:
+        shape: the tensor's shape; its lines are rows (`axis=0`) or columns (`axis=1`) of its 2-D view.
+        k: how many entries the mask trains, `0 <= k <= prod(shape)`.
+        axis: 0 trains rows, 1 trains columns.
+        seed: seed of the torch generator the draw uses.
+        ordered: take the first lines instead of random ones.
+
+    Returns:
+        int32 tensor `(ceil(k / line_length),)` of sorted line ids.
     """
     length = line_length(shape, axis)
     lines = num_lines(shape, axis)

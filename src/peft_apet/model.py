@@ -269,7 +269,11 @@ class APETModel(BaseTuner):
     # ------------------------------------------------------------------ inspection
     def adapter_summary(self, adapter_name: str | None = None) -> str:
         """A table of every APET tensor of an adapter: module, role, shape, mask, entries that can learn (receive a
-        gradient: see `APETLayer.learnable_entries`) and trainable entries; token rows last."""
+        gradient: see `APETLayer.learnable_entries`) and trainable entries; token rows last.
+
+        Args:
+            adapter_name: the adapter to describe (default: the first active one).
+        """
         adapter_name = adapter_name or self.active_adapters[0]
         rows, learnable = [], []
         for module_name, module in self._apet_layers(adapter_name):
@@ -285,7 +289,11 @@ class APETModel(BaseTuner):
 
     def learnable_entries(self, adapter_name: str | None = None) -> tuple[int, int]:
         """`(learnable, trainable)`: the adapter's trainable entries, and how many of them can receive a gradient
-        (in a two-matrix path, an entry whose rank unit has no trainable entry in the other matrix cannot)."""
+        (in a two-matrix path, an entry whose rank unit has no trainable entry in the other matrix cannot).
+
+        Args:
+            adapter_name: the adapter to count (default: the first active one).
+        """
         adapter_name = adapter_name or self.active_adapters[0]
         learnable = trainable = 0
         for _, module in self._apet_layers(adapter_name):

@@ -382,5 +382,12 @@ def count_trainable_parameters(model: nn.Module, config: APETConfig) -> int:
 
     The model is not modified. Use it to give an APET variant the budget of another method, e.g.
     `APETConfig.lora(mask="discrete", num_trainable_params=count_trainable_parameters(model, APETConfig.bitfit()))`.
+
+    Args:
+        model: the base model.
+        config: the APET config to count.
+
+    Returns:
+        The number of trainable parameters, exactly as `print_trainable_parameters` will report them.
     """
     return plan_adapter(model, config, select=False).num_trainable_params

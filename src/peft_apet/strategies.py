@@ -60,6 +60,11 @@ def register_mask_strategy(name: str, score_fn: ScoreFn, *, uses_gradients: bool
     The name, not the function, goes into `adapter_config.json`: register before creating the config; loading a
     saved adapter does not need it (its masks are in the checkpoint). Registering a name again replaces its function;
     built-in names cannot be taken.
+
+    Args:
+        name: the name to use as `mask_strategy`; not a built-in one.
+        score_fn: the score function described above.
+        uses_gradients: whether it needs calibration statistics (then `calibrate_masks` runs it).
     """
     if not isinstance(name, str) or not name:
         raise ValueError(f"a mask strategy name must be a non-empty str, got {name!r}.")
