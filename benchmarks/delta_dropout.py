@@ -11,6 +11,8 @@ dropout settings of a seed share the mask, head and data order.
     nice -n 19 python -m benchmarks.delta_dropout --threads 1   # writes benchmarks/results/delta_dropout/
     python -m benchmarks.delta_dropout --smoke --out DIR        # tiny random BERT, two budgets, one seed
     python -m benchmarks.delta_dropout --report-only            # rebuild results.json / results.md from runs.jsonl
+    nice -n 19 python -m benchmarks.delta_dropout --threads 1 --lr 1e-2 --budgets 20000 \
+        --out benchmarks/results/delta_dropout_lr0.01             # the same at the better lr for k = 20,000
 
 Every finished run is appended to `<out>/runs.jsonl` at once; a rerun skips the runs found there, so an
 interrupted sweep resumes. Runs go seed by seed, so a cut sweep still compares every setting on the same seeds.
@@ -21,7 +23,7 @@ from __future__ import annotations
 import json
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -63,10 +65,11 @@ class RunSpec:
     budget: int
     dropout: float
     seed: int
+    lr: float = DELTA_LR
 
     @property
     def key(self) -> str:
-        return f"k{self.budget}-p{self.dropout:g}-s{self.seed}"
+        return f"k{self.budget}-p{self.dropout:g}-s{self.seed}" + ("" if self.lr == DELTA_LR else f"-lr{self.lr:g}")
 
 
 def run(spec: RunSpec, task: Task, mode: Mode) -> dict:
@@ -77,13 +80,13 @@ def run(spec: RunSpec, task: Task, mode: Mode) -> dict:
                               task_type="SEQ_CLS", seed=spec.seed)
     model = get_peft_model(harness.new_model(task), config)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW([{"params": [p for n, p in named if not is_head(n)], "lr": DELTA_LR},
+    optimizer = torch.optim.AdamW([{"params": [p for n, p in named if not is_head(n)], "lr": spec.lr},
                                    {"params": [p for n, p in named if is_head(n)], "lr": HEAD_LR}], weight_decay=0.0)
     steps = mode.epochs * (len(task.splits["train"]) // mode.batch_size)
     model.train()
     losses = harness.train_steps(model, optimizer, task, steps, mode.batch_size, spec.seed)
     return {
-        **asdict(spec), "key": spec.key, "model": mode.model, "steps": steps, "lr": DELTA_LR, "head_lr": HEAD_LR,
+        **asdict(spec), "key": spec.key, "model": mode.model, "steps": steps, "head_lr": HEAD_LR,
         "trainable_apet": sum(p.numel() for n, p in named if not is_head(n)),
         "trainable_head": sum(p.numel() for n, p in named if is_head(n)),
         "validation_accuracy": evaluate(model, task.splits["validation"], task, False)["accuracy"],
@@ -134,19 +137,20 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_report(out: Path, mode: Mode, command: str, records: list[dict]) -> None:
+def write_report(out: Path, mode: Mode, lr: float, command: str, records: list[dict]) -> None:
+    records = [r for r in records if r["lr"] == lr]
     rows = summarise(records, mode)
-    planned = [RunSpec(k, p, s).key for s in mode.seeds for k in mode.budgets for p in mode.dropouts]
+    planned = [RunSpec(k, p, s, lr).key for s in mode.seeds for k in mode.budgets for p in mode.dropouts]
     missing = [key for key in planned if key not in {r["key"] for r in records}]
     meta = {"mode": mode.name, "command": command, "written": harness.now(), "machine": harness.machine(),
-            "settings": {**asdict(mode), "delta_lr": DELTA_LR, "head_lr": HEAD_LR}, "missing_runs": missing}
+            "settings": {**asdict(mode), "delta_lr": lr, "head_lr": HEAD_LR}, "missing_runs": missing}
     harness.write_json(out / "results.json", {"meta": meta, "summary": rows, "runs": records}, end="\n")
     steps = sorted({r["steps"] for r in records})
     (out / "results.md").write_text(
         "# Dropout on sparse deltas (`delta_dropout`)\n\n"
         f"`{command}`, written {meta['written']}; {harness.machine_line()}. Model {mode.model}, Rotten Tomatoes "
         f"(test: first {mode.test_size} examples), APET discrete delta with a random mask, {mode.epochs} epoch "
-        f"({', '.join(map(str, steps))} steps of batch {mode.batch_size}), AdamW lr {DELTA_LR:g} (delta) / "
+        f"({', '.join(map(str, steps))} steps of batch {mode.batch_size}), AdamW lr {lr:g} (delta) / "
         f"{HEAD_LR:g} (head). Seeds: {list(mode.seeds)}. Runs: `runs.jsonl`.\n\n"
         + table(rows) + "\n\n"
         + (f"Missing runs (not finished): {', '.join(missing)}.\n" if missing else "All planned runs finished.\n"))
@@ -155,8 +159,12 @@ def write_report(out: Path, mode: Mode, command: str, records: list[dict]) -> No
 def main(argv: list[str] | None = None) -> int:
     parser = harness.arguments(__doc__, "delta_dropout", smoke="tiny random BERT, two budgets, one seed",
                                report_only="rebuild results.json / results.md from runs.jsonl", threads=1)
+    parser.add_argument("--lr", type=float, default=DELTA_LR, help=f"lr of the delta entries (default {DELTA_LR:g})")
+    parser.add_argument("--budgets", type=int, nargs="+", help="budgets k to run instead of the mode's")
     args = parser.parse_args(argv)
     mode = MODES["smoke" if args.smoke else "default"]
+    if args.budgets:
+        mode = replace(mode, budgets=tuple(args.budgets))
     out = args.out or harness.results_folder("delta_dropout")
     command = harness.start("delta_dropout", argv, out, args.threads)
     path = out / "runs.jsonl"
@@ -166,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
                                        subset=mode.subset)
         done = {r["key"] for r in load_records(path)}
         for seed in mode.seeds:
-            for spec in (RunSpec(k, p, seed) for k in mode.budgets for p in mode.dropouts):
+            for spec in (RunSpec(k, p, seed, args.lr) for k in mode.budgets for p in mode.dropouts):
                 if spec.key in done:
                     continue
                 record = run(spec, task, mode)
@@ -174,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
                     f.write(json.dumps(record) + "\n")
                 log(f"{spec.key}: test {record['test_accuracy']:.3f}, validation {record['validation_accuracy']:.3f}, "
                     f"{record['wall_s']} s")
-    write_report(out, mode, command, load_records(path))
+    write_report(out, mode, args.lr, command, load_records(path))
     print((out / "results.md").read_text())
     return 0
 
