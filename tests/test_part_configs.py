@@ -15,6 +15,7 @@ from peft_apet.operations import PAIRED_OPERATIONS, SCORED_OPERATIONS
 from peft_apet.parts import (
     PART_CLASSES,
     SAVED_FIELDS,
+    SAVED_IF_SET,
     PairedPart,
     ScoredPart,
     UnknownFieldError,
@@ -60,7 +61,7 @@ def test_saved_parts_hold_every_field_as_peft_apet_0_1_wrote_it():
                                                                                             "random")
     assert (lora["r"], lora["mask_strategy"], lora["mask_strategy_kwargs"], lora["num_virtual_tokens"]) == (
         8, "random", None, None)
-    assert [f.name for f in fields(APETPart)] == list(SAVED_FIELDS)
+    assert [f.name for f in fields(APETPart)] == [*SAVED_FIELDS, *SAVED_IF_SET]  # fields added after 0.1 come last
 
 
 @pytest.mark.parametrize("operation,part_class", [
@@ -145,7 +146,8 @@ def test_lora_preset_stores_floats_as_0_1_did():
     assert (type(part.lora_alpha), type(part.lora_dropout)) == (float, float)
 
 
-# The presets' signatures of peft-apet 0.1: every call that worked then works now.
+# The presets' signatures of peft-apet 0.1, with later fields appended (`delta_dropout`): every call that worked
+# then works now.
 PRESET_SIGNATURES = {
     "prompt": "(num_virtual_tokens=20, prompt_init='random', prompt_init_text=None, tokenizer_name_or_path=None, "
               "mask=None, mask_axis=0, num_trainable_params=None, density=None, **config_kwargs)",
@@ -155,9 +157,10 @@ PRESET_SIGNATURES = {
                "num_trainable_params=None, density=None, exclude_modules=None, mask_pairing='aligned', "
                "**config_kwargs)",
     "bitfit": "(target_modules=None, mask=None, num_trainable_params=None, density=None, exclude_modules=None, "
-              "mask_strategy='random', mask_strategy_kwargs=None, **config_kwargs)",
+              "mask_strategy='random', mask_strategy_kwargs=None, delta_dropout=0.0, **config_kwargs)",
     "delta": "(target_modules=None, mask='discrete', mask_axis=0, num_trainable_params=None, density=None, "
-             "exclude_modules=None, mask_strategy='random', mask_strategy_kwargs=None, **config_kwargs)",
+             "exclude_modules=None, mask_strategy='random', mask_strategy_kwargs=None, delta_dropout=0.0, "
+             "**config_kwargs)",
 }
 
 

@@ -89,6 +89,12 @@ BAD_PART_FIELDS = [
     ("mask_strategy_kwargs", {**_SCORED, "mask_strategy_kwargs": {"damping": math.nan}}, r"JSON values"),
     ("mask_counts", {**_SCORED, "mask_counts": {"query": -1}}, r"`mask_counts` must map module names"),
     ("mask_counts", {"mask_counts": {"query": 1}}, r"`mask_counts` belong to a non-random `mask_strategy`"),
+    ("delta_dropout", {"operation": "delta", "delta_dropout": 1.0}, r"`delta_dropout`.*\[0, 1\)"),
+    ("delta_dropout", {"operation": "bias", "delta_dropout": -0.1}, r"`delta_dropout`.*\[0, 1\)"),
+    ("delta_dropout", {"operation": "delta", "delta_dropout": True}, r"`delta_dropout`.*\[0, 1\)"),
+    ("delta_dropout", {"operation": "delta", "delta_dropout": math.nan}, r"`delta_dropout`.*\[0, 1\)"),
+    ("delta_dropout", {"operation": "lora", "delta_dropout": 0.1},
+     r"`delta_dropout` is only used by operations \['bias', 'delta'\]"),
 ]
 
 _PART = [{"operation": "lora"}]

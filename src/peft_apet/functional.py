@@ -83,22 +83,35 @@ def _composed(weight: torch.Tensor, layout: SparseLayout, values: torch.Tensor) 
     return effective
 
 
-def masked_delta_linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, deltas: list[MaskedWeight]
-) -> torch.Tensor:
-    """`x (W + sum_i W~_i)^T + b` for discrete or unmasked deltas; `weight` is `(out, in)`, `x` is `(..., in)`."""
+def _joint_layout(deltas: list[MaskedWeight], values: list[torch.Tensor] | None,
+                  device: torch.device) -> tuple[SparseLayout, torch.Tensor]:
+    """One layout of the entries of all `deltas` (same `(out, in)` shape), on `device`, and their `(k,)` values:
+    `values[i]` for delta i (e.g. after dropout), or the deltas' own values when `values` is None."""
+    values = [d.values for d in deltas] if values is None else values
     if len(deltas) == 1:
-        layout, values = layout_of(deltas[0]), deltas[0].values
+        layout, joint = layout_of(deltas[0]), values[0]
     else:
-        layout = SparseLayout(torch.cat([d.flat_indices() for d in deltas]), tuple(weight.shape))
-        values = torch.cat([d.values for d in deltas])
-    if layout.flat.device != weight.device:
-        layout = SparseLayout(layout.flat.to(weight.device), layout.shape)
-    return _DiscreteDeltaLinear.apply(x, weight, bias, layout, values)
+        layout = SparseLayout(torch.cat([d.flat_indices() for d in deltas]), tuple(deltas[0].shape))
+        joint = torch.cat(values)
+    if layout.flat.device != device:
+        layout = SparseLayout(layout.flat.to(device), layout.shape)
+    return layout, joint
 
 
-def adjacent_delta_output(x: torch.Tensor, delta: MaskedWeight, result: torch.Tensor) -> torch.Tensor:
-    """`result + x W~^T` for an adjacent mask of whole rows (`axis=0`) or columns (`axis=1`) of W~ `(out, in)`.
+def masked_delta_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, deltas: list[MaskedWeight],
+    values: list[torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """`x (W + sum_i W~_i)^T + b` for discrete or unmasked deltas; `weight` is `(out, in)`, `x` is `(..., in)`;
+    `values`: the `(k_i,)` values to use for each delta (default: its own)."""
+    layout, joint = _joint_layout(deltas, values, weight.device)
+    return _DiscreteDeltaLinear.apply(x, weight, bias, layout, joint)
+
+
+def adjacent_delta_output(x: torch.Tensor, delta: MaskedWeight, result: torch.Tensor,
+                          values: torch.Tensor | None = None) -> torch.Tensor:
+    """`result + x W~^T` for an adjacent mask of whole rows (`axis=0`) or columns (`axis=1`) of W~ `(out, in)`;
+    `values`: the `(k,)` values to use (default: the delta's own).
 
     Costs one `(tokens, in) x (in, lines)` matmul: proportional to the number of trainable entries.
     """
@@ -107,7 +120,7 @@ def adjacent_delta_output(x: torch.Tensor, delta: MaskedWeight, result: torch.Te
     length = in_f if delta.axis == 0 else out_f
     lines = delta.index.long()
     full, rem = divmod(k, length)
-    values = delta.values
+    values = delta.values if values is None else values
     x = x.to(values.dtype)
     if delta.axis == 0:  # trainable rows: output features lines[j] get x . V[j]
         if full:
@@ -201,20 +214,16 @@ def _delta_dense(layout: SparseLayout, values: torch.Tensor, dtype: torch.dtype)
     return dense.index_add_(0, layout.flat, values.to(dtype)).view(out_f, in_f)
 
 
-def add_sparse_delta(result: torch.Tensor, x: torch.Tensor, deltas: list[MaskedWeight]) -> torch.Tensor:
+def add_sparse_delta(result: torch.Tensor, x: torch.Tensor, deltas: list[MaskedWeight],
+                     values: list[torch.Tensor] | None = None) -> torch.Tensor:
     """`result + x sum_i W~_i^T` for discrete or unmasked deltas `W~_i` `(out, in)`, from their values and indices
     only; `x` is `(..., in)`, `result` `(..., out)` the base layer's output, which is updated in place (the base
-    layer's own autograd does not keep its output) unless it is a view, a leaf or not contiguous."""
-    if len(deltas) == 1:
-        layout, values = layout_of(deltas[0]), deltas[0].values
-    else:
-        layout = SparseLayout(torch.cat([d.flat_indices() for d in deltas]), tuple(deltas[0].shape))
-        values = torch.cat([d.values for d in deltas])
-    if layout.flat.device != x.device:
-        layout = SparseLayout(layout.flat.to(x.device), layout.shape)
+    layer's own autograd does not keep its output) unless it is a view, a leaf or not contiguous. `values`: the
+    `(k_i,)` values to use for each delta (default: its own)."""
+    layout, joint = _joint_layout(deltas, values, x.device)
     if not result.is_contiguous() or result._is_view() or result.is_leaf and result.requires_grad:
         result = result.clone(memory_format=torch.contiguous_format)
-    return _AddSparseDelta.apply(result, x, layout, values)
+    return _AddSparseDelta.apply(result, x, layout, joint)
 
 
 def prepare_layouts(deltas: list[MaskedWeight]) -> None:

@@ -116,13 +116,13 @@ class APETLayer(BaseTunerLayer):
                     active: list[tuple[str, nn.ModuleDict]]) -> torch.Tensor:
         """`result` (the base computation) with the active adapters applied: first every adapter's
         `Operation.after_base`, then, adapter by adapter, each operation's `Operation.on_output` in table order."""
-        for _, weights in active:
+        for name, weights in active:
             for op in operations_in(weights):
-                result = op.after_base(x, result, weights)
+                result = op.after_base(x, result, weights, self.apet_settings[name], self.training)
         for name, weights in active:
             settings, dropout = self.apet_settings[name], self.apet_dropout[name] if name in self.apet_dropout else None
             for op in operations_in(weights):
-                result = op.on_output(x, result, weights, settings, dropout)
+                result = op.on_output(x, result, weights, settings, dropout, self.training)
         return result
 
     # ------------------------------------------------------------------ merging
@@ -272,12 +272,14 @@ class Linear(_WrappedLayer):
         active = self._active_weights()
         if self.merged or not active:
             return self.base_layer(x, *args, **kwargs)
-        sparse = [t for _, weights in active for op in operations_in(weights) for t in op.folded(weights)]
+        folded = [pair for name, weights in active for op in operations_in(weights)
+                  for pair in op.folded(weights, self.apet_settings[name], self.training)]
+        sparse, values = [delta for delta, _ in folded], [v for _, v in folded]
         if sparse and self._bnb_quantized:  # a side path: never reads the packed weight
-            result = add_sparse_delta(self.base_layer(x, *args, **kwargs), x, sparse)
+            result = add_sparse_delta(self.base_layer(x, *args, **kwargs), x, sparse, values)
         elif sparse:
             # Composes the weight and calls F.linear: hooks on the base layer do not run on this path.
-            result = masked_delta_linear(x, self.weight_out_in(), self.get_base_layer().bias, sparse)
+            result = masked_delta_linear(x, self.weight_out_in(), self.get_base_layer().bias, sparse, values)
         else:
             result = self.base_layer(x, *args, **kwargs)
         return self._after_base(x, result, active)

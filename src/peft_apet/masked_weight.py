@@ -95,12 +95,14 @@ class MaskedWeight(nn.Module):
         """int64 row-major positions of the stored values in the dense tensor."""
         return flat_indices(self.shape, self.mask, self.index, self.num_entries, self.axis)
 
-    def dense(self) -> torch.Tensor:
-        """The full tensor `W ⊙ m` (differentiable with respect to `values`)."""
+    def dense(self, values: torch.Tensor | None = None) -> torch.Tensor:
+        """The full tensor `W ⊙ m` (differentiable with respect to `values`); `values`: `(k,)` values to place
+        instead of the stored ones (e.g. after dropout)."""
+        values = self.values if values is None else values
         if self.mask is None:
-            return self.values.view(self.shape)
-        flat = self.values.new_zeros(math.prod(self.shape))
-        return flat.index_add(0, self.flat_indices(), self.values).view(self.shape)
+            return values.view(self.shape)
+        flat = values.new_zeros(math.prod(self.shape))
+        return flat.index_add(0, self.flat_indices(), values).view(self.shape)
 
     def dense_mask(self) -> torch.Tensor:
         """The boolean mask `m` (for inspection)."""

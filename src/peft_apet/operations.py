@@ -13,10 +13,12 @@ Each entry of `OPERATIONS` states:
   tensor, so that a score taken at the pre-trained model says what training an entry would do);
 - `merges_into`: the base tensor (`"weight"` `(out, in)` or `"bias"`) its change folds into, or None: not mergeable
   (a non-linear plug-in, a prompt that changes the input sequence);
-- hooks, in the order a layer runs them: `folded(weights)` (tensors the base matmul of a linear layer adds to its
-  weight, see `functional.masked_delta_linear`), `after_base(x, result, weights)` (for every active adapter, right
-  after the base computation), `on_output(x, result, weights, settings, dropout)` (per adapter, in table order),
-  and `add_to_base(target, weights, settings, sign)` when merging. `weights` maps role to `MaskedWeight`.
+- hooks, in the order a layer runs them: `folded(weights, settings, training)` (tensors the base matmul of a linear
+  layer adds to its weight, see `functional.masked_delta_linear`), `after_base(x, result, weights, settings,
+  training)` (for every active adapter, right after the base computation), `on_output(x, result, weights, settings,
+  dropout, training)` (per adapter, in table order), and `add_to_base(target, weights, settings, sign)` when merging.
+  `weights` maps role to `MaskedWeight`; `training` is the layer's mode. The forward hooks of delta and bias take
+  their values through `dropped_values` (the parts' `delta_dropout`); merging reads the values themselves.
 
 The table is in the order the layer applies operations: a delta changes the base weight, LoRA and bias add to the
 output, and the adapter plug-in sees the output they made. The maths is in `peft_apet.functional`, imported inside the
@@ -29,9 +31,18 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .modules import linear_shape, output_features
+
+
+def dropped_values(weight: nn.Module, p: float, training: bool) -> torch.Tensor:
+    """The `(k,)` values of `weight` (a `MaskedWeight`) that a forward pass uses: in training with `p > 0`, each entry
+    dropped with probability `p` and the kept ones scaled by `1 / (1 - p)` (inverted dropout on the entries of the
+    delta, as SpaRTA's `W + dropout(1) ⊙ Δ`; O(k), no dense mask), so only kept entries get a gradient. Otherwise the
+    values themselves: eval outputs are those of a model without dropout, bit for bit."""
+    return F.dropout(weight.values, p) if training and p > 0 else weight.values
 
 
 class Operation:
@@ -61,18 +72,20 @@ class Operation:
         """The layer's input dropout for this adapter, if the operation has one."""
         return None
 
-    def folded(self, weights: nn.ModuleDict) -> list[nn.Module]:
+    def folded(self, weights: nn.ModuleDict, settings: dict[str, Any],
+               training: bool) -> list[tuple[nn.Module, torch.Tensor]]:
         """The `MaskedWeight`s of `(out, in)` a linear layer's base matmul adds to its weight (`functional`'s
-        `masked_delta_linear`, or `add_sparse_delta` on a quantized base)."""
+        `masked_delta_linear`, or `add_sparse_delta` on a quantized base), each with the `(k,)` values to use."""
         return []
 
-    def after_base(self, x: torch.Tensor, result: torch.Tensor, weights: nn.ModuleDict) -> torch.Tensor:
+    def after_base(self, x: torch.Tensor, result: torch.Tensor, weights: nn.ModuleDict, settings: dict[str, Any],
+                   training: bool) -> torch.Tensor:
         """The base output `result` `(..., out)` for input `x` `(..., in)`, changed right after the base computation
         (run for every active adapter before any `on_output`)."""
         return result
 
     def on_output(self, x: torch.Tensor, result: torch.Tensor, weights: nn.ModuleDict, settings: dict[str, Any],
-                  dropout: nn.Module | None) -> torch.Tensor:
+                  dropout: nn.Module | None, training: bool) -> torch.Tensor:
         """The layer output `result` `(..., out)`, changed by this operation of one adapter (`settings`: its
         `apet_settings`; `dropout`: its input dropout, if any)."""
         return result
@@ -95,15 +108,20 @@ class Delta(Operation):
     def shapes(self, part, module):
         return {"delta": linear_shape(module)}
 
-    def folded(self, weights):
-        delta = weights["delta"]
-        return [] if delta.mask == "adjacent" else [delta]
+    def settings(self, part, module):
+        return {"delta_dropout": part.delta_dropout}
 
-    def after_base(self, x, result, weights):
+    def folded(self, weights, settings, training):
+        delta = weights["delta"]
+        return [] if delta.mask == "adjacent" else [(delta, dropped_values(delta, settings["delta_dropout"], training))]
+
+    def after_base(self, x, result, weights, settings, training):
         from .functional import adjacent_delta_output  # lazily: see the module docstring
 
         delta = weights["delta"]
-        return adjacent_delta_output(x, delta, result) if delta.mask == "adjacent" else result
+        if delta.mask != "adjacent":
+            return result
+        return adjacent_delta_output(x, delta, result, dropped_values(delta, settings["delta_dropout"], training))
 
     def add_to_base(self, target, weights, settings, sign):
         weights["delta"].add_to_(target, alpha=sign)
@@ -127,7 +145,7 @@ class Lora(Operation):
         p = float(settings["lora_dropout"])
         return nn.Dropout(p) if p > 0 else nn.Identity()
 
-    def on_output(self, x, result, weights, settings, dropout):
+    def on_output(self, x, result, weights, settings, dropout, training):
         from .functional import lora_output  # lazily: see the module docstring
 
         return result + lora_output(x, weights["lora_A"], weights["lora_B"], settings["lora_scaling"],
@@ -147,8 +165,12 @@ class Bias(Operation):
     def shapes(self, part, module):
         return {"bias": (output_features(module),)}
 
-    def on_output(self, x, result, weights, settings, dropout):
-        return result + weights["bias"].dense().to(result.dtype)
+    def settings(self, part, module):
+        return {"bias_dropout": part.delta_dropout}
+
+    def on_output(self, x, result, weights, settings, dropout, training):
+        bias = weights["bias"]
+        return result + bias.dense(dropped_values(bias, settings["bias_dropout"], training)).to(result.dtype)
 
     def add_to_base(self, target, weights, settings, sign):
         weights["bias"].add_to_(target, alpha=sign)
@@ -168,7 +190,7 @@ class Adapter(Operation):
     def settings(self, part, module):
         return {"adapter_activation": part.activation}
 
-    def on_output(self, x, result, weights, settings, dropout):
+    def on_output(self, x, result, weights, settings, dropout, training):
         from .functional import adapter_output  # lazily: see the module docstring
 
         return adapter_output(result, weights["adapter_down"], weights["adapter_up"], settings["adapter_activation"])

@@ -4,7 +4,9 @@ Each operation has a part class holding only its own settings: `PromptPart`, `Lo
 `BiasPart`, `DeltaPart`, on `BasePart` (targets, mask, budget), with `PairedPart` (how the masks of lora's and
 adapter's two matrices pair) and `ScoredPart` (the mask strategy of bias and delta). `APETPart(operation=..., ...)`
 builds the class of its operation, and `adapter_config.json` keeps peft-apet 0.1's format: every part lists the
-fields of every operation (`SAVED_FIELDS`), null where it does not have them.
+fields of every operation (`SAVED_FIELDS`), null where it does not have them. Fields added after 0.1
+(`SAVED_IF_SET`) are written after those, and only when a part sets them to something other than their default, so
+that a config that does not use them writes the same bytes as before.
 """
 
 from __future__ import annotations
@@ -236,9 +238,11 @@ class BasePart:
     def to_dict(self) -> dict[str, Any]:
         """The part as `adapter_config.json` stores it: every field of every operation, in peft-apet 0.1's order;
         a field this part does not have holds what 0.1 wrote for it (None; "aligned" / "random" for
-        `mask_pairing` / `mask_strategy`)."""
+        `mask_pairing` / `mask_strategy`). Then the fields of `SAVED_IF_SET` this part sets to a non-default value."""
         own = asdict(self)
-        return {name: own[name] if name in own else _ABSENT.get(name, (None,))[0] for name in SAVED_FIELDS}
+        saved = {name: own[name] if name in own else _ABSENT.get(name, (None,))[0] for name in SAVED_FIELDS}
+        saved.update((name, own[name]) for name, default in SAVED_IF_SET.items() if own.get(name, default) != default)
+        return saved
 
 
 @with_args
@@ -272,7 +276,8 @@ class PairedPart(BasePart):
 @dataclass
 class ScoredPart(BasePart):
     """A part whose entries a mask strategy can rank: an additive change that starts at zero on top of a
-    pre-trained tensor, so that a score taken at the pre-trained model says what training an entry would do."""
+    pre-trained tensor, so that a score taken at the pre-trained model says what training an entry would do.
+    Its entries may also be dropped out in training (`delta_dropout`)."""
 
     mask_strategy: str = field(
         default="random",
@@ -287,10 +292,22 @@ class ScoredPart(BasePart):
         default=None,
         metadata={"help": "Settings of the mask strategy (JSON values), e.g. {'damping': 0.1} for 'sam'."},
     )
+    delta_dropout: float = field(
+        default=0.0,
+        metadata={
+            "help": "In training, each trainable entry of the delta (or bias delta) is dropped with this probability "
+            "in [0, 1) and the kept ones are scaled by 1 / (1 - p), a fresh draw in every forward pass, as SpaRTA "
+            "does; no effect in eval, merge or export. Saved in adapter_config.json only when not 0."
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         owner = self._owner
+        if (isinstance(self.delta_dropout, bool) or not isinstance(self.delta_dropout, (int, float))
+                or not 0.0 <= self.delta_dropout < 1.0):
+            raise ValueError(f"{owner}: `delta_dropout` must be a float in [0, 1), got {self.delta_dropout!r}.")
+        self.delta_dropout = float(self.delta_dropout)
         _check_strategy_name(owner, self.mask_strategy)
         if self.mask_strategy_kwargs is not None:
             _check_json_dict(f"{owner}: `mask_strategy_kwargs`", self.mask_strategy_kwargs)
@@ -308,6 +325,8 @@ class ScoredPart(BasePart):
 
     @classmethod
     def _misplaced(cls, operation: str, name: str, value: Any) -> ValueError:
+        if name == "delta_dropout":
+            return super()._misplaced(operation, name, value)
         if name == "mask_strategy":
             _check_strategy_name(f"part '{operation}'", value)
         return ValueError(
@@ -421,6 +440,11 @@ SAVED_FIELDS = (
     "lora_alpha", "lora_dropout", "bottleneck", "activation", "num_virtual_tokens", "prompt_init", "prompt_init_text",
     "tokenizer_name_or_path", "mask_pairing", "mask_strategy", "mask_strategy_kwargs", "mask_counts",
 )
+# Fields added after 0.1, with their defaults: written after `SAVED_FIELDS`, and only by a part that sets another
+# value, so that every config that does not use them keeps writing the same adapter_config.json bytes as before (and
+# stays readable by older peft-apet). A new field of a part goes here, never into `SAVED_FIELDS`.
+SAVED_IF_SET: dict[str, Any] = {"delta_dropout": 0.0}
+PART_FIELDS = (*SAVED_FIELDS, *SAVED_IF_SET)  # every field a part may have, in the saved order
 # Values saved for a field the part's operation does not have, besides None; the first one is what `to_dict`
 # writes. They are accepted and dropped on reading. ("independent": a 0.1 part read by `check_kwargs` and saved.)
 _ABSENT: dict[str, tuple[str, ...]] = {"mask_pairing": ("aligned", "independent"), "mask_strategy": ("random",)}
@@ -466,19 +490,20 @@ class APETPart(abc.ABC):  # noqa: B024 (no abstract methods: an ABC for `registe
     @classmethod
     def check_kwargs(cls, **kwargs: Any) -> dict:
         """Refuse unknown fields with an `UnknownFieldError` (TypeError and ValueError) listing the allowed ones."""
-        unknown = sorted(set(kwargs) - set(SAVED_FIELDS))
+        unknown = sorted(set(kwargs) - set(PART_FIELDS))
         if unknown:
-            raise UnknownFieldError(f"APETPart has no fields {unknown}; allowed: {list(SAVED_FIELDS)}.")
+            raise UnknownFieldError(f"APETPart has no fields {unknown}; allowed: {list(PART_FIELDS)}.")
         return kwargs
 
 
 APETPart.register(BasePart)
-APETPart.__dataclass_fields__ = {name: _declaring_class(name).__dataclass_fields__[name] for name in SAVED_FIELDS}
-# peft-apet 0.1's signature of APETPart (None: the operation's default, or a field it does not have).
+APETPart.__dataclass_fields__ = {name: _declaring_class(name).__dataclass_fields__[name] for name in PART_FIELDS}
+# peft-apet 0.1's signature of APETPart, then the later fields (None: the operation's default, or a field it does not
+# have).
 _SHOWN_DEFAULTS = {"operation": "lora", "mask_axis": 0, "mask_pairing": "aligned", "mask_strategy": "random"}
 APETPart.__signature__ = inspect.Signature([
     inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=_SHOWN_DEFAULTS.get(name))
-    for name in SAVED_FIELDS
+    for name in PART_FIELDS
 ])
 
 
