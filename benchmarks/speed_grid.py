@@ -72,7 +72,8 @@ MODELS = {
                            BERT_TARGETS),
     "tiny-llama": ModelSpec("tiny-llama", "llama", {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
                                                     "num_attention_heads": 2, "num_key_value_heads": 1,
-                                                    "vocab_size": 100, "attention_bias": True},
+                                                    "vocab_size": 100, "attention_bias": True,
+                                                    "tie_word_embeddings": True},
                             "model.layers.0.self_attn.q_proj.bias", LLAMA_TARGETS),
 }
 TOKENS = {512: (8, 64), 2048: (16, 128), 8192: (32, 256)}  # tokens per step: (batch, sequence length)
@@ -151,7 +152,8 @@ class BaseWeights:
         model = build_model(self.spec, "meta").to_empty(device=self.device)
         with torch.no_grad():
             for name, t in [*model.named_parameters(), *model.named_buffers()]:
-                t.copy_(self.state[name])
+                if name in self.state:  # not a tied copy (the LM head of tied embeddings), tied again below
+                    t.copy_(self.state[name])
         if getattr(model.config, "tie_word_embeddings", False):
             model.tie_weights()
         for p in model.parameters():
