@@ -1,0 +1,88 @@
+"""Smoke test of `python -m benchmarks.speed_grid`: tiny random models, three grid points, one measured step.
+
+Checks what the benchmark claims about its runs, never timings: every method of every point ran and trains the
+count it was asked for (APET exactly the plan's k, LoRA/SHiRA r * (in + out) per layer, the floor one bias), the
+report has a row per point and method, its ratios follow from the records, and a rerun resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+
+from benchmarks import speed_grid
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("speed_grid_smoke")
+    assert speed_grid.main(["--smoke", "--out", str(out), "--threads", "1"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def results(smoke) -> dict:
+    return json.loads((smoke / "results.json").read_text())
+
+
+def test_every_point_ran_every_method(results):
+    sparta = speed_grid._has_sparta()
+    assert list(results["runs"]) == [p.key for p in speed_grid.MODES["smoke"].points]
+    for key, run in results["runs"].items():
+        point = speed_grid.Point(**run["point"])
+        methods = [r["method"] for r in run["records"]]
+        assert methods == speed_grid.methods_of(point, sparta), key
+        for r in run["records"]:
+            assert "error" not in r, (key, r)
+            assert len(r["step_s"]) == 1 and r["step_s"][0] > 0 and r["peak_delta"] is not None
+
+
+def test_trainable_counts_follow_the_plan(results):
+    for run in results["runs"].values():
+        point = speed_grid.Point(**run["point"])
+        spec = speed_grid.MODELS[point.model]
+        by = {r["method"]: r for r in run["records"]}
+        assert by["floor"]["trainable"] == spec.config["hidden_size"]  # one bias of the first layer
+        if point.targets is None:
+            assert by["full"]["trainable"] > by["floor"]["trainable"]
+            continue
+        layers = run["layers"]
+        assert set(layers) == set(speed_grid.target_layers(spec, point.targets))
+        k = sum(layer["k"] for layer in layers.values())
+        assert by["apet-discrete"]["trainable"] == by["apet-adjacent"]["trainable"] == k
+        lora_k = sum(layer["r"] * sum(layer["shape"]) for layer in layers.values())
+        assert by["peft-lora"]["trainable"] == by["shira"]["trainable"] == lora_k
+        for layer in layers.values():
+            o, i = layer["shape"]
+            assert layer["k"] == max(1, round(point.density * o * i))
+            assert layer["r"] == max(1, round(layer["k"] / (o + i)))
+        assert by["apet-discrete"]["routes"] and by["apet-adjacent"]["routes"] == {"adjacent": len(layers)}
+        if "sparta" in by:  # a Bernoulli sample of the same density
+            assert 0 < by["sparta"]["trainable"] < 3 * k + 50
+
+
+def test_report_ratios_follow_from_the_records(smoke, results):
+    text = (smoke / "results.md").read_text()
+    assert "## Summary per point" in text and "## Targets" in text
+    for key, run in results["runs"].items():
+        assert f"### {key}" in text
+        median = {r["method"]: statistics.median(r["step_s"]) for r in run["records"]}
+        rows = results["summary"][key]
+        for method, row in rows.items():
+            assert row["step_ms"] == pytest.approx(1e3 * median[method])
+            if "peft-lora" in median:
+                assert row["vs_lora"] == pytest.approx(median[method] / median["peft-lora"])
+            assert row["overhead_ms"] == pytest.approx(1e3 * (median[method] - median["floor"]))
+    for target in results["targets"]:
+        assert target["met"] == (target["value"] <= target["limit"])
+    assert {t["point"] for t in results["targets"]} == {k for k, r in results["runs"].items() if r["layers"]}
+
+
+def test_a_rerun_skips_finished_points(smoke, results):
+    assert speed_grid.main(["--smoke", "--out", str(smoke), "--threads", "1"]) == 0
+    again = json.loads((smoke / "results.json").read_text())
+    assert again["runs"] == results["runs"]
+    assert (smoke / "run.log").read_text().count("done before, skipped") == len(results["runs"])
