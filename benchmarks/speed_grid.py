@@ -121,7 +121,8 @@ DEFAULT_ORDER = [("bert-base", 512), ("bert-base", 2048), ("llama-0.5b", 512), (
 MODES = {
     "smoke": Mode("smoke", (Point("tiny-bert", 2, 8), Point("tiny-bert", 2, 8, "all-linear", 1 / 8),
                             Point("tiny-llama", 2, 8, "qv", 1 / 64)), rounds=1, warmup=1, measured=1),
-    # One measured step per method, no warm-up: BERT-base steps took 6-30 s on 2 shared cores (see the README).
+    # One measured step per method, no warm-up: on 2 shared cores (1 thread) BERT-base steps took 2-23 s and the
+    # 0.5B Llama's 12-41 s, and this grid still takes about 2.5 h (benchmarks/results/speed_grid/discussion.md).
     "default": Mode("default", grid(DEFAULT_ORDER), rounds=1, warmup=0, measured=1),
     "reduced": Mode("reduced", grid([("bert-base", 2048), ("llama-0.5b", 2048)], densities=(1e-3, 1 / 8)),
                     rounds=2, warmup=1, measured=2),  # gpu_check.sh
