@@ -85,6 +85,17 @@ def tiny_llama():
     return LlamaForCausalLM(cfg).eval()
 
 
+class OneLayer(torch.nn.Module):
+    """The smallest model an APET layer can adapt: one `nn.Linear(in_features, out_features)` named `proj`."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(in_features, out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
 # name -> (factory, task_type)
 MODELS = {
     "bert": (tiny_bert, "SEQ_CLS"),

@@ -11,27 +11,18 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import OneLayer
 from peft import PeftModel, get_peft_model
-from torch import nn
 
 from peft_apet import APETConfig, APETPart
 
 IN, OUT = 48, 40  # one (40, 48) layer
 
 
-class OneLayer(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.proj = nn.Linear(IN, OUT)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x)
-
-
 def _adapted(*configs: APETConfig):
     """A `OneLayer` with one adapter per config, all active; returns the model and its APET layer."""
     torch.manual_seed(0)
-    model = get_peft_model(OneLayer(), configs[0])
+    model = get_peft_model(OneLayer(IN, OUT), configs[0])
     for i, config in enumerate(configs[1:], 1):
         model.add_adapter(f"extra{i}", config)
     layer = model.base_model.model.proj
@@ -158,7 +149,7 @@ def test_saved_adapter_reloads_with_its_dropout(tmp_path):
     saved = json.loads((tmp_path / "adapter_config.json").read_text())["parts"]
     assert [p["delta_dropout"] for p in saved] == [0.25, 0.5]
     torch.manual_seed(0)  # the base weights of `_adapted`
-    loaded = PeftModel.from_pretrained(OneLayer(), tmp_path)
+    loaded = PeftModel.from_pretrained(OneLayer(IN, OUT), tmp_path)
     assert [p.delta_dropout for p in loaded.peft_config["default"].parts] == [0.25, 0.5]
     x = torch.randn(2, 3, IN)
     outputs = []

@@ -6,23 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import OneLayer
 from peft import get_peft_model
-from torch import nn
 
 import peft_apet.functional
 import peft_apet.sparse_kernels
 from peft_apet import APETConfig
 
 IN, OUT, TOKENS = 48, 40, 4  # one (40, 48) layer: 1,920 entries; the input is (2, 2, 48), 4 tokens
-
-
-class OneLayer(nn.Module):
-    def __init__(self, in_features: int = IN, out_features: int = OUT) -> None:
-        super().__init__()
-        self.proj = nn.Linear(in_features, out_features)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x)
 
 
 def _adapted(k: int, dtype: torch.dtype, adapters: int = 1, seed: int = 0, shape: tuple[int, int] = (OUT, IN)):

@@ -14,8 +14,8 @@ import contextlib
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import OneLayer
 from peft import get_peft_model
-from torch import nn
 
 from benchmarks.speed_grid import route_counter
 from peft_apet import APETConfig
@@ -31,19 +31,10 @@ DISCRETE = [(40, "x W~^T gather", "x W~^T gather"), (100, "csr strided", "x W~^T
 PRECISIONS = ["fp32", "bf16"]
 
 
-class OneLayer(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.proj = nn.Linear(IN, OUT)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x)
-
-
 def _adapted(device: str, **delta):
     torch.manual_seed(0)
     config = APETConfig.delta(target_modules=["proj"], init_weights=False, **delta)
-    model = get_peft_model(OneLayer(), config).to(device)
+    model = get_peft_model(OneLayer(IN, OUT), config).to(device)
     return model, model.base_model.model.proj
 
 
