@@ -9,7 +9,7 @@ exactly `N`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 
 def allocate_budget(capacities: Sequence[int], total: int, owner: str = "num_trainable_params") -> list[int]:
@@ -128,12 +128,16 @@ def avoid_unpaired_counts(counts: list[int], capacities: list[int], unit_lengths
         return c == 1 if mask == "discrete" else c % unit_lengths[i] == 1
 
     for i in range(len(counts)):
-        if not unpaired(i, counts[i]):
-            continue
-        takers = [j for j in range(len(counts)) if j != i and 1 <= counts[j] < capacities[j]
-                  and not unpaired(j, counts[j] + 1)]
-        if takers:
-            j = max(takers, key=lambda t: (counts[t], -t))
-            counts[i] -= 1
-            counts[j] += 1
+        if unpaired(i, counts[i]):
+            move_lone_entry(counts, i, lambda j: 1 <= counts[j] < capacities[j] and not unpaired(j, counts[j] + 1))
     return counts
+
+
+def move_lone_entry(counts: list[int], i: int, can_take: Callable[[int], bool]) -> None:
+    """Move one entry from `counts[i]` to the largest other count `j` with `can_take(j)` (ties: the first), in place;
+    leave `counts` as it is when none can take it."""
+    takers = [j for j in range(len(counts)) if j != i and can_take(j)]
+    if takers:
+        j = max(takers, key=lambda t: counts[t])  # max() keeps the first of equal counts
+        counts[i] -= 1
+        counts[j] += 1

@@ -22,7 +22,14 @@ from peft.tuners.tuners_utils import BaseTunerLayer, _ExcludedModule, check_targ
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
-from .budget import allocate_budget, avoid_unpaired_counts, density_to_count, split_aligned_pair, split_config_budget
+from .budget import (
+    allocate_budget,
+    avoid_unpaired_counts,
+    density_to_count,
+    move_lone_entry,
+    split_aligned_pair,
+    split_config_budget,
+)
 from .config import APETConfig, APETPart
 from .masks import stable_seed
 from .modules import has_bias, is_linear, output_features
@@ -336,21 +343,22 @@ def _no_lone_entry_in_aligned_parts(config: APETConfig, counts: dict[str, int], 
                                     fixed: dict[str, int]) -> dict[str, int]:
     """A two-matrix part with aligned masks cannot use a single entry (no pair): refuse it as the part's own
     budget, and move it from a config-level share to the largest other share that can take it."""
-    counts = dict(counts)
+    ops, values = list(counts), list(counts.values())
+
+    def can_take(j: int) -> bool:
+        return ops[j] not in fixed and 1 <= values[j] < capacities[ops[j]]
+
     for part in config.parts:
         op = part.operation
-        if not _is_aligned(part) or counts[op] != 1:
+        if not _is_aligned(part) or values[ops.index(op)] != 1:
             continue
         if op in fixed:
             raise ValueError(
                 f"part '{op}': a budget of 1 entry cannot hold a pair of aligned entries (one in each matrix); give "
                 "it at least 2 (`num_trainable_params`) or set mask_pairing='independent'."
             )
-        takers = [o for o in counts if o != op and o not in fixed and 1 <= counts[o] < capacities[o]]
-        if takers:
-            taker = max(takers, key=lambda o: counts[o])
-            counts[op], counts[taker] = 0, counts[taker] + 1
-    return counts
+        move_lone_entry(values, ops.index(op), can_take)
+    return dict(zip(ops, values))
 
 
 def _module_counts(part: APETPart, entries: list[tuple[str, nn.Module, dict[str, tuple[int, ...]]]],
