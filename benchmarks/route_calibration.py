@@ -13,14 +13,18 @@ are 10-1000x slower than the best route, measured once by hand). The constants o
 non-negative least squares on the relative error, over the features of `routes.features`.
 
 Writes `results.json` (every timing), `constants.json` (the fitted `COSTS`, to copy into `routes.py`) and
-`results.md` (fit error per route, and at each point the route the model picks against the fastest measured one).
+`results.md` (fit error per route; per layer the model's routes against 0.1.0's fixed rules; at each point the
+route the model picks against the fastest measured one). `--report-only` refits and rewrites these from
+`results.json`.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from itertools import product
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -103,28 +107,42 @@ def fit(records: list[dict]) -> tuple[dict[str, list[float]], dict[str, float]]:
     return constants, errors
 
 
+def fixed_rules(out_f: int, in_f: int, tokens: int, k: int) -> routes.Routes:
+    """The routes peft-apet 0.1.0 took on CPU in fp32 for one sorted mask, by its fixed rules (kept here only to
+    compare): CSR products for `width <= k <= numel / 16` (strided up to `2 (out + in)` entries, else through
+    contiguous copies), otherwise gathers while `8 tokens k <= numel`, else a composed `W + W~`; value gradients
+    from a dense `g^T x` from density 1/8, else sampled CSR where the products were CSR, else gathers."""
+    numel = out_f * in_f
+    csr = max(out_f, in_f) <= k <= numel // 16
+    if csr:
+        product = "csr_strided" if k <= 2 * (out_f + in_f) else "csr_contiguous"
+    else:
+        product = "gather" if 8 * tokens * k <= numel else "composed"
+    return routes.Routes(product, product, "dense" if k >= numel / 8 else "sampled_csr" if csr else "gather")
+
+
+_KEYS = {"forward": lambda r: r, "grad_x": lambda r: r if r == "composed" else f"{r} (grad_x)",
+         "values": lambda r: f"values {r}"}
+
+
 def choices(records: list[dict], constants: dict[str, list[float]]) -> list[dict]:
-    """At each point: the model's pick for the forward, input gradient and value gradients (all routes available,
-    not the side path) against the fastest measured, and the pick's measured time over the fastest."""
+    """At each point and for each of forward, input gradient and value gradients: the model's pick (all routes
+    available, not the side path), the fastest measured route, and 0.1.0's fixed rules' route, with their times."""
     saved = dict(routes.COSTS)
     routes.COSTS.update({r: tuple(c) for r, c in constants.items()})
     try:
         rows = []
         for rec in records:
             case = routes.Case(rec["out"], rec["in"], rec["tokens"], rec["k"], csr_products=True, csr_values=True)
-            picked = routes.cheapest(case)
-            secs = rec["seconds"]
-            for what, pick, keys in (
-                ("forward", picked.forward, {r: r for r in ("gather", "csr_strided", "csr_contiguous", "composed")}),
-                ("grad_x", picked.grad_x, {r: f"{r} (grad_x)" if r != "composed" else r
-                                           for r in ("gather", "csr_strided", "csr_contiguous", "composed")}),
-                ("values", picked.values, {r: f"values {r}" for r in ("gather", "sampled_csr", "dense")}),
-            ):
-                measured = {r: secs[key] for r, key in keys.items() if secs.get(key) is not None}
-                fastest = min(measured, key=measured.get)
+            picked, fixed = routes.cheapest(case), fixed_rules(rec["out"], rec["in"], rec["tokens"], rec["k"])
+            for what, key in _KEYS.items():
+                candidates = routes.VALUES_ROUTES if what == "values" else routes.PRODUCT_ROUTES[:4]
+                measured = {r: rec["seconds"][key(r)] for r in candidates if rec["seconds"].get(key(r)) is not None}
+                fastest, pick, old = min(measured, key=measured.get), getattr(picked, what), getattr(fixed, what)
                 rows.append({"out": rec["out"], "in": rec["in"], "tokens": rec["tokens"], "density": rec["density"],
-                             "what": what, "picked": pick, "fastest": fastest, "picked_s": measured.get(pick, math.nan),
-                             "fastest_s": measured[fastest],
+                             "what": what, "picked": pick, "fastest": fastest, "fixed_rules": old,
+                             "picked_s": measured.get(pick, math.nan), "fastest_s": measured[fastest],
+                             "fixed_rules_s": measured.get(old, math.nan),
                              "over_fastest": measured.get(pick, math.nan) / measured[fastest]})
         return rows
     finally:
@@ -144,17 +162,45 @@ def report(meta: dict, errors: dict[str, float], rows: list[dict]) -> str:
               f"its worst pick {worst['over_fastest']:.2f}× the fastest's time ({worst['picked_s'] * 1e3:.2f} against "
               f"{worst['fastest_s'] * 1e3:.2f} ms: {worst['out']} × {worst['in']}, {worst['tokens']} tokens, density "
               f"{worst['density']:.4g}, {worst['what']}).", "",
-              "| out × in | tokens | density | what | picked | fastest | picked / fastest |",
+              "## Per layer: the model's routes against 0.1.0's fixed rules", "",
+              "Forward product, input gradient and value gradients of one layer, summed (ms; `composed` counts "
+              "building `W + W~` once per direction; nan: a route not timed there). 0.1.0's sampled CSR ran in one "
+              "pass over the tokens, timed here in the blocks of this version, so its column is a lower bound.", "",
+              "| out × in | tokens | density | 0.1.0's routes | ms | the model's routes | ms | model / 0.1.0 |",
+              "|---|---|---|---|---|---|---|---|"]
+    for i in range(0, len(rows), 3):
+        point = rows[i:i + 3]
+        old, new = (sum(r[f"{w}_s"] for r in point) * 1e3 for w in ("fixed_rules", "picked"))
+        r = point[0]
+        lines.append(f"| {r['out']} × {r['in']} | {r['tokens']} | {r['density']:.4g} | "
+                     f"{', '.join(p['fixed_rules'] for p in point)} | {old:.2f} | "
+                     f"{', '.join(p['picked'] for p in point)} | {new:.2f} | {new / old:.2f} |")
+    lines += ["", "## Every choice", "", "| out × in | tokens | density | what | picked | fastest | picked / fastest |",
               "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['out']} × {r['in']} | {r['tokens']} | {r['density']:.4g} | {r['what']} | {r['picked']} | "
               f"{r['fastest']} | {r['over_fastest']:.2f} |" for r in rows]
     return "\n".join(lines) + "\n"
 
 
+def write_results(out: Path, meta: dict, records: list[dict]) -> None:
+    """Fit the constants to `records` and write results.json, constants.json and results.md into `out`."""
+    constants, errors = fit(records)
+    rows = choices(records, constants)
+    harness.write_json(out / "results.json", {"meta": meta, "records": records, "choices": rows}, end="\n")
+    harness.write_json(out / "constants.json", {"meta": meta, "costs": constants, "median_relative_error": errors},
+                       end="\n")
+    (out / "results.md").write_text(report(meta, errors, rows))
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = harness.arguments(__doc__, "route_calibration", smoke="two tiny shapes (the test)", threads=1)
+    parser = harness.arguments(__doc__, "route_calibration", smoke="two tiny shapes (the test)", threads=1,
+                               report_only="refit and rewrite the reports from the timings in results.json")
     args = parser.parse_args(argv)
     out = args.out or harness.results_folder("route_calibration")
+    if args.report_only:
+        stored = json.loads((out / "results.json").read_text())
+        write_results(out, stored["meta"], stored["records"])
+        return 0
     command = harness.start("route_calibration", argv, out, args.threads)
     grid = SMOKE if args.smoke else {"shapes": SHAPES, "tokens": TOKENS, "densities": DENSITIES}
     log = harness.logger(out / "run.log", append=False)
@@ -164,14 +210,9 @@ def main(argv: list[str] | None = None) -> int:
         records.append(time_point(out_f, in_f, tokens, density))
         log(f"{out_f}x{in_f} tokens {tokens} density {density:.4g}: "
             + ", ".join(f"{r} {s * 1e3:.2f}" for r, s in records[-1]["seconds"].items() if s is not None) + " ms")
-    constants, errors = fit(records)
-    rows = choices(records, constants)
     meta = {"date": harness.now(), "command": command, "machine": harness.machine(),
             "machine_line": harness.machine_line(), "threads": args.threads, "wall_s": time.perf_counter() - start}
-    harness.write_json(out / "results.json", {"meta": meta, "records": records, "choices": rows}, end="\n")
-    harness.write_json(out / "constants.json", {"meta": meta, "costs": constants, "median_relative_error": errors},
-                       end="\n")
-    (out / "results.md").write_text(report(meta, errors, rows))
+    write_results(out, meta, records)
     log(f"done in {meta['wall_s']:.0f} s")
     return 0
 

@@ -66,7 +66,8 @@ def test_value_gradients_form_a_dense_weight_gradient_only_on_the_dense_route(de
             grads = values_grad(g, x, layout, route)
         dense_formed = any(s in ((out_features, in_features), (out_features * in_features,)) for s in mode.shapes)
         assert dense_formed == (route == "dense"), route
-        torch.testing.assert_close(grads, (g.t() @ x).reshape(-1)[flat], rtol=1e-5, atol=1e-5)
+        wanted = (g.double().t() @ x.double()).reshape(-1)[flat]  # fp32 sums of 512 products differ by order
+        torch.testing.assert_close(grads.double(), wanted, rtol=1e-5, atol=1e-5 * wanted.abs().max().item())
     assert "forms the dense weight gradient `gᵀx` only where the cost model picks it" in README
 
 

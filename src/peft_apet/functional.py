@@ -36,7 +36,7 @@ class _DiscreteDeltaLinear(torch.autograd.Function):
         # weight: (out, in) view of the frozen base weight (may be strided, e.g. transposed Conv1D weights)
         out_f, in_f = weight.shape
         xs = x.reshape(-1, in_f)
-        chosen = _routes_of(layout, xs, same_dtype=torch.result_type(xs, weight) == xs.dtype)
+        chosen = _routes_of(layout, xs, weight.dtype)
         if chosen.forward == "composed":
             out = F.linear(x, _composed(weight, layout, values), bias)
         else:  # x W^T + b, then the k entries of x W~^T added in place: no dense copy of W
@@ -68,12 +68,15 @@ class _DiscreteDeltaLinear(torch.autograd.Function):
         return grad_x, None, grad_bias, None, grad_values
 
 
-def _routes_of(layout: SparseLayout, xs: torch.Tensor, same_dtype: bool, side: bool = False) -> routes.Routes:
-    """The routes of a delta with `layout` on activations `xs` `(tokens, in)` (`routes.choose`)."""
+def _routes_of(layout: SparseLayout, xs: torch.Tensor, out_dtype: torch.dtype, side: bool = False) -> routes.Routes:
+    """The routes of a delta with `layout` on activations `xs` `(tokens, in)` whose product is of `out_dtype`
+    (`routes.choose`). While `torch.compile` traces, the CSR routes are off and nothing data-dependent is read."""
     k = layout.flat.numel()
-    case = routes.case_of(*layout.shape, xs.shape[0], k, dtype=xs.dtype, device=xs.device,
-                          autocast=torch.is_autocast_enabled(xs.device.type), same_dtype=same_dtype, side=side,
-                          strictly_sorted=k > 0 and xs.device.type == "cpu" and layout.strictly_sorted)
+    device = xs.device.type
+    csr = not torch.compiler.is_compiling() and k > 0 and device == "cpu" and layout.strictly_sorted
+    case = routes.case_of(*layout.shape, xs.shape[0], k, dtype=xs.dtype, device=device, strictly_sorted=csr,
+                          autocast=csr and torch.is_autocast_enabled(device), same_dtype=out_dtype == xs.dtype,
+                          side=side)
     return routes.choose(case)
 
 
@@ -177,7 +180,7 @@ class _AddSparseDelta(torch.autograd.Function):
     def forward(ctx, result, x, layout: SparseLayout, values):
         out_f, in_f = layout.shape
         xs = x.reshape(-1, in_f)
-        chosen = _routes_of(layout, xs, same_dtype=result.dtype == xs.dtype, side=True)
+        chosen = _routes_of(layout, xs, result.dtype, side=True)
         flat = result.view(-1, out_f)
         if chosen.forward == "dense_delta":
             flat.add_(F.linear(xs, _delta_dense(layout, values, xs.dtype)).to(flat.dtype))

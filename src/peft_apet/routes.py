@@ -113,9 +113,17 @@ def cheapest(case: Case) -> Routes:
     products, values = available(case)
     if case.k == 0:
         return Routes("gather", "gather", "gather")
-    return Routes(min(products, key=lambda r: cost(r, case)),
-                  min(products, key=lambda r: cost(r, case, transposed=True)),
-                  min(values, key=lambda r: cost(f"values {r}", case)))
+    return Routes(_least(products, lambda r: cost(r, case)), _least(products, lambda r: cost(r, case, True)),
+                  _least(values, lambda r: cost(f"values {r}", case)))
+
+
+def _least(names: tuple[str, ...], price) -> str:
+    """The first of `names` of least `price` (a loop: `torch.compile` cannot trace `min` with a key)."""
+    best, best_price = names[0], price(names[0])
+    for name in names[1:]:
+        if price(name) < best_price:
+            best, best_price = name, price(name)
+    return best
 
 
 _forced: dict[str, str] = {}
@@ -134,13 +142,12 @@ def forced(forward: str | None = None, grad_x: str | None = None, values: str | 
         _forced = saved
 
 
-def case_of(out: int, in_: int, tokens: int, k: int, *, dtype: torch.dtype, device: torch.device | str,
-            autocast: bool, strictly_sorted: bool, same_dtype: bool = True, side: bool = False) -> Case:
-    """The `Case` of a delta `(out, in)` with `k` entries on `tokens` rows of activations of `dtype` on `device`;
-    `same_dtype`: the layer's output has the activations' dtype; `strictly_sorted`: the positions are in strictly
-    increasing row-major order."""
-    csr_values = (torch.device(device).type == "cpu" and strictly_sorted and k > 0
-                  and not torch.compiler.is_compiling())
+def case_of(out: int, in_: int, tokens: int, k: int, *, dtype: torch.dtype, device: str, autocast: bool,
+            strictly_sorted: bool, same_dtype: bool = True, side: bool = False) -> Case:
+    """The `Case` of a delta `(out, in)` with `k` entries on `tokens` rows of activations of `dtype` on the device
+    of type `device` ("cpu", "cuda", ...); `autocast`: autocast is on there; `same_dtype`: the layer's output has the
+    activations' dtype; `strictly_sorted`: the positions are in strictly increasing row-major order."""
+    csr_values = device == "cpu" and strictly_sorted and k > 0 and not torch.compiler.is_compiling()
     csr_products = csr_values and dtype in _CSR_DTYPES and same_dtype and not autocast
     return Case(out, in_, tokens, k, csr_products, csr_values, side)
 
