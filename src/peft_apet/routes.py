@@ -19,9 +19,14 @@ function of a few counts of the case (`features`), with constants `COSTS` (secon
 calibration has run: they rank routes by work and memory traffic, not by a device's speed. The choice depends only
 on the case, never on timing at run time, so runs stay reproducible. `forced(...)` overrides it (tests, benchmarks).
 
+No route keeps the composed `W + W~` of the forward for the backward: the package promises that no dense `(out,
+in)` tensor is held between them, and composing again costs under 3 % of the layer's own matmul (calibration run:
+0.06-1.6 ms against 10-58 ms on BERT-base's layers at 512 tokens). There is no measure-at-run-time mode.
+
 CSR products need a CPU, fp32/fp64 activations and output of one dtype, no autocast and positions in strictly
 increasing row-major order (one adapter's mask; several adapters' concatenated masks are not), and no
-`torch.compile` tracing; the sampled CSR value gradient needs the same except the dtype (it runs in fp32/fp64).
+`torch.compile` tracing; the sampled CSR value gradient needs the same but for the dtype and autocast (it runs
+in fp32/fp64).
 """
 
 from __future__ import annotations
