@@ -36,7 +36,7 @@ from peft import LoraConfig, ShiraConfig, get_peft_model
 from torch import nn
 
 import peft_apet.functional as apet_functional
-import peft_apet.sparse_kernels as apet_kernels
+import peft_apet.routes as apet_routes
 from benchmarks import harness
 from benchmarks.harness import PeakSampler, current_rss, trim_memory
 from benchmarks.speed_grid_report import write_report
@@ -250,49 +250,32 @@ def sparta_model(model: nn.Module, plan: dict[str, dict], density: float) -> nn.
 
 
 # ---------------------------------------------------------------------------------------------- routes
-ROUTE_HOOKS = {  # function of peft_apet.functional -> route name; sparse_kernels._strided_route splits CSR in two
-    "add_x_wt": None, "_composed": "dense W+W~", "_delta_dense": "dense W~", "adjacent_delta_output": "adjacent",
-    "values_grad": None,
-}
-
-
 @contextmanager
 def route_counter() -> Iterator[dict[str, int]]:
-    """Counts of the routes APET's layers take while the block runs (one step: forward and backward)."""
+    """Counts of the routes APET's layers take while the block runs: per discrete-delta call, `forward <route>`,
+    `grad_x <route>` and `values <route>` as `routes.choose` returns them (counted when the forward runs), and
+    `adjacent` per adjacent-delta product."""
     counts: dict[str, int] = {}
-    saved = {name: getattr(apet_functional, name) for name in ROUTE_HOOKS}
-    strided = apet_kernels._strided_route
+    choose, adjacent = apet_routes.choose, apet_functional.adjacent_delta_output
 
     def tally(route: str) -> None:
         counts[route] = counts.get(route, 0) + 1
 
-    def wrap(name, fn):
-        def wrapped(*args, **kwargs):
-            if name == "add_x_wt":
-                tally("x W~^T csr" if args[4] else "x W~^T gather")
-            elif name == "values_grad":
-                g, x, layout = args[:3]
-                dense = layout.flat.numel() >= apet_kernels._DENSE_GRAD_DENSITY * g.shape[1] * x.shape[1]
-                tally("grad dense g^T x" if dense else "grad sampled csr" if args[3] else "grad gathered")
-            else:
-                tally(ROUTE_HOOKS[name])
-            return fn(*args, **kwargs)
-        return wrapped
+    def counted_choose(case):
+        chosen = choose(case)
+        for what in ("forward", "grad_x", "values"):
+            tally(f"{what} {getattr(chosen, what)}")
+        return chosen
 
-    def spy_strided(layout):
-        route = strided(layout)
-        tally("csr strided" if route else "csr contiguous")
-        return route
+    def counted_adjacent(*args, **kwargs):
+        tally("adjacent")
+        return adjacent(*args, **kwargs)
 
-    for name, fn in saved.items():
-        setattr(apet_functional, name, wrap(name, fn))
-    apet_kernels._strided_route = spy_strided
+    apet_routes.choose, apet_functional.adjacent_delta_output = counted_choose, counted_adjacent
     try:
         yield counts
     finally:
-        for name, fn in saved.items():
-            setattr(apet_functional, name, fn)
-        apet_kernels._strided_route = strided
+        apet_routes.choose, apet_functional.adjacent_delta_output = choose, adjacent
 
 
 # ---------------------------------------------------------------------------------------------- measuring

@@ -10,6 +10,7 @@ from conftest import OneLayer
 from peft import get_peft_model
 
 import peft_apet.functional
+import peft_apet.routes
 import peft_apet.sparse_kernels
 from peft_apet import APETConfig
 
@@ -54,32 +55,33 @@ def _assert_matches_dense_formula(model, layer, dtype):
         torch.testing.assert_close(d.values.grad, v.grad, **tol)
 
 
-# A (64, 96) layer takes CSR kernels for k from 96 to 384 (density 1/16); up to 2 * (64 + 96) = 320 entries the
-# products are written into strided views, above that through contiguous transposes.
+# Either CSR product route, forced, in both directions (forward x W~^T, backward g W~), on one (64, 96) layer.
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize(("k", "strided"), [(100, True), (320, True), (350, False)])
-def test_csr_products_write_strided_or_through_contiguous_copies(monkeypatch, k, strided, dtype):
-    routes, choose = [], peft_apet.sparse_kernels._strided_route
+@pytest.mark.parametrize("k", [100, 320, 350])
+@pytest.mark.parametrize("route", ["csr_strided", "csr_contiguous"])
+def test_csr_products_write_strided_or_through_contiguous_copies(monkeypatch, route, k, dtype):
+    taken, product = [], peft_apet.sparse_kernels._add_product_t
 
-    def spy(layout):
-        routes.append(choose(layout))
-        return routes[-1]
+    def spy(out, sparse, dense, how):
+        taken.append(how)
+        return product(out, sparse, dense, how)
 
-    monkeypatch.setattr(peft_apet.sparse_kernels, "_strided_route", spy)
+    monkeypatch.setattr(peft_apet.sparse_kernels, "_add_product_t", spy)
     model, layer = _adapted(k, dtype, shape=(64, 96))
-    _assert_matches_dense_formula(model, layer, dtype)
-    assert routes == [strided, strided]  # forward (x W~^T) and backward (g W~)
+    with peft_apet.routes.forced(forward=route, grad_x=route):
+        _assert_matches_dense_formula(model, layer, dtype)
+    assert taken == [route, route]
 
 
-# k = 20 (below the layer width 48): gathers; k = 60 or 120 (width to density 1/16, sorted): CSR; k = 500 (denser):
-# W + W~ composed densely. Two adapters at once give unsorted positions: gathers while 8 * tokens * k <= 1,920
-# (2 x 20), else the dense composition (2 x 60).
+# The routes the cost model picks (`routes.choose`) for k = 20 (below the layer width 48), 60 and 120 (sorted),
+# 500 (denser), and two adapters at once (unsorted positions: no CSR): CSR kernels run exactly when a CSR route is
+# picked, and the k-sparse forward product exactly when the forward is not the composed `W + W~`.
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize(("k", "adapters", "kernel"), [(20, 1, "gather"), (60, 1, "csr"), (120, 1, "csr"),
-                                                        (500, 1, "dense"), (20, 2, "gather"), (60, 2, "dense")])
-def test_discrete_delta_equals_dense_formula(monkeypatch, k, adapters, kernel, dtype):
-    """Output, input gradient and value gradients of every kernel equal autograd through `x (W + W~)^T + b`."""
+@pytest.mark.parametrize(("k", "adapters"), [(20, 1), (60, 1), (120, 1), (500, 1), (20, 2), (60, 2)])
+def test_discrete_delta_equals_dense_formula(monkeypatch, k, adapters, dtype):
+    """Output, input gradient and value gradients of the chosen kernels equal autograd through `x (W + W~)^T + b`."""
     calls = {"csr": 0, "sparse": 0}
+    chosen, choose = [], peft_apet.routes.choose
 
     def spy(name, fn):
         def wrapped(*args, **kwargs):
@@ -87,12 +89,21 @@ def test_discrete_delta_equals_dense_formula(monkeypatch, k, adapters, kernel, d
             return fn(*args, **kwargs)
         return wrapped
 
+    def recorded(case):
+        chosen.append(choose(case))
+        return chosen[-1]
+
     monkeypatch.setattr(peft_apet.sparse_kernels, "_csr", spy("csr", peft_apet.sparse_kernels._csr))
     monkeypatch.setattr(peft_apet.functional, "add_x_wt", spy("sparse", peft_apet.functional.add_x_wt))
+    monkeypatch.setattr(peft_apet.routes, "choose", recorded)
     model, layer = _adapted(k, dtype, adapters)
     _assert_matches_dense_formula(model, layer, dtype)
-    assert (calls["csr"] > 0, calls["sparse"] > 0) == {"gather": (False, True), "csr": (True, True),
-                                                       "dense": (False, False)}[kernel]
+    (routes,) = chosen
+    assert (calls["csr"] > 0) == any(r.startswith(("csr", "sampled_csr")) for r in (routes.forward, routes.grad_x,
+                                                                                     routes.values))
+    assert (calls["sparse"] > 0) == (routes.forward != "composed")
+    if adapters > 1:
+        assert "csr" not in routes.forward + routes.grad_x + routes.values
 
 
 def _formula(model, layer, x):

@@ -1,10 +1,12 @@
 """Every route of a discrete or adjacent delta against the dense formula `y = x (W + W~)^T + b`, on every device
 this machine has (CPU always, CUDA when available), in fp32 and under bf16 autocast.
 
-`benchmarks/gpu_check.sh` runs this file on a GPU machine. The routes (`peft_apet.functional`): CSR products (CPU
-fp32 only; strided or through contiguous copies), gathered products, a transient `W + W~`, the side path
-`add_sparse_delta` (quantized bases) and the adjacent delta's line products (whole and partial rows or columns).
-Which route a case takes is asserted, per device and precision, so that a change of dispatch shows here.
+`benchmarks/gpu_check.sh` runs this file on a GPU machine. The routes (`peft_apet.routes`): CSR products (CPU
+fp32 only; strided or through contiguous copies), gathered products, a transient `W + W~` (or, on the side path
+`add_sparse_delta` of quantized bases, a transient `W~` and its matmul), and value gradients by gathers, sampled CSR
+(CPU only) or a dense `g^T x`; and the adjacent delta's line products (whole and partial rows or columns). Each case
+runs the route the cost model picks (asserted, per device and precision, so that a change of dispatch shows here)
+and then every route available on that device and precision, forced.
 """
 
 from __future__ import annotations
@@ -18,16 +20,12 @@ from conftest import OneLayer
 from peft import get_peft_model
 
 from benchmarks.speed_grid import route_counter
-from peft_apet import APETConfig
+from peft_apet import APETConfig, routes
 from peft_apet.functional import add_sparse_delta
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-OUT, IN = 64, 96  # 6,144 entries; CSR for k from 96 to 384 on CPU fp32; 4 tokens
-# (k, route on CPU in fp32, route elsewhere: CUDA, or any device under autocast). Elsewhere the k-sparse product is
-# gathered while 8 * tokens * k <= out * in, else W + W~ is composed; the gradient of the values is a dense
-# g^T x then a gather from density 1/8 (k >= 768).
-DISCRETE = [(40, "x W~^T gather", "x W~^T gather"), (100, "csr strided", "x W~^T gather"),
-            (350, "csr contiguous", "dense W+W~"), (1000, "dense W+W~", "dense W+W~")]
+OUT, IN, TOKENS = 64, 96, 4  # 6,144 entries; the input is (2, 2, 96)
+DISCRETE = [40, 100, 350, 1000]  # k: below the width, two between width and density 1/16, above
 PRECISIONS = ["fp32", "bf16"]
 
 
@@ -47,12 +45,10 @@ def _check(run, layer, device: str, precision: str) -> dict[str, int]:
     returns the routes taken."""
     delta, base = layer.apet_weights["default"]["delta"], layer.get_base_layer()
     x = torch.randn(2, 2, IN, device=device, requires_grad=True)
-    with route_counter() as routes, _autocast(device, precision):
+    with route_counter() as taken, _autocast(device, precision):
         out = run(x)
     grad_out = torch.randn(out.shape, device=device)
-    with route_counter() as back:
-        out.float().backward(grad_out)
-    routes.update({f"backward {k}": v for k, v in back.items()})
+    out.float().backward(grad_out)
 
     values = delta.values.detach().clone().requires_grad_(True)
     x_ref = x.detach().clone().requires_grad_(True)
@@ -71,7 +67,8 @@ def _check(run, layer, device: str, precision: str) -> dict[str, int]:
     close(out, expected)
     close(x.grad, x_ref.grad)
     close(delta.values.grad, values.grad)
-    return routes
+    delta.values.grad = None
+    return taken
 
 
 def _adjacent_dense(delta, values: torch.Tensor) -> torch.Tensor:
@@ -85,37 +82,42 @@ def _adjacent_dense(delta, values: torch.Tensor) -> torch.Tensor:
     return dense.index_add(1, lines, padded.t())
 
 
-def _expected_route(device: str, precision: str, cpu_fp32: str, other: str) -> str:
-    return cpu_fp32 if device == "cpu" and precision == "fp32" else other
+def _case(device: str, precision: str, k: int, side: bool) -> routes.Case:
+    return routes.case_of(OUT, IN, TOKENS, k, dtype=torch.float32, device=device, autocast=precision == "bf16",
+                          strictly_sorted=True, side=side)
+
+
+def _counted(chosen: routes.Routes) -> dict[str, int]:
+    return {f"{what} {getattr(chosen, what)}": 1 for what in ("forward", "grad_x", "values")}
+
+
+def _every_route(run, layer, device: str, precision: str, case: routes.Case) -> None:
+    """The chosen routes, then each available route forced (as forward, as input gradient and as value gradient)."""
+    assert _check(run, layer, device, precision) == _counted(routes.choose(case))
+    products, values = routes.available(case)
+    for i in range(max(len(products), len(values))):
+        forced = routes.Routes(products[i % len(products)], products[(i + 1) % len(products)], values[i % len(values)])
+        with routes.forced(**forced.__dict__):
+            assert _check(run, layer, device, precision) == _counted(forced)
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize(("k", "cpu_fp32", "other"), DISCRETE)
-def test_discrete_routes_match_the_dense_formula(k, cpu_fp32, other, device, precision):
+@pytest.mark.parametrize("k", DISCRETE)
+def test_discrete_routes_match_the_dense_formula(k, device, precision):
     model, layer = _adapted(device, num_trainable_params=k)
-    routes = _check(model, layer, device, precision)
-    route = _expected_route(device, precision, cpu_fp32, other)
-    key = route if route.startswith(("x W~", "dense")) else "x W~^T csr"
-    assert routes.get(key, 0) >= 1, routes
-    if route.startswith("csr"):
-        assert routes[route] == 1 and routes[f"backward {route}"] == 1, routes  # forward x W~^T, backward g W~
-    grad = "grad dense g^T x" if k >= OUT * IN / 8 else "grad sampled csr" if route.startswith("csr") else (
-        "grad gathered")
-    assert routes[f"backward {grad}"] == 1, routes
+    _every_route(model, layer, device, precision, _case(device, precision, k, side=False))
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize(("k", "route"), [(40, "x W~^T gather"), (350, "dense W~")])
-def test_side_path_of_quantized_bases_matches_the_dense_formula(k, route, device, precision):
+@pytest.mark.parametrize("k", DISCRETE)
+def test_side_path_of_quantized_bases_matches_the_dense_formula(k, device, precision):
     """`add_sparse_delta(base(x), x, deltas)`, the route of a quantized base, on a plain layer."""
     _, layer = _adapted(device, num_trainable_params=k)
     delta, base = layer.apet_weights["default"]["delta"], layer.get_base_layer()
-    routes = _check(lambda x: add_sparse_delta(base(x), x, [delta]), layer, device, precision)
-    if device == "cpu" and precision == "fp32" and k == 350:
-        route = "csr contiguous"
-    assert routes.get(route if not route.startswith("csr") else "x W~^T csr", 0) >= 1, routes
+    _every_route(lambda x: add_sparse_delta(base(x), x, [delta]), layer, device, precision,
+                 _case(device, precision, k, side=True))
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)

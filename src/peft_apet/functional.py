@@ -7,10 +7,12 @@ The three operations of the paper reduce to:
 - `adapter_output`: `y + σ(y D~^T) U~^T` (Plugin).
 
 Discrete deltas use a custom autograd function so that no dense `(out, in)` tensor is kept between forward
-and backward, and no weight gradient is formed: the forward is `x W^T + b` plus the k-sparse product `x W~^T`,
-the backward `g W + g W~` and the `k` value gradients (`sparse_kernels`). Without CSR kernels (GPU, half
-precision) and once `8 * tokens * k > out * in`, `W + W~` is composed in a transient copy instead (freed after the
-matmul). Adjacent deltas are dense blocks of whole lines, so they run as one small matmul per layer.
+and backward. The forward is `x W^T + b` plus the k-sparse product `x W~^T`, or `x (W + W~)^T + b` through a
+transient composed copy of `W + W~` (freed after the matmul); the backward is `g W + g W~` or `g (W + W~)` (again a
+transient copy), and the `k` value gradients: k-sparse products, or the dense weight gradient `g^T x` formed
+transiently and gathered. `routes.choose` picks each of the three per call from the layer's shape, token count,
+`k`, dtype and device (`sparse_kernels` runs the sparse ones). Adjacent deltas are dense blocks of whole lines, so
+they run as one small matmul per layer.
 """
 
 from __future__ import annotations
@@ -21,18 +23,11 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from .sparse_kernels import SparseLayout, add_g_w, add_x_wt, csr_max, values_grad
+from . import routes
+from .sparse_kernels import SparseLayout, add_g_w, add_x_wt, values_grad
 
-if TYPE_CHECKING:  # annotations only: this module imports nothing of the package but its kernels
+if TYPE_CHECKING:  # annotations only: this module imports nothing of the package but its kernels and routes
     from .masked_weight import MaskedWeight
-
-
-def _use_sparse_path(tokens: int, k: int, numel: int) -> bool:
-    """Without CSR kernels the k-sparse product costs about `tokens * k` gathered (strided, so slow) multiply-adds;
-    composing `W + W~` costs two copies of the `numel` entries of W per step. Measured on CPU (one 3072 x 768
-    layer, 64 tokens), the gathers win up to `tokens * k` of about `numel / 5`: take the sparse path below
-    `numel / 8`. With CSR kernels the sparse path won at every density measured (up to 1/12)."""
-    return 8 * tokens * k <= numel
 
 
 class _DiscreteDeltaLinear(torch.autograd.Function):
@@ -41,39 +36,48 @@ class _DiscreteDeltaLinear(torch.autograd.Function):
         # weight: (out, in) view of the frozen base weight (may be strided, e.g. transposed Conv1D weights)
         out_f, in_f = weight.shape
         xs = x.reshape(-1, in_f)
-        # CSR needs the output in x's fp32/fp64 dtype: not under autocast (to bf16/fp16) or mixed dtypes.
-        csr = (layout.use_csr(xs) and torch.result_type(xs, weight) == xs.dtype
-               and not torch.is_autocast_enabled(xs.device.type))
-        sparse = csr or _use_sparse_path(xs.shape[0], layout.flat.numel(), out_f * in_f)
-        if sparse:  # x W^T + b, then the k entries of x W~^T added in place: no dense copy of W
-            out = F.linear(x, weight, bias)
-            add_x_wt(out.view(-1, out_f), xs, layout, values, csr)
-        else:
+        chosen = _routes_of(layout, xs, weight.dtype)
+        if chosen.forward == "composed":
             out = F.linear(x, _composed(weight, layout, values), bias)
+        else:  # x W^T + b, then the k entries of x W~^T added in place: no dense copy of W
+            out = F.linear(x, weight, bias)
+            add_x_wt(out.view(-1, out_f), xs, layout, values, chosen.forward)
         ctx.save_for_backward(x, weight, values)
-        ctx.layout, ctx.csr, ctx.sparse, ctx.has_bias = layout, csr, sparse, bias is not None
+        ctx.layout, ctx.routes, ctx.has_bias = layout, chosen, bias is not None
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         x, weight, values = ctx.saved_tensors
-        layout = ctx.layout
+        layout, chosen = ctx.layout, ctx.routes
         out_f, in_f = weight.shape
-        g = grad_out.reshape(-1, out_f)  # the dtype of the forward's output: fp32/fp64 whenever ctx.csr
+        g = grad_out.reshape(-1, out_f)  # the dtype of the forward's output (the autocast dtype under autocast)
         grad_x = grad_bias = grad_values = None
         if ctx.needs_input_grad[0]:
-            if ctx.sparse:
-                grad_x = grad_out @ weight.to(grad_out.dtype)
-                add_g_w(grad_x.view(-1, in_f), g, layout, values, ctx.csr)
-            else:  # under autocast grad_out is in the autocast dtype
+            if chosen.grad_x == "composed":
                 grad_x = grad_out @ _composed(weight, layout, values).to(grad_out.dtype)
+            else:
+                grad_x = grad_out @ weight.to(grad_out.dtype)
+                add_g_w(grad_x.view(-1, in_f), g, layout, values, chosen.grad_x)
         if ctx.needs_input_grad[1]:
             raise RuntimeError("APET masked deltas expect a frozen base weight (requires_grad=False).")
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = g.sum(0)
         if ctx.needs_input_grad[4]:
-            grad_values = values_grad(g, x.reshape(-1, in_f), layout, ctx.csr).to(values.dtype)
+            grad_values = values_grad(g, x.reshape(-1, in_f), layout, chosen.values).to(values.dtype)
         return grad_x, None, grad_bias, None, grad_values
+
+
+def _routes_of(layout: SparseLayout, xs: torch.Tensor, out_dtype: torch.dtype, side: bool = False) -> routes.Routes:
+    """The routes of a delta with `layout` on activations `xs` `(tokens, in)` whose product is of `out_dtype`
+    (`routes.choose`). While `torch.compile` traces, the CSR routes are off and nothing data-dependent is read."""
+    k = layout.flat.numel()
+    device = xs.device.type
+    csr = not torch.compiler.is_compiling() and k > 0 and device == "cpu" and layout.strictly_sorted
+    case = routes.case_of(*layout.shape, xs.shape[0], k, dtype=xs.dtype, device=device, strictly_sorted=csr,
+                          autocast=csr and torch.is_autocast_enabled(device), same_dtype=out_dtype == xs.dtype,
+                          side=side)
+    return routes.choose(case)
 
 
 def _composed(weight: torch.Tensor, layout: SparseLayout, values: torch.Tensor) -> torch.Tensor:
@@ -168,43 +172,41 @@ class _AddSparseDelta(torch.autograd.Function):
     output of the base layer; backward: the gradient of `result` passes through, `g W~` for `x`, and the k value
     gradients.
 
-    Saves `x` and the values only, and allocates no `(tokens, out)` tensor of its own. Uses CSR kernels where they
-    apply (CPU fp32/fp64, density up to 1/16), gathers below `tokens * k <= numel / 8`, and otherwise composes the
-    `(out, in)` delta alone, transiently."""
+    Saves `x` and the values only, and allocates no `(tokens, out)` tensor of its own. Routes as in
+    `masked_delta_linear` (`routes.choose` with `side=True`), except that the dense one, `dense_delta`, has no `W`
+    to compose with: it forms the `(out, in)` delta alone, transiently, and pays an extra matmul."""
 
     @staticmethod
     def forward(ctx, result, x, layout: SparseLayout, values):
         out_f, in_f = layout.shape
         xs = x.reshape(-1, in_f)
-        csr = (layout.use_csr(xs) and result.dtype == xs.dtype
-               and not torch.is_autocast_enabled(xs.device.type))
-        sparse = csr or 8 * xs.shape[0] * layout.flat.numel() <= out_f * in_f
+        chosen = _routes_of(layout, xs, result.dtype, side=True)
         flat = result.view(-1, out_f)
-        if sparse:
-            add_x_wt(flat, xs, layout, values, csr)
-        else:
+        if chosen.forward == "dense_delta":
             flat.add_(F.linear(xs, _delta_dense(layout, values, xs.dtype)).to(flat.dtype))
+        else:
+            add_x_wt(flat, xs, layout, values, chosen.forward)
         ctx.mark_dirty(result)
         ctx.save_for_backward(x, values)
-        ctx.layout, ctx.csr, ctx.sparse = layout, csr, sparse
+        ctx.layout, ctx.routes = layout, chosen
         return result
 
     @staticmethod
     def backward(ctx, grad_out):
         x, values = ctx.saved_tensors
-        layout = ctx.layout
+        layout, chosen = ctx.layout, ctx.routes
         out_f, in_f = layout.shape
         g = grad_out.reshape(-1, out_f)
         grad_x = grad_values = None
         if ctx.needs_input_grad[1]:
-            if ctx.sparse:
-                grad_x = g.new_zeros(g.shape[0], in_f, dtype=x.dtype)
-                add_g_w(grad_x, g, layout, values, ctx.csr)
-            else:
+            if chosen.grad_x == "dense_delta":
                 grad_x = (g @ _delta_dense(layout, values, g.dtype)).to(x.dtype)
+            else:
+                grad_x = g.new_zeros(g.shape[0], in_f, dtype=x.dtype)
+                add_g_w(grad_x, g, layout, values, chosen.grad_x)
             grad_x = grad_x.view(x.shape)
         if ctx.needs_input_grad[3]:
-            grad_values = values_grad(g, x.reshape(-1, in_f), layout, ctx.csr).to(values.dtype)
+            grad_values = values_grad(g, x.reshape(-1, in_f), layout, chosen.values).to(values.dtype)
         return grad_out, grad_x, None, grad_values
 
 
@@ -230,15 +232,15 @@ def prepare_layouts(deltas: list[MaskedWeight]) -> None:
     """Build the index arrays the side path of these discrete deltas will use, now rather than in the first forward
     pass: made there, these small long-lived arrays land between the large transient buffers in which bitsandbytes
     dequantizes each weight, and glibc then keeps the freed buffers (measured on SmolLM2-135M in nf4 at k = 1e4:
-    RSS after the first forward 468 MiB instead of 292 MiB)."""
+    RSS after the first forward 468 MiB instead of 292 MiB). The routes depend on the token count, not known yet:
+    sorted masks get their CSR arrays, and masks below the layer's width (or unsorted) their rows and columns."""
     for delta in deltas:
         if delta.mask != "discrete" or delta.index.is_meta or delta.index.device.type != "cpu":
             continue
         layout = layout_of(delta)
-        k = delta.num_entries
-        if max(layout.shape) <= k <= layout.shape[0] * layout.shape[1] // 16 and layout.strictly_sorted:
+        if layout.strictly_sorted:
             layout.csr, layout.transposed  # noqa: B018 - cached properties, computed here
-        else:
+        if not layout.strictly_sorted or delta.num_entries < max(layout.shape):
             layout.rows, layout.cols  # noqa: B018
 
 
@@ -247,8 +249,7 @@ _LAYOUTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def layout_of(delta: MaskedWeight) -> SparseLayout:
     """The layout of `delta`'s mask, computed once per index tensor (and in-place version of it)."""
-    if torch.compiler.is_compiling() or delta.num_entries > csr_max(delta.shape):
-        # traced once per graph (the cache is plain Python state), or too dense to keep index arrays for
+    if torch.compiler.is_compiling():  # traced once per graph (the cache is plain Python state)
         return SparseLayout(delta.flat_indices(), tuple(delta.shape))
     index = delta.index
     hit = _LAYOUTS.get(delta)

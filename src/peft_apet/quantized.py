@@ -7,7 +7,8 @@ stored weight in a matmul:
 
 - a discrete (or unmasked) delta enters as a side path `base(x) + x W~^T` (`functional.add_sparse_delta`), from
   the k values and their indices; the gradient through `base(x)` comes from bitsandbytes' own autograd, so no
-  dequantized copy of W exists in forward or backward and the memory beyond the quantized base is O(k);
+  dequantized copy of W exists in forward or backward. The delta enters as k-sparse products, or, where the cost
+  model of `routes` picks it, as a transient dense `W~` and its matmul (freed after use);
 - merging dequantizes one layer's weight (`dequantized_weight`), adds the adapter, and requantizes it with the
   layer's own settings (`requantize_`), as PEFT's bnb LoRA layers do; the original quantized parameter is kept while
   merged, so unmerging restores it bit for bit (`stash_weight` / `restore_weight`).

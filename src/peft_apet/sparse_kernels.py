@@ -1,15 +1,14 @@
 """The k-sparse products behind a discrete delta `W~` of shape `(out, in)` with `k` entries at row-major positions.
 
 A layer's forward and backward need three of them, all `O(tokens * k)`: `x W~^T` (forward), `g W~` (input
-gradient) and `g^T x` sampled at the `k` positions (the value gradients). On CPU in fp32/fp64, for `k` from the
-layer's width up to density 1/16, they run as CSR kernels (MKL); otherwise, and on other devices and dtypes, as
-gathers of the `k` needed columns, which cost several times more per multiply-add because they are strided.
-Measured on one 3072 x 768 layer with 64 to 1024 tokens: the two are level around `k` = width, CSR is 3-60x
-faster above it.
+gradient) and `g^T x` sampled at the `k` positions (the value gradients). Each has several routes: CSR kernels
+(MKL; CPU, sorted positions), gathers of the `k` needed columns (strided, so several times slower per
+multiply-add), and for the value gradients also the dense `g^T x` then a gather. Which one runs is chosen by
+`routes.choose` from a measured cost model; this module only runs them.
 
 The index arrays of a mask (rows, columns, CSR row pointers, the transposed order) depend only on the mask, so
-`functional.layout_of` keeps them per `MaskedWeight` (of density at most 1/16) until its index tensor is
-replaced or changed in place.
+`functional.layout_of` keeps them per `MaskedWeight` until its index tensor is replaced or changed in place. Each
+array is made when a route first needs it.
 """
 
 from __future__ import annotations
@@ -20,13 +19,11 @@ from functools import cached_property
 
 import torch
 
-# Above this density a dense weight-gradient matmul followed by a gather beats k gathered dot products.
-_DENSE_GRAD_DENSITY = 0.125
 # Elements per temporary `(chunk, tokens)` block in the gathered products (64 MiB in fp32).
 _CHUNK_ELEMENTS = 1 << 24
-_CSR_DTYPES = (torch.float32, torch.float64)
-# Up to this many entries per row and column of `W~`, CSR products write into strided views (`_add_product_t`).
-_STRIDED_ENTRIES_PER_LINE = 2
+# Tokens per block of the sampled CSR value gradient: measured on one thread (768 x 3072 at density 1/8, 2,048
+# tokens) 135 ms in blocks of 128 against 267 ms in one pass (blocks of 64 to 512: 134-145 ms).
+_SAMPLED_TOKENS = 128
 
 
 @dataclass(eq=False)
@@ -68,19 +65,6 @@ class SparseLayout:
         crow_t = _row_pointers(cols, self.shape[1])
         return crow_t, (self.flat[order] // self.shape[1]).to(crow_t.dtype), order.to(crow_t.dtype)
 
-    def use_csr(self, t: torch.Tensor) -> bool:
-        """Whether the CSR kernels apply to activations like `t` (see the module docstring). Not while
-        `torch.compile` traces: sparse tensors and data-dependent shapes would break the graph."""
-        k = self.flat.numel()
-        return (t.device.type == "cpu" and t.dtype in _CSR_DTYPES and max(self.shape) <= k <= csr_max(self.shape)
-                and not torch.compiler.is_compiling() and self.strictly_sorted)
-
-
-def csr_max(shape: tuple[int, int]) -> int:
-    """Densest mask (1/16) for which CSR kernels and a kept layout are used; denser deltas (and unmasked ones)
-    compose `W + W~` densely, where a dense matmul is cheaper than a sparse one."""
-    return shape[0] * shape[1] // 16
-
 
 def _row_pointers(row_of_entry: torch.Tensor, num_rows: int) -> torch.Tensor:
     crow = torch.zeros(num_rows + 1, dtype=torch.int64, device=row_of_entry.device)
@@ -94,40 +78,36 @@ def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, shape: tup
         return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
 
 
-def add_x_wt(out: torch.Tensor, x: torch.Tensor, layout: SparseLayout, values: torch.Tensor, csr: bool) -> None:
-    """`out += x W~^T` in place; `out` `(tokens, out)`, `x` `(tokens, in)`, `values` `(k,)`."""
-    if csr:
-        _add_product_t(out, _csr(*layout.csr, values.to(out.dtype), layout.shape), x, layout)
-    else:
+def add_x_wt(out: torch.Tensor, x: torch.Tensor, layout: SparseLayout, values: torch.Tensor, route: str) -> None:
+    """`out += x W~^T` in place; `out` `(tokens, out)`, `x` `(tokens, in)`, `values` `(k,)`; `route`: `gather`,
+    `csr_strided` or `csr_contiguous` (`routes.PRODUCT_ROUTES`)."""
+    if route == "gather":
         _gathered_add(out, x, layout.cols, layout.rows, values)
+    else:
+        _add_product_t(out, _csr(*layout.csr, values.to(out.dtype), layout.shape), x, route)
 
 
-def add_g_w(grad_x: torch.Tensor, g: torch.Tensor, layout: SparseLayout, values: torch.Tensor, csr: bool) -> None:
-    """`grad_x += g W~` in place; `grad_x` `(tokens, in)`, `g` `(tokens, out)`, `values` `(k,)`."""
-    if csr:
+def add_g_w(grad_x: torch.Tensor, g: torch.Tensor, layout: SparseLayout, values: torch.Tensor, route: str) -> None:
+    """`grad_x += g W~` in place; `grad_x` `(tokens, in)`, `g` `(tokens, out)`, `values` `(k,)`; `route` as in
+    `add_x_wt`."""
+    if route == "gather":
+        _gathered_add(grad_x, g, layout.rows, layout.cols, values)
+    else:
         crow_t, col_t, order = layout.transposed
         delta_t = _csr(crow_t, col_t, values[order].to(grad_x.dtype), (layout.shape[1], layout.shape[0]))
-        _add_product_t(grad_x, delta_t, g, layout)
-    else:
-        _gathered_add(grad_x, g, layout.rows, layout.cols, values)
+        _add_product_t(grad_x, delta_t, g, route)
 
 
-def _add_product_t(out: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor, layout: SparseLayout) -> None:
+def _add_product_t(out: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor, route: str) -> None:
     """`out += dense sparse^T` in place, as `out^T += sparse dense^T`; `out` `(tokens, m)`, `sparse` `(m, n)` CSR,
-    `dense` `(tokens, n)`.
-
-    The strided route multiplies straight into transposed views, at a higher cost per entry than with contiguous
-    operands; the contiguous route instead pays a transposed copy of `dense` and a transposed add of the
-    `(m, tokens)` product, whatever `k`. Measured on CPU (one thread; layers 384 to 8192 wide, 64 to 1536 tokens),
-    the strided route was faster up to about `2 * (out + in)` entries (2-5x at `k` = width) and slower above."""
-    if _strided_route(layout):
+    `dense` `(tokens, n)`. `csr_strided` multiplies straight into transposed views (a higher cost per entry);
+    `csr_contiguous` pays a transposed copy of `dense` and a transposed add of the `(m, tokens)` product."""
+    if route == "csr_strided":
         out.t().addmm_(sparse, dense.t().to(out.dtype))
-    else:
+    elif route == "csr_contiguous":
         out.add_((sparse @ dense.t().to(out.dtype).contiguous()).t())
-
-
-def _strided_route(layout: SparseLayout) -> bool:
-    return layout.flat.numel() <= _STRIDED_ENTRIES_PER_LINE * sum(layout.shape)
+    else:
+        raise ValueError(f"unknown CSR product route {route!r}")
 
 
 def _gathered_add(out: torch.Tensor, source: torch.Tensor, src_idx: torch.Tensor, dst_idx: torch.Tensor,
@@ -140,18 +120,25 @@ def _gathered_add(out: torch.Tensor, source: torch.Tensor, src_idx: torch.Tensor
         out.index_add_(1, dst_idx[i:i + chunk], part)
 
 
-def values_grad(g: torch.Tensor, x: torch.Tensor, layout: SparseLayout, csr: bool) -> torch.Tensor:
+def values_grad(g: torch.Tensor, x: torch.Tensor, layout: SparseLayout, route: str) -> torch.Tensor:
     """`d loss / d values[j] = sum_tokens g[:, rows[j]] * x[:, cols[j]]`, `(k,)`, accumulated in fp32 (fp64 for
-    fp64 inputs); `g` `(tokens, out)`, `x` `(tokens, in)`."""
+    fp64 inputs); `g` `(tokens, out)`, `x` `(tokens, in)`; `route`: `gather`, `sampled_csr` (sorted positions
+    only) or `dense` (the full `(out, in)` `g^T x`, transient, then gathered)."""
     acc = torch.promote_types(torch.promote_types(g.dtype, x.dtype), torch.float32)
     k = layout.flat.numel()
     if k == 0:
         return g.new_zeros(0, dtype=acc)
-    if k >= _DENSE_GRAD_DENSITY * g.shape[1] * x.shape[1]:
+    if route == "dense":
         return (g.t().to(acc) @ x.to(acc)).reshape(-1)[layout.flat]
-    if csr:  # the sampled product g^T x at the k (sorted) positions
+    if route == "sampled_csr":  # in blocks of tokens: see `_SAMPLED_TOKENS`
         pattern = _csr(*layout.csr, g.new_zeros(k, dtype=acc), layout.shape)
-        return torch.sparse.sampled_addmm(pattern, g.t().to(acc).contiguous(), x.to(acc), beta=0.0).values()
+        grads = g.new_zeros(k, dtype=acc)
+        for i in range(0, g.shape[0], _SAMPLED_TOKENS):
+            block = slice(i, i + _SAMPLED_TOKENS)
+            grads += torch.sparse.sampled_addmm(pattern, g[block].t().to(acc), x[block].to(acc), beta=0.0).values()
+        return grads
+    if route != "gather":
+        raise ValueError(f"unknown value-gradient route {route!r}")
     chunk = max(1, _CHUNK_ELEMENTS // max(1, g.shape[0]))
     rows, cols = layout.rows, layout.cols
     return torch.cat([
