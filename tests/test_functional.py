@@ -127,3 +127,18 @@ def test_a_new_mask_is_used_after_loading_another_adapter_into_the_same_layer():
     after = layer.apet_weights["default"]["delta"].flat_indices()
     assert not torch.equal(before, after)
     torch.testing.assert_close(model(x), _formula(model, layer, x))
+
+
+@pytest.mark.parametrize(("mask", "k", "kept"), [("discrete", 100, True), ("discrete", 240, True),
+                                                 ("discrete", 241, False), (None, None, False)])
+def test_index_arrays_are_kept_only_for_discrete_masks_up_to_density_one_eighth(mask, k, kept):
+    """A (40, 48) layer: 1,920 entries, density 1/8 = 240. Denser masks and unmasked deltas (whose index arrays
+    would outweigh the weight) rebuild them per call; results equal the dense formula either way."""
+    torch.manual_seed(0)
+    config = APETConfig.delta(target_modules=["proj"], mask=mask, num_trainable_params=k, init_weights=False)
+    model = get_peft_model(OneLayer(IN, OUT), config)
+    layer = model.base_model.model.proj
+    _assert_matches_dense_formula(model, layer, torch.float32)
+    delta = layer.apet_weights["default"]["delta"]
+    assert (delta in peft_apet.functional._LAYOUTS) == kept
+    assert (peft_apet.functional.layout_of(delta) is peft_apet.functional.layout_of(delta)) == kept

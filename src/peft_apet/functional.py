@@ -247,9 +247,18 @@ def prepare_layouts(deltas: list[MaskedWeight]) -> None:
 _LAYOUTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+# Densest discrete mask whose index arrays are kept between calls (the routes' calibration went up to this
+# density). Above it they would take more memory than they save time (8-24 bytes per entry against the 4 of a
+# weight entry), so they are rebuilt, transiently, per call; unmasked deltas never keep any.
+_KEPT_DENSITY = 1 / 8
+
+
 def layout_of(delta: MaskedWeight) -> SparseLayout:
-    """The layout of `delta`'s mask, computed once per index tensor (and in-place version of it)."""
-    if torch.compiler.is_compiling():  # traced once per graph (the cache is plain Python state)
+    """The layout of `delta`'s mask, computed once per index tensor (and in-place version of it) for discrete masks
+    up to `_KEPT_DENSITY`, else per call."""
+    numel = delta.shape[0] * delta.shape[1]
+    if (torch.compiler.is_compiling()  # traced once per graph (the cache is plain Python state)
+            or delta.mask != "discrete" or delta.num_entries > _KEPT_DENSITY * numel):
         return SparseLayout(delta.flat_indices(), tuple(delta.shape))
     index = delta.index
     hit = _LAYOUTS.get(delta)

@@ -7,8 +7,8 @@ multiply-add), and for the value gradients also the dense `g^T x` then a gather.
 `routes.choose` from a measured cost model; this module only runs them.
 
 The index arrays of a mask (rows, columns, CSR row pointers, the transposed order) depend only on the mask, so
-`functional.layout_of` keeps them per `MaskedWeight` until its index tensor is replaced or changed in place. Each
-array is made when a route first needs it.
+`functional.layout_of` keeps them per `MaskedWeight` (discrete masks up to density 1/8) until its index tensor is
+replaced or changed in place. Each array is made when a route first needs it.
 """
 
 from __future__ import annotations
