@@ -41,6 +41,7 @@ import math
 import os
 import time
 import traceback
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -51,6 +52,7 @@ from torch import nn
 
 from benchmarks import harness
 from benchmarks.harness import Task, evaluate, is_head, task_type
+from benchmarks.paper_findings_pairing import pairing_report
 from benchmarks.paper_findings_report import MASKS, PET_PRESETS, report
 from peft_apet import APETConfig, count_trainable_parameters
 
@@ -342,6 +344,21 @@ def plan_pairing(model_name: str, task_name: str, mode: Mode, lrs: dict[str, flo
             for structure in ("lora", "adapter") for mask in MASKS for pairing in PAIRINGS]
 
 
+def count_learnable(specs: list[RunSpec], get_task: Callable[[str, str], Task], out: Path) -> dict:
+    """`{key: {"learnable", "trainable"}}` of each run's APET adapter (`learnable_entries()`: the entries that can
+    receive a gradient), kept in `<out>/learnable.json`; only the runs not in it are built (no training)."""
+    path = out / "learnable.json"
+    counts = json.loads(path.read_text()) if path.exists() else {}
+    for spec in [s for s in specs if s.key not in counts]:
+        with warnings.catch_warnings():  # independent masks warn about their unlearnable entries: that is the point
+            warnings.simplefilter("ignore", UserWarning)
+            model, _ = prepare(spec, get_task(spec.model, spec.task))
+        learnable, trainable = model.base_model.learnable_entries()
+        counts[spec.key] = {"learnable": learnable, "trainable": trainable}
+    harness.write_json(path, counts)
+    return counts
+
+
 def coarse_to_fine(budgets: list[int]) -> list[int]:
     """The budgets in bisection order (middle, largest, smallest, then midpoints): any prefix spans the range."""
     budgets = sorted(budgets)
@@ -401,6 +418,7 @@ def sweep(mode: Mode, out: Path, log: Callable[[str], None], command: str = "", 
         specs = [s for t in mode.tasks for s in plan_pairing(mode.models[0], t, mode, lrs)]
         plan["pairing_runs"] = [s.key for s in specs]
         harness.write_json(out / "plan.json", plan)
+        count_learnable(specs, get_task, out)
         run_all(specs, store, get_task, mode, log)
         return plan
     specs = [s for t in mode.tasks for m in mode.models for s in plan_model(m, t, mode, get_task(m, t), lrs)]
@@ -433,7 +451,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.report_only:
         log(f"start {command} ({mode.name})")
         sweep(mode, out, log, command, args.part)
-    meta = report(out, command, Store(out).all())
+    records = Store(out).all()
+    meta = report(out, command, records)
+    plan = json.loads((out / "plan.json").read_text()) if (out / "plan.json").exists() else {}
+    meta["plots"] += [p.name for p in pairing_report(out, command, records, plan, meta)]
     log(f"report written to {out} ({len(meta['missing'])} planned runs missing)")
     return 0
 
