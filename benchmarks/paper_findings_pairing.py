@@ -55,9 +55,11 @@ def analyse_pairing(records: list[dict], plan: dict, learnable: dict) -> dict[tu
             for pairing, group in by_pairing.items():
                 if not group:
                     continue
+                group = sorted(group, key=lambda r: r["seed"])
                 curve = _mean_curve(group)
                 rows.append({"structure": structure, "mask": mask, "budget": budget, "pairing": pairing,
-                             "test": Point.of(group), "seeds": sorted(r["seed"] for r in group), "curve": curve,
+                             "test": Point.of(group), "curve": curve,
+                             "by_seed": {r["seed"]: r["test"]["accuracy"] for r in group},
                              "steps_to_90": steps_to_fraction(curve, curve[0][1]),
                              "learnable_share": _share(group, learnable)})
         rows.sort(key=lambda r: (r["budget"], STRUCTURES.index(r["structure"]), MASKS.index(r["mask"]),
@@ -72,6 +74,10 @@ def _find(rows: list[dict], **where) -> dict | None:
 
 def _pct(value: float | None) -> str:
     return "—" if value is None else f"{100 * value:.0f} %"
+
+
+def _by_seed(row: dict | None) -> str:
+    return "—" if row is None else ", ".join(f"{100 * a:.1f}" for a in row["by_seed"].values())
 
 
 def _diff(a: dict | None, b: dict | None) -> str:
@@ -92,14 +98,16 @@ def markdown(analysis: dict, plan: dict, meta: dict) -> str:
              "90 % of the curve's gain (curve every 25 steps on the validation subset).", ""]
     for (model, task), rows in analysis.items():
         lines += [f"## {model} on {task}", "", "### Independent vs aligned masks at equal budget", "",
-                  "| structure | mask | budget | independent | aligned | aligned − independent | learnable (ind. / "
-                  "al.) | steps to 90 % (ind. / al.) |", "|---|---|---|---|---|---|---|---|"]
+                  "| structure | mask | budget | independent | aligned | aligned − independent | by seed 0, 1, … "
+                  "(ind. / al.) | learnable (ind. / al.) | steps to 90 % (ind. / al.) |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for row in rows:
             if row["pairing"] != "independent":
                 continue
             al = _find(rows, structure=row["structure"], mask=row["mask"], budget=row["budget"], pairing="aligned")
             lines.append(f"| {row['structure']} | {row['mask']} | {row['budget']:,} | {row['test']} | "
-                         f"{al['test'] if al else 'missing'} | {_diff(al, row)} | {_pct(row['learnable_share'])} / "
+                         f"{al['test'] if al else 'missing'} | {_diff(al, row)} | {_by_seed(row)} / {_by_seed(al)} | "
+                         f"{_pct(row['learnable_share'])} / "
                          f"{_pct(al and al['learnable_share'])} | {row['steps_to_90'] or '—'} / "
                          f"{(al and al['steps_to_90']) or '—'} |")
         lines += ["", "### Structures and masks at equal budget, per pairing (findings 5 and 6)", "",
