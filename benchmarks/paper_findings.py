@@ -7,6 +7,7 @@ One command runs the sweep, checkpoints every run and writes the report::
     python -m benchmarks.paper_findings --full                # the full grid (3 seeds, both tasks, more budgets)
     python -m benchmarks.paper_findings --smoke --out /tmp/x  # tiny random BERT, 2 budgets, 2 steps (the test)
     python -m benchmarks.paper_findings --report-only         # rebuild tables and plots from finished runs
+    python -m benchmarks.paper_findings --part pairing        # masked lora/adapter, independent vs aligned masks
 
 What is measured (see benchmarks/PAPER_FINDINGS.md for the write-up):
 
@@ -20,6 +21,9 @@ What is measured (see benchmarks/PAPER_FINDINGS.md for the write-up):
   adjacent and discrete `delta` adapters given exactly the same number of trainable entries
   (`peft_apet.count_trainable_parameters`).
 - Figure 6: validation accuracy against training steps of adjacent vs discrete at equal budget.
+- Pairing (`--part pairing`, issue 16): the masked `lora` and a masked `adapter` (bottleneck 24) structure, both
+  masks, with the paper's independent A/B (down/up) masks and with aligned ones (`mask_pairing`), at equal
+  budgets: Figures 5-6's structure comparisons with every trainable entry able to learn. 16 MiniLM runs per seed.
 
 Models: all-MiniLM-L6-v2 (22.7M BERT) with a sequence-classification head (`task_type="SEQ_CLS"`, so PEFT trains
 the head as a `modules_to_save`; its entries are reported apart from the APET budget), and SmolLM2-135M-Instruct
@@ -37,6 +41,7 @@ import math
 import os
 import time
 import traceback
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -47,6 +52,7 @@ from torch import nn
 
 from benchmarks import harness
 from benchmarks.harness import Task, evaluate, is_head, task_type
+from benchmarks.paper_findings_pairing import pairing_report
 from benchmarks.paper_findings_report import MASKS, PET_PRESETS, report
 from peft_apet import APETConfig, count_trainable_parameters
 
@@ -57,6 +63,8 @@ PROMPT_LR = 3e-2
 FT_LR = 1e-4  # full fine-tuning; not given by the paper, not tuned here
 LR_CANDIDATES = (3e-4, 3e-3)  # for masked APET entries, picked on the validation split
 LR_PICK_BUDGET = 1600
+PAIRINGS = ("independent", "aligned")
+PARTS = ("paper", "pairing")  # --part: the paper's Figures 5-7 sweep, or the pairing comparison (issue 16)
 
 
 # ---------------------------------------------------------------------------------------------- settings
@@ -79,6 +87,8 @@ class Mode:
     lm_presets: bool = False  # Figure 5 presets on the LM as well
     lr_candidates: tuple[float, ...] = LR_CANDIDATES
     lora_budgets: tuple[int, ...] | None = None  # None: the Figure 7 grid (capped at the LoRA capacity)
+    pairing_budgets: tuple[int, ...] = (1600, 6400)  # --part pairing
+    pairing_seeds: tuple[int, ...] = (0, 1)
 
 
 MODES = {
@@ -101,6 +111,7 @@ MODES = {
     "smoke": Mode(
         name="smoke", models=("tiny-bert",), tasks=("rotten_tomatoes",), budgets=(10, 100), seeds=(0,),
         steps={"tiny-bert": 2}, max_len=16, batch_size=8, test_size=32, curve_size=16, eval_every=1,
+        pairing_budgets=(100,), pairing_seeds=(0,),
     ),
 }
 
@@ -108,7 +119,9 @@ MODES = {
 @dataclass(frozen=True)
 class RunSpec:
     """One training run. `method` is "full" (fine-tuning), "head" (classifier only), "zero_shot" (no training),
-    a PET preset ("prompt", "bitfit", "lora", "adapter") or "apet" (a masked `structure` with `budget` entries)."""
+    a PET preset ("prompt", "bitfit", "lora", "adapter") or "apet" (a masked `structure` with `budget` entries).
+    `pairing` is the `mask_pairing` of a two-matrix structure (None: "independent", the paper's); only "aligned"
+    enters the key, so the runs recorded before pairing existed keep their keys."""
 
     model: str
     task: str
@@ -121,11 +134,13 @@ class RunSpec:
     budget: int | None = None
     max_len: int = 48
     batch_size: int = 32
+    pairing: str | None = None
 
     @property
     def key(self) -> str:
         parts = [self.model, self.task, self.method, self.structure or "", self.mask or "",
-                 str(self.budget or ""), f"lr{self.lr:g}", f"s{self.seed}", f"st{self.steps}", f"len{self.max_len}",
+                 str(self.budget or ""), "aligned" if self.pairing == "aligned" else "", f"lr{self.lr:g}",
+                 f"s{self.seed}", f"st{self.steps}", f"len{self.max_len}",
                  f"bs{self.batch_size}"]
         return "-".join(p for p in parts if p)
 
@@ -145,19 +160,23 @@ def preset_config(name: str, task: Task, seed: int) -> APETConfig:
     raise ValueError(f"unknown preset {name!r}")
 
 
-def apet_config(structure: str, mask: str | None, budget: int | None, task: Task, seed: int) -> APETConfig:
-    """A masked `delta` (attention + FFN weights) or `lora` (r=8, alpha=16, q/v) adapter with `budget` entries."""
+def apet_config(structure: str, mask: str | None, budget: int | None, task: Task, seed: int,
+                pairing: str | None = None) -> APETConfig:
+    """A masked `delta` (attention + FFN weights), `lora` (r=8, alpha=16, q/v) or `adapter` (bottleneck 24) adapter
+    with `budget` entries; the two-matrix ones with `mask_pairing=pairing` (None: the paper's "independent")."""
     common = dict(task_type=task_type(task), seed=seed, mask=mask, num_trainable_params=budget)
     if structure == "delta":
         return APETConfig.delta(**common)
-    if structure == "lora":  # the paper's independent A/B masks, as the committed results were measured
-        return APETConfig.lora(r=8, lora_alpha=16, mask_pairing="independent", **common)
+    if structure == "lora":
+        return APETConfig.lora(r=8, lora_alpha=16, mask_pairing=pairing or "independent", **common)
+    if structure == "adapter":
+        return APETConfig.adapter(bottleneck=24, mask_pairing=pairing or "independent", **common)
     raise ValueError(f"unknown structure {structure!r}")
 
 
 def run_config(spec: RunSpec, task: Task) -> APETConfig | None:
     if spec.method == "apet":
-        return apet_config(spec.structure, spec.mask, spec.budget, task, spec.seed)
+        return apet_config(spec.structure, spec.mask, spec.budget, task, spec.seed, spec.pairing)
     if spec.method in PET_PRESETS:
         return preset_config(spec.method, task, spec.seed)
     return None
@@ -315,6 +334,31 @@ def plan_model(model_name: str, task_name: str, mode: Mode, task: Task, lrs: dic
     return list(dict.fromkeys(specs))
 
 
+def plan_pairing(model_name: str, task_name: str, mode: Mode, lrs: dict[str, float]) -> list[RunSpec]:
+    """The pairing comparison: masked lora and adapter x masks x {independent, aligned} at `mode.pairing_budgets`,
+    seed by seed and the smallest budget first (a cut sweep keeps whole equal-budget comparisons)."""
+    base = RunSpec(model_name, task_name, "apet", 0, mode.steps[model_name], PAPER_LR, max_len=mode.max_len,
+                   batch_size=mode.batch_size)
+    return [replace(base, seed=seed, structure=structure, mask=mask, budget=budget, lr=lrs[mask], pairing=pairing)
+            for seed in mode.pairing_seeds for budget in sorted(mode.pairing_budgets)
+            for structure in ("lora", "adapter") for mask in MASKS for pairing in PAIRINGS]
+
+
+def count_learnable(specs: list[RunSpec], get_task: Callable[[str, str], Task], out: Path) -> dict:
+    """`{key: {"learnable", "trainable"}}` of each run's APET adapter (`learnable_entries()`: the entries that can
+    receive a gradient), kept in `<out>/learnable.json`; only the runs not in it are built (no training)."""
+    path = out / "learnable.json"
+    counts = json.loads(path.read_text()) if path.exists() else {}
+    for spec in [s for s in specs if s.key not in counts]:
+        with warnings.catch_warnings():  # independent masks warn about their unlearnable entries: that is the point
+            warnings.simplefilter("ignore", UserWarning)
+            model, _ = prepare(spec, get_task(spec.model, spec.task))
+        learnable, trainable = model.base_model.learnable_entries()
+        counts[spec.key] = {"learnable": learnable, "trainable": trainable}
+    harness.write_json(path, counts)
+    return counts
+
+
 def coarse_to_fine(budgets: list[int]) -> list[int]:
     """The budgets in bisection order (middle, largest, smallest, then midpoints): any prefix spans the range."""
     budgets = sorted(budgets)
@@ -337,8 +381,11 @@ def lr_pick_specs(model_name: str, task_name: str, mode: Mode) -> list[RunSpec]:
     return [replace(base, mask=m, lr=lr) for m in MASKS for lr in mode.lr_candidates]
 
 
-def sweep(mode: Mode, out: Path, log: Callable[[str], None], command: str = "") -> dict:
-    """Run the sweep (resuming from `<out>/runs/`); returns the plan, also written to `<out>/plan.json`."""
+def sweep(mode: Mode, out: Path, log: Callable[[str], None], command: str = "", part: str = "paper") -> dict:
+    """Run one part of the sweep (resuming from `<out>/runs/`); returns the plan, also written to `<out>/plan.json`.
+
+    Part "paper" plans `runs` (the lr pick, then Figures 5-7); part "pairing" plans `pairing_runs` and keeps what
+    the plan file already says about the other part. Both pick the lr first (runs already stored are reused)."""
     store = Store(out)
     tasks: dict[tuple[str, str], Task] = {}
 
@@ -352,7 +399,14 @@ def sweep(mode: Mode, out: Path, log: Callable[[str], None], command: str = "") 
     # reused for every model and task (repeating it for the 135M LM costs more than a CPU sweep can spend).
     first_model, first_task = mode.models[0], mode.tasks[0]
     picks = lr_pick_specs(first_model, first_task, mode)
-    plan = {"mode": mode.name, "command": command, "lr_pick": {}, "runs": [s.key for s in picks]}
+    old = json.loads((out / "plan.json").read_text()) if (out / "plan.json").exists() else {}
+    if part == "pairing":
+        plan = {"mode": mode.name, "command": "", "lr_pick": {}, "runs": [s.key for s in picks],
+                **{k: v for k, v in old.items() if k not in ("pairing_command", "pairing_runs")},
+                "pairing_command": command, "pairing_runs": []}
+    else:
+        plan = {**{k: v for k, v in old.items() if k.startswith("pairing_")},
+                "mode": mode.name, "command": command, "lr_pick": {}, "runs": [s.key for s in picks]}
     harness.write_json(out / "plan.json", plan)
     records = run_all(picks, store, get_task, mode, log)
     lrs = {m: pick_lr(records, m) for m in MASKS}
@@ -360,6 +414,13 @@ def sweep(mode: Mode, out: Path, log: Callable[[str], None], command: str = "") 
                            "validation": {f"{r['lr']:g}": r["validation"]["accuracy"] for r in records
                                           if r["mask"] == m}} for m in MASKS}
     log(f"lr picked on validation: {lrs}")
+    if part == "pairing":
+        specs = [s for t in mode.tasks for s in plan_pairing(mode.models[0], t, mode, lrs)]
+        plan["pairing_runs"] = [s.key for s in specs]
+        harness.write_json(out / "plan.json", plan)
+        count_learnable(specs, get_task, out)
+        run_all(specs, store, get_task, mode, log)
+        return plan
     specs = [s for t in mode.tasks for m in mode.models for s in plan_model(m, t, mode, get_task(m, t), lrs)]
     # Seed 0 of every model and task first, the LM after the encoder: a cut sweep keeps whole curves.
     specs = sorted(dict.fromkeys(specs), key=lambda s: (s.seed, s.model == "smollm2"))
@@ -373,6 +434,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = harness.arguments(__doc__, "paper_findings", smoke="tiny random BERT, two budgets, two steps",
                                full="the full grid (3 seeds, both tasks, more budgets)",
                                report_only="only rebuild tables and plots")
+    parser.add_argument("--part", choices=PARTS, default="paper",
+                        help="paper: the Figures 5-7 sweep; pairing: masked lora/adapter with independent vs "
+                             "aligned masks (the first model, seeds and budgets of the mode's pairing_* fields)")
     parser.add_argument("--with-lm", action="store_true",
                         help="add SmolLM2-135M (zero-shot and delta at 1600 entries) to the default sweep")
     args = parser.parse_args(argv)
@@ -386,8 +450,11 @@ def main(argv: list[str] | None = None) -> int:
     log = harness.logger(out / "sweep.log")
     if not args.report_only:
         log(f"start {command} ({mode.name})")
-        sweep(mode, out, log, command)
-    meta = report(out, command, Store(out).all())
+        sweep(mode, out, log, command, args.part)
+    records = Store(out).all()
+    meta = report(out, command, records)
+    plan = json.loads((out / "plan.json").read_text()) if (out / "plan.json").exists() else {}
+    meta["plots"] += [p.name for p in pairing_report(out, command, records, plan, meta)]
     log(f"report written to {out} ({len(meta['missing'])} planned runs missing)")
     return 0
 

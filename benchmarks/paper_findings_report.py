@@ -2,6 +2,7 @@
 
 `report(out, command)` rebuilds `results.md`, `runs.csv`, `summary.json` and the PNGs from the run records in
 `<out>/runs/` (one JSON file per finished run, as `paper_findings.train_run` writes them) and `<out>/plan.json`.
+Runs with aligned masks (`--part pairing`) are left to `paper_findings_pairing`.
 """
 
 from __future__ import annotations
@@ -87,9 +88,10 @@ def analyse(records: list[dict], lrs: dict[str, float]) -> dict[tuple[str, str, 
     The metric is "accuracy" (class scores; random guess 1 / classes) and, for the LM, also
     "generation_accuracy" (the full-vocabulary argmax must be the label word, as the paper's T5 generation;
     random guess 0). APET runs at an lr other than the one picked for their mask (`lrs`) are the lr-pick's
-    losers and are left out.
+    losers and are left out, and so are runs with aligned masks (the paper's masks are independent).
     """
-    records = [r for r in records if r["method"] != "apet" or r["lr"] == lrs.get(r["mask"], r["lr"])]
+    records = [r for r in records if r["method"] != "apet" or (r["lr"] == lrs.get(r["mask"], r["lr"])
+                                                               and r.get("pairing") != "aligned")]
     out = {}
     for (model, task), rs in _group(records, "model", "task").items():
         metrics = ["accuracy"] + (["generation_accuracy"] if "generation_accuracy" in rs[0]["test"] else [])
@@ -164,7 +166,7 @@ def _fmt_threshold(pair: tuple[int | None, int | None], smallest: int) -> str:
 def markdown(analysis: dict, plan: dict, records: list[dict], meta: dict) -> str:
     """The results document: settings, Figure 7 table and thresholds, Figure 5 and Figure 6 tables, gaps."""
     done = {r["key"] for r in records}
-    missing = [k for k in plan.get("runs", []) if k not in done]
+    missing = meta["missing"]
     lines = ["# APET paper findings: measured results", "",
              f"- date: {meta['date']}", f"- machine: {meta['machine']}",
              f"- sweep command: `{plan.get('command') or SWEEP_COMMANDS.get(plan.get('mode'), '?')}`; "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -94,6 +95,62 @@ def test_second_call_resumes_without_retraining(smoke):
     before = {r["key"]: r["finished"] for r in _records(smoke)}
     assert paper_findings.main(["--smoke", "--out", str(smoke), "--threads", "1"]) == 0
     assert {r["key"]: r["finished"] for r in _records(smoke)} == before
+
+
+@pytest.fixture(scope="module")
+def pairing(smoke, tmp_path_factory) -> Path:
+    """A copy of the smoke sweep's folder with `--part pairing` run on it (so the main part is not disturbed)."""
+    from benchmarks import paper_findings
+
+    out = tmp_path_factory.mktemp("paper_findings_pairing") / "out"
+    shutil.copytree(smoke, out)
+    assert paper_findings.main(["--smoke", "--part", "pairing", "--out", str(out), "--threads", "1"]) == 0
+    return out
+
+
+def test_pairing_part_runs_both_structures_masks_and_pairings_at_its_budget(pairing, smoke):
+    from benchmarks.paper_findings_pairing import pairing_of
+
+    plan = json.loads((pairing / "plan.json").read_text())
+    assert plan["runs"] == json.loads((smoke / "plan.json").read_text())["runs"]  # the main part's plan is kept
+    by_key = {r["key"]: r for r in _records(pairing)}
+    runs = [by_key[k] for k in plan["pairing_runs"]]
+    assert sorted((r["structure"], r["mask"], pairing_of(r)) for r in runs) == sorted(
+        (s, m, p) for s in ("lora", "adapter") for m in ("adjacent", "discrete") for p in ("independent", "aligned"))
+    for r in runs:
+        assert r["budget"] == 100 and r["trainable_apet"] == 100, r["key"]
+        assert ("-aligned-" in r["key"]) == (r["pairing"] == "aligned")
+    # the main sweep's masked-lora runs (independent, keys without a pairing) are reused, not retrained
+    before = {r["key"]: r["finished"] for r in _records(smoke) if r["structure"] == "lora" and r["budget"] == 100}
+    assert len(before) == 2 and {k: by_key[k]["finished"] for k in before} == before
+    assert (pairing / "fig6_pairing_tiny-bert_rotten_tomatoes.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = (pairing / "pairing.md").read_text()
+    assert "pairing runs finished: 8 of 8 planned" in text and "| lora | adjacent | 100 |" in text
+
+
+def test_pairing_learnable_counts_all_for_aligned_and_fewer_for_independent_adjacent(pairing):
+    from benchmarks.paper_findings_pairing import pairing_of
+
+    learnable = json.loads((pairing / "learnable.json").read_text())
+    runs = {r["key"]: r for r in _records(pairing) if r["key"] in learnable}
+    assert len(runs) == 8
+    for key, r in runs.items():
+        assert learnable[key]["trainable"] == 100
+        if pairing_of(r) == "aligned":
+            assert learnable[key]["learnable"] == 100, key
+        elif r["mask"] == "adjacent":  # whole rows of A next to whole columns of B: most units lack a partner
+            assert learnable[key]["learnable"] < 100, key
+
+
+def test_main_figures_leave_out_aligned_runs(pairing):
+    from benchmarks.paper_findings_report import analyse
+
+    records = _records(pairing)
+    for r in records:  # a marker accuracy on the aligned runs only
+        r["test"]["accuracy"] = 0.99 if r.get("pairing") == "aligned" else min(r["test"]["accuracy"], 0.9)
+    lrs = {m: p["lr"] for m, p in json.loads((pairing / "plan.json").read_text())["lr_pick"].items()}
+    curves = [c for a in analyse(records, lrs).values() for c in a["curves"].values()]
+    assert curves and all(p.mean < 0.99 and p.n == 1 for c in curves for p in c.values())  # one seed: no mixing
 
 
 def test_thresholds_follow_their_definitions():
