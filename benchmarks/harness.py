@@ -70,7 +70,7 @@ def tiny_bert_config(vocab_size: int):
 
 
 def load_model_task(model: str, task: str, *, max_len: int, test_size: int, subset: int | None = None) -> Task:
-    """Tokenize `task` for `model` ("minilm", "tiny-bert" or "smollm2").
+    """Tokenize `task` for `model` ("minilm", "mpnet", "tiny-bert" or "smollm2").
 
     Args:
         max_len: tokens kept of each text (for the LM, before the template is added).
@@ -80,7 +80,7 @@ def load_model_task(model: str, task: str, *, max_len: int, test_size: int, subs
     from transformers import AutoTokenizer
 
     from examples.apet_data import load_task
-    from examples.apet_models import minilm_path, smollm2_path
+    from examples.apet_models import minilm_path, mpnet_path, smollm2_path
 
     data = load_task(task, seed=0)
     if subset is not None:
@@ -88,7 +88,7 @@ def load_model_task(model: str, task: str, *, max_len: int, test_size: int, subs
     data = dict(data)
     data["test"] = data["test"].select(range(min(test_size, len(data["test"]))))
     num_labels = data["train"].features["label"].num_classes
-    path = smollm2_path() if model == "smollm2" else minilm_path()
+    path = {"smollm2": smollm2_path, "mpnet": mpnet_path}.get(model, minilm_path)()
     tokenizer = AutoTokenizer.from_pretrained(path)
     if model != "smollm2":
         splits = {name: [(tokenizer(t, truncation=True, max_length=max_len)["input_ids"], y)
@@ -118,7 +118,33 @@ def new_model(task: Task) -> nn.Module:
         return BertForSequenceClassification(task.tiny_config)
     if task.kind == "label_words":
         return AutoModelForCausalLM.from_pretrained(task.path, dtype=torch.float32)
+    if task.model == "mpnet":
+        return PooledClassifier(task.path, task.num_labels)
     return AutoModelForSequenceClassification.from_pretrained(task.path, num_labels=task.num_labels)
+
+
+class PooledClassifier(nn.Module):
+    """MPNet with BERT's classification head: the pretrained pooler (dense + tanh on the first token, frozen under
+    PEFT like MiniLM's) and a new linear `classifier`, so that the two encoders train heads of the same kind
+    (MPNet's own `MPNetForSequenceClassification` trains a new 768 x 768 dense layer as well: 590k head entries)."""
+
+    def __init__(self, path: str, num_labels: int):
+        from transformers import MPNetModel
+
+        super().__init__()
+        self.mpnet = MPNetModel.from_pretrained(path, add_pooling_layer=True)
+        self.config = self.mpnet.config
+        self.config.num_labels = num_labels
+        self.dropout = nn.Dropout(self.config.hidden_dropout_prob)
+        self.classifier = nn.Linear(self.config.hidden_size, num_labels)
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, **_):
+        from transformers.modeling_outputs import SequenceClassifierOutput
+
+        pooled = self.mpnet(input_ids=input_ids, attention_mask=attention_mask).pooler_output
+        logits = self.classifier(self.dropout(pooled))
+        loss = None if labels is None else nn.functional.cross_entropy(logits, labels)
+        return SequenceClassifierOutput(loss=loss, logits=logits)
 
 
 def task_type(task: Task) -> str:

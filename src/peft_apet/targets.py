@@ -44,6 +44,14 @@ DEFAULT_TARGET_MODULES: dict[str, dict[str, list[str] | str]] = {
         "bias": ALL_WITH_BIAS,
     },
     "llama": _LLAMA_LIKE,
+    "mpnet": {
+        "lora": ["attn.q", "attn.v"],
+        # Houlsby places: after the attention output projection (attention.attn.o) and the feed-forward output
+        # projection (layer.N.output.dense).
+        "adapter": ["attn.o", "output.dense"],
+        "delta": ["attn.q", "attn.k", "attn.v", "attn.o", "intermediate.dense", "output.dense"],
+        "bias": ALL_WITH_BIAS,
+    },
     "mistral": _LLAMA_LIKE,
     "qwen2": _LLAMA_LIKE,
     "qwen3": _LLAMA_LIKE,
