@@ -156,7 +156,8 @@ MODEL_ALIASES: dict[str, Callable[[], str]] = {"minilm": minilm_path, "mpnet": m
 # What adapters, results and model cards record for an alias: the model's Hub id, which means the same thing on any
 # machine (the resolved folder is a path inside this machine's virtualenv or cache). SmolLM2's weights here are a
 # de-quantized Q4_1 copy of that model (see `smollm2_path`).
-PORTABLE_NAMES = {"minilm": "sentence-transformers/all-MiniLM-L6-v2", "mpnet": "sentence-transformers/all-mpnet-base-v2",
+PORTABLE_NAMES = {"minilm": "sentence-transformers/all-MiniLM-L6-v2",
+                  "mpnet": "sentence-transformers/all-mpnet-base-v2",
                   "smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 
 
