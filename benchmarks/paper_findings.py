@@ -353,20 +353,24 @@ def plan_pairing(model_name: str, task_name: str, mode: Mode, lrs: dict[str, flo
 
 
 def plan_sizes(task_name: str, mode: Mode, tasks: Callable[[str, str], Task], lrs: dict[str, float]) -> list[RunSpec]:
-    """Figure 7 at each of `mode.size_models`: head, full fine-tuning, then delta adjacent/discrete over
-    `mode.size_budgets` (coarse to fine, up to the delta's capacity); seed 0 of every model before seed 1."""
-    specs = []
+    """Figure 7 at each of `mode.size_models`, seed by seed: every model's head and full fine-tuning runs, then
+    delta adjacent/discrete budget by budget (coarse to fine, up to each model's delta capacity), every model at a
+    budget before the next, so a cut sweep still has comparable curves of both sizes."""
+    caps = {}
     for model_name in mode.size_models:
         torch.manual_seed(0)
-        cap = capacity("delta", tasks(model_name, task_name), harness.new_model(tasks(model_name, task_name)))
-        base = RunSpec(model_name, task_name, "apet", 0, mode.steps[model_name], PAPER_LR, max_len=mode.max_len,
-                       batch_size=mode.batch_size)
-        for seed in mode.size_seeds:
-            seeded = replace(base, seed=seed)
-            specs += [replace(seeded, method="head"), replace(seeded, method="full", lr=FT_LR)]
-            specs += [replace(seeded, structure="delta", mask=m, budget=b, lr=lrs[m])
-                      for b in coarse_to_fine([b for b in mode.size_budgets if b <= cap]) for m in MASKS]
-    return sorted(specs, key=lambda s: s.seed)  # stable: the models' order within a seed
+        caps[model_name] = capacity("delta", tasks(model_name, task_name), harness.new_model(tasks(model_name,
+                                                                                                   task_name)))
+    specs = []
+    for seed in mode.size_seeds:
+        seeded = {m: RunSpec(m, task_name, "apet", seed, mode.steps[m], PAPER_LR, max_len=mode.max_len,
+                             batch_size=mode.batch_size) for m in mode.size_models}
+        for spec in seeded.values():
+            specs += [replace(spec, method="head"), replace(spec, method="full", lr=FT_LR)]
+        for budget in coarse_to_fine(list(mode.size_budgets)):
+            specs += [replace(spec, structure="delta", mask=mask, budget=budget, lr=lrs[mask])
+                      for m, spec in seeded.items() if budget <= caps[m] for mask in MASKS]
+    return specs
 
 
 def coarse_to_fine(budgets: list[int]) -> list[int]:
