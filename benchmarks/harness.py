@@ -59,6 +59,7 @@ class Task:
     pad_id: int
     label_token_ids: list[int] = field(default_factory=list)  # label_words: the first token of each label word
     tiny_config: object | None = None  # a random model of this config instead of the pretrained one
+    device: str = "cpu"  # where `new_model` puts the model and `collate` the batches
 
 
 def tiny_bert_config(vocab_size: int):
@@ -69,13 +70,15 @@ def tiny_bert_config(vocab_size: int):
                       vocab_size=vocab_size, max_position_embeddings=128, num_labels=2)
 
 
-def load_model_task(model: str, task: str, *, max_len: int, test_size: int, subset: int | None = None) -> Task:
+def load_model_task(model: str, task: str, *, max_len: int, test_size: int, subset: int | None = None,
+                    device: str = "cpu") -> Task:
     """Tokenize `task` for `model` ("minilm", "mpnet", "tiny-bert" or "smollm2").
 
     Args:
         max_len: tokens kept of each text (for the LM, before the template is added).
         test_size: the test split is cut to its first `test_size` examples (a stratified prefix).
         subset: every split first cut to its first `subset` examples (smoke runs).
+        device: "cpu" or "cuda": where the task's models and batches live.
     """
     from transformers import AutoTokenizer
 
@@ -94,7 +97,8 @@ def load_model_task(model: str, task: str, *, max_len: int, test_size: int, subs
         splits = {name: [(tokenizer(t, truncation=True, max_length=max_len)["input_ids"], y)
                          for t, y in zip(split["text"], split["label"])] for name, split in data.items()}
         tiny = tiny_bert_config(tokenizer.vocab_size) if model == "tiny-bert" else None
-        return Task(model, "seq_cls", path, splits, num_labels, tokenizer.pad_token_id, tiny_config=tiny)
+        return Task(model, "seq_cls", path, splits, num_labels, tokenizer.pad_token_id, tiny_config=tiny,
+                    device=device)
     prefix, suffix = LM_TEMPLATE.split("{text}")
     head = tokenizer(prefix, add_special_tokens=False)["input_ids"]
     tail = tokenizer(suffix, add_special_tokens=False)["input_ids"]
@@ -105,11 +109,16 @@ def load_model_task(model: str, task: str, *, max_len: int, test_size: int, subs
     splits = {name: [(head + tokenizer(t, add_special_tokens=False)["input_ids"][:max_len] + tail, y)
                      for t, y in zip(split["text"], split["label"])] for name, split in data.items()}
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return Task(model, "label_words", path, splits, num_labels, pad, label_token_ids=label_ids)
+    return Task(model, "label_words", path, splits, num_labels, pad, label_token_ids=label_ids, device=device)
 
 
 def new_model(task: Task) -> nn.Module:
-    """A fresh pretrained model (the seed of the classifier head comes from the caller's torch seed)."""
+    """A fresh pretrained model on `task.device` (the seed of the classifier head comes from the caller's torch
+    seed)."""
+    return _new_model(task).to(task.device)
+
+
+def _new_model(task: Task) -> nn.Module:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, BertForSequenceClassification
     from transformers.utils import logging
 
@@ -177,7 +186,8 @@ def collate(examples: list[Example], task: Task) -> dict[str, torch.Tensor]:
         span = slice(0, len(tokens)) if task.kind == "seq_cls" else slice(width - len(tokens), width)
         ids[row, span] = torch.tensor(tokens)
         mask[row, span] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([y for _, y in examples])}
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([y for _, y in examples])}
+    return {name: t.to(task.device) for name, t in batch.items()}
 
 
 def vocab_logits(model: nn.Module, batch: dict[str, torch.Tensor], task: Task, has_prompt: bool) -> torch.Tensor:
@@ -195,7 +205,7 @@ def loss_and_scores(logits: torch.Tensor, labels: torch.Tensor, task: Task) -> t
     class scores."""
     if task.kind == "seq_cls":
         return F.cross_entropy(logits, labels), logits
-    label_ids = torch.tensor(task.label_token_ids)
+    label_ids = torch.tensor(task.label_token_ids, device=logits.device)
     return F.cross_entropy(logits, label_ids[labels]), logits[:, label_ids]
 
 
@@ -235,7 +245,8 @@ def evaluate(model: nn.Module, examples: list[Example], task: Task, has_prompt: 
         predictions += scores.argmax(-1).tolist()
         labels += batch["labels"].tolist()
         if task.kind == "label_words":
-            generated += (logits.argmax(-1) == torch.tensor(task.label_token_ids)[batch["labels"]]).tolist()
+            words = torch.tensor(task.label_token_ids, device=logits.device)
+            generated += (logits.argmax(-1) == words[batch["labels"]]).tolist()
     model.train()
     out = {"accuracy": accuracy(predictions, labels), "macro_f1": macro_f1(predictions, labels)}
     if generated:

@@ -8,6 +8,8 @@ One command runs the sweep, checkpoints every run and writes the report::
     python -m benchmarks.paper_findings --smoke --out /tmp/x  # tiny random BERT, 2 budgets, 2 steps (the test)
     python -m benchmarks.paper_findings --report-only         # rebuild tables and plots from finished runs
     python -m benchmarks.paper_findings --part pairing        # masked lora/adapter, independent vs aligned masks
+    python -m benchmarks.paper_findings --part sizes          # Figure 7 on MiniLM (22.7M) and MPNet (109M), 2 seeds
+    python -m benchmarks.paper_findings --part sizes --device cuda   # the same on a GPU
 
 What is measured (see benchmarks/PAPER_FINDINGS.md for the write-up):
 
@@ -24,6 +26,10 @@ What is measured (see benchmarks/PAPER_FINDINGS.md for the write-up):
 - Pairing (`--part pairing`, issue 16): the masked `lora` and a masked `adapter` (bottleneck 24) structure, both
   masks, with the paper's independent A/B (down/up) masks and with aligned ones (`mask_pairing`), at equal
   budgets: Figures 5-6's structure comparisons with every trainable entry able to learn. 16 MiniLM runs per seed.
+- Model sizes (`--part sizes`, issue 16 part 4; the paper's Fig. 7 finding that the low threshold grows and the
+  high one shrinks with model size): delta adjacent and discrete on a x4 grid of budgets from 100, full
+  fine-tuning and the head alone, on all-MiniLM-L6-v2 and all-mpnet-base-v2 (`PooledClassifier`: the same kind of
+  head as MiniLM's), seeds 0 and 1, Rotten Tomatoes. One MPNet run costs about 5 MiniLM runs.
 
 Models: all-MiniLM-L6-v2 (22.7M BERT) with a sequence-classification head (`task_type="SEQ_CLS"`, so PEFT trains
 the head as a `modules_to_save`; its entries are reported apart from the APET budget), and SmolLM2-135M-Instruct
@@ -64,7 +70,7 @@ FT_LR = 1e-4  # full fine-tuning; not given by the paper, not tuned here
 LR_CANDIDATES = (3e-4, 3e-3)  # for masked APET entries, picked on the validation split
 LR_PICK_BUDGET = 1600
 PAIRINGS = ("independent", "aligned")
-PARTS = ("paper", "pairing")  # --part: the paper's Figures 5-7 sweep, or the pairing comparison (issue 16)
+PARTS = ("paper", "pairing", "sizes")  # --part: Figures 5-7, the pairing comparison, or Figure 7 at two sizes
 
 
 # ---------------------------------------------------------------------------------------------- settings
@@ -89,6 +95,9 @@ class Mode:
     lora_budgets: tuple[int, ...] | None = None  # None: the Figure 7 grid (capped at the LoRA capacity)
     pairing_budgets: tuple[int, ...] = (1600, 6400)  # --part pairing
     pairing_seeds: tuple[int, ...] = (0, 1)
+    size_models: tuple[str, ...] = ("minilm", "mpnet")  # --part sizes
+    size_budgets: tuple[int, ...] = (100, 400, 1600, 6400, 25600, 102400, 409600, 1638400)
+    size_seeds: tuple[int, ...] = (0, 1)
 
 
 MODES = {
@@ -100,7 +109,7 @@ MODES = {
     "default": Mode(
         name="default", models=("minilm",), tasks=("rotten_tomatoes",),
         budgets=(100, 400, 1600, 6400), seeds=(0,),
-        steps={"minilm": 125, "smollm2": 60}, lora_budgets=(1600,), lm_budgets=(1600,),
+        steps={"minilm": 125, "mpnet": 125, "smollm2": 60}, lora_budgets=(1600,), lm_budgets=(1600,),
     ),
     "full": Mode(
         name="full", models=("minilm", "smollm2"), tasks=("rotten_tomatoes", "fine_food"),
@@ -111,7 +120,8 @@ MODES = {
     "smoke": Mode(
         name="smoke", models=("tiny-bert",), tasks=("rotten_tomatoes",), budgets=(10, 100), seeds=(0,),
         steps={"tiny-bert": 2}, max_len=16, batch_size=8, test_size=32, curve_size=16, eval_every=1,
-        pairing_budgets=(100,), pairing_seeds=(0,),
+        pairing_budgets=(100,), pairing_seeds=(0,), size_models=("tiny-bert",), size_budgets=(10, 100),
+        size_seeds=(0,),
     ),
 }
 
@@ -359,6 +369,27 @@ def count_learnable(specs: list[RunSpec], get_task: Callable[[str, str], Task], 
     return counts
 
 
+def plan_sizes(task_name: str, mode: Mode, tasks: Callable[[str, str], Task], lrs: dict[str, float]) -> list[RunSpec]:
+    """Figure 7 at each of `mode.size_models`, seed by seed: every model's head and full fine-tuning runs, then
+    delta adjacent/discrete budget by budget (coarse to fine, up to each model's delta capacity), every model at a
+    budget before the next, so a cut sweep still has comparable curves of both sizes."""
+    caps = {}
+    for model_name in mode.size_models:
+        torch.manual_seed(0)
+        caps[model_name] = capacity("delta", tasks(model_name, task_name), harness.new_model(tasks(model_name,
+                                                                                                   task_name)))
+    specs = []
+    for seed in mode.size_seeds:
+        seeded = {m: RunSpec(m, task_name, "apet", seed, mode.steps[m], PAPER_LR, max_len=mode.max_len,
+                             batch_size=mode.batch_size) for m in mode.size_models}
+        for spec in seeded.values():
+            specs += [replace(spec, method="head"), replace(spec, method="full", lr=FT_LR)]
+        for budget in coarse_to_fine(list(mode.size_budgets)):
+            specs += [replace(spec, structure="delta", mask=mask, budget=budget, lr=lrs[mask])
+                      for m, spec in seeded.items() if budget <= caps[m] for mask in MASKS]
+    return specs
+
+
 def coarse_to_fine(budgets: list[int]) -> list[int]:
     """The budgets in bisection order (middle, largest, smallest, then midpoints): any prefix spans the range."""
     budgets = sorted(budgets)
@@ -381,18 +412,21 @@ def lr_pick_specs(model_name: str, task_name: str, mode: Mode) -> list[RunSpec]:
     return [replace(base, mask=m, lr=lr) for m in MASKS for lr in mode.lr_candidates]
 
 
-def sweep(mode: Mode, out: Path, log: Callable[[str], None], command: str = "", part: str = "paper") -> dict:
+def sweep(mode: Mode, out: Path, log: Callable[[str], None], command: str = "", part: str = "paper",
+          device: str = "cpu") -> dict:
     """Run one part of the sweep (resuming from `<out>/runs/`); returns the plan, also written to `<out>/plan.json`.
 
-    Part "paper" plans `runs` (the lr pick, then Figures 5-7); part "pairing" plans `pairing_runs` and keeps what
-    the plan file already says about the other part. Both pick the lr first (runs already stored are reused)."""
+    Part "paper" plans `runs` (the lr pick, then Figures 5-7); parts "pairing" and "sizes" plan `pairing_runs` /
+    `sizes_runs` and keep what the plan file already says about the other parts. All pick the lr first (runs
+    already stored are reused)."""
     store = Store(out)
     tasks: dict[tuple[str, str], Task] = {}
 
     def get_task(model: str, task: str) -> Task:
         if (model, task) not in tasks:
             tasks[model, task] = harness.load_model_task(model, task, max_len=mode.max_len, test_size=mode.test_size,
-                                                          subset=64 if mode.name == "smoke" else None)
+                                                          subset=64 if mode.name == "smoke" else None,
+                                                          device=device)
         return tasks[model, task]
 
     # The lr of masked APET entries is picked once, on the first model and task, by validation accuracy, and
@@ -400,12 +434,12 @@ def sweep(mode: Mode, out: Path, log: Callable[[str], None], command: str = "", 
     first_model, first_task = mode.models[0], mode.tasks[0]
     picks = lr_pick_specs(first_model, first_task, mode)
     old = json.loads((out / "plan.json").read_text()) if (out / "plan.json").exists() else {}
-    if part == "pairing":
+    if part != "paper":
         plan = {"mode": mode.name, "command": "", "lr_pick": {}, "runs": [s.key for s in picks],
-                **{k: v for k, v in old.items() if k not in ("pairing_command", "pairing_runs")},
-                "pairing_command": command, "pairing_runs": []}
+                **{k: v for k, v in old.items() if k not in (f"{part}_command", f"{part}_runs")},
+                f"{part}_command": command, f"{part}_runs": []}
     else:
-        plan = {**{k: v for k, v in old.items() if k.startswith("pairing_")},
+        plan = {**{k: v for k, v in old.items() if k.startswith(("pairing_", "sizes_"))},
                 "mode": mode.name, "command": command, "lr_pick": {}, "runs": [s.key for s in picks]}
     harness.write_json(out / "plan.json", plan)
     records = run_all(picks, store, get_task, mode, log)
@@ -414,11 +448,13 @@ def sweep(mode: Mode, out: Path, log: Callable[[str], None], command: str = "", 
                            "validation": {f"{r['lr']:g}": r["validation"]["accuracy"] for r in records
                                           if r["mask"] == m}} for m in MASKS}
     log(f"lr picked on validation: {lrs}")
-    if part == "pairing":
-        specs = [s for t in mode.tasks for s in plan_pairing(mode.models[0], t, mode, lrs)]
-        plan["pairing_runs"] = [s.key for s in specs]
+    if part != "paper":
+        specs = [s for t in mode.tasks[:1] for s in plan_sizes(t, mode, get_task, lrs)] if part == "sizes" else \
+            [s for t in mode.tasks for s in plan_pairing(mode.models[0], t, mode, lrs)]
+        plan[f"{part}_runs"] = [s.key for s in specs]
         harness.write_json(out / "plan.json", plan)
-        count_learnable(specs, get_task, out)
+        if part == "pairing":
+            count_learnable(specs, get_task, out)
         run_all(specs, store, get_task, mode, log)
         return plan
     specs = [s for t in mode.tasks for m in mode.models for s in plan_model(m, t, mode, get_task(m, t), lrs)]
@@ -436,10 +472,15 @@ def main(argv: list[str] | None = None) -> int:
                                report_only="only rebuild tables and plots")
     parser.add_argument("--part", choices=PARTS, default="paper",
                         help="paper: the Figures 5-7 sweep; pairing: masked lora/adapter with independent vs "
-                             "aligned masks (the first model, seeds and budgets of the mode's pairing_* fields)")
+                             "aligned masks (the first model, seeds and budgets of the mode's pairing_* fields); "
+                             "sizes: Figure 7 on each of the mode's size_models (size_* fields, first task)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="where models train (cuda: one GPU; the CPU threads option still applies to data)")
     parser.add_argument("--with-lm", action="store_true",
                         help="add SmolLM2-135M (zero-shot and delta at 1600 entries) to the default sweep")
     args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is visible to torch here (torch.cuda.is_available() is False)")
     mode = MODES["full" if args.full else "smoke" if args.smoke else "default"]
     if args.with_lm:
         if mode.name != "default":
@@ -450,7 +491,7 @@ def main(argv: list[str] | None = None) -> int:
     log = harness.logger(out / "sweep.log")
     if not args.report_only:
         log(f"start {command} ({mode.name})")
-        sweep(mode, out, log, command, args.part)
+        sweep(mode, out, log, command, args.part, args.device)
     records = Store(out).all()
     meta = report(out, command, records)
     plan = json.loads((out / "plan.json").read_text()) if (out / "plan.json").exists() else {}

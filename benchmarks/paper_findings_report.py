@@ -131,6 +131,7 @@ def _analyse_group(rs: list[dict], metric: str, random_guess: float) -> dict:
         if set(masks) >= set(MASKS) and metric == "accuracy":  # curves are validation class accuracy
             convergence[(structure, budget)] = {m: _mean_curve(masks[m]) for m in MASKS}
     return {"random": random_guess, "full": full, "baseline": baseline, "baseline_method": baseline_method,
+            "model_params": by_method["full"][0]["trainable_total"] if "full" in by_method else None,
             "curves": curves, "thresholds": thresholds, "fig5": fig5, "convergence": convergence}
 
 
@@ -161,6 +162,41 @@ def _fmt_threshold(pair: tuple[int | None, int | None], smallest: int) -> str:
     if below is None:
         return f"≤ {_fmt_budget(first)} (first budget)" if first == smallest else _fmt_budget(first)
     return f"{_fmt_budget(first)} (in ({_fmt_budget(below)}, {_fmt_budget(first)}])"
+
+
+# The paper's §5.3: ranges of the low threshold (entries) per model; it gives no numbers for the high one.
+PAPER_LOW_RANGES = {"BERT-small": (4.0e2, 1.6e3), "BERT-large": (8.0e2, 3.2e3), "T5-small": (8.0e2, 7.9e3),
+                    "T5-XXL": (7.9e3, 8.5e3)}
+
+
+def sizes_markdown(analysis: dict) -> list[str]:
+    """Issue 16 part 4: both thresholds of each delta curve per encoder (models with a full fine-tuning run), in
+    entries and as a share of the model's parameters, beside the paper's ranges. Empty below two such models."""
+    rows = []
+    for (model, task, metric), a in analysis.items():
+        if metric != "accuracy" or a["full"] is None or a["baseline_method"] != "head":
+            continue
+        size = a.get("model_params")
+        for name in sorted(n for n in a["curves"] if n.startswith("delta/")):
+            t, smallest = a["thresholds"][name], min(a["curves"][name])
+            cells = []
+            for key in ("low_vs_head", "high"):
+                first = t[key][1]
+                share = f" ({100 * first / size:.3g} %)" if first is not None and size else ""
+                cells.append(_fmt_threshold(t[key], smallest) + share)
+            seeds = max(p.n for p in a["curves"][name].values())
+            rows.append(f"| {model} | {task} | {size / 1e6:.1f}M | {name} | {seeds} | " + " | ".join(cells) + " |")
+    if len({r.split("|")[1] for r in rows}) < 2:
+        return []
+    paper = "; ".join(f"{m} [{_fmt_budget(int(lo))}, {_fmt_budget(int(hi))}]" for m, (lo, hi) in
+                      PAPER_LOW_RANGES.items())
+    return ["## Thresholds at two model sizes (issue 16, part 4)", "",
+            "Low: the first budget clearly above the head-only floor (mean − err > floor + 2 points); high: the "
+            "first within 1 point of full fine-tuning. Shares are of all the model's parameters (its full "
+            f"fine-tuning count). The paper's low-threshold ranges: {paper}; for the high threshold it reports "
+            "only that it is lower on the larger model.", "",
+            "| model | task | parameters | curve | seeds (most) | low threshold | high threshold |",
+            "|---|---|---|---|---|---|---|", *rows, ""]
 
 
 def markdown(analysis: dict, plan: dict, records: list[dict], meta: dict) -> str:
@@ -226,6 +262,7 @@ def markdown(analysis: dict, plan: dict, records: list[dict], meta: dict) -> str
                     reach = steps_to_fraction(curve, curve[0][1])
                     lines.append(f"| {structure} | {_fmt_budget(budget)} | {mask} | {points} | {reach or '—'} |")
             lines.append("")
+    lines += sizes_markdown(analysis)
     if missing:
         lines += ["## Missing runs (planned, not finished)", ""] + [f"- `{k}`" for k in missing] + [""]
     return "\n".join(lines)
@@ -318,7 +355,8 @@ def report(out: Path, command: str, records: list[dict]) -> dict:
     analysis = analyse(records, lrs)
     meta = {"date": harness.now(), "machine": harness.machine_line(), "command": command,
             "cpu_hours": sum(r["cpu_s"] for r in records) / 3600,
-            "missing": [k for k in plan.get("runs", []) if k not in {r["key"] for r in records}]}
+            "missing": [k for part in ("runs", "pairing_runs", "sizes_runs") for k in plan.get(part, [])
+                        if k not in {r["key"] for r in records}]}
     harness.write_csv(out / "runs.csv", run_rows(records), RUN_COLUMNS)
     (out / "results.md").write_text(markdown(analysis, plan, records, meta))
     harness.write_json(out / "summary.json",

@@ -164,3 +164,47 @@ def test_thresholds_follow_their_definitions():
     # high: first budget with mean >= full - 0.01
     assert high_threshold(curve, 0.865) == (1000, 10000)
     assert high_threshold(curve, 0.50) == (None, 10)
+
+
+def test_sizes_part_plans_references_and_both_delta_curves_and_reuses_runs(smoke):
+    from benchmarks import paper_findings
+
+    before = {r["key"] for r in _records(smoke)}
+    assert paper_findings.main(["--smoke", "--part", "sizes", "--out", str(smoke), "--threads", "1"]) == 0
+    plan = json.loads((smoke / "plan.json").read_text())
+    sizes = plan["sizes_runs"]
+    assert set(sizes) <= before  # the smoke grid's sizes runs are all runs of the paper part: nothing retrained
+    assert {r["key"] for r in _records(smoke)} == before
+    by_key = {r["key"]: r for r in _records(smoke)}
+    methods = {(by_key[k]["method"], by_key[k]["structure"], by_key[k]["mask"]) for k in sizes}
+    assert methods == {("head", None, None), ("full", None, None), ("apet", "delta", "adjacent"),
+                       ("apet", "delta", "discrete")}
+    assert plan["runs"] and plan["sizes_command"].endswith("--part sizes --out " + str(smoke) + " --threads 1")
+
+
+def _record(model: str, method: str, accuracy: float, budget: int | None = None, mask: str | None = None,
+            total: int = 1000) -> dict:
+    return {"model": model, "task": "rt", "method": method, "structure": "delta" if budget else None, "mask": mask,
+            "budget": budget, "lr": 1e-3, "num_labels": 2, "n_test": 10_000, "trainable_total": total, "curve": [],
+            "test": {"accuracy": accuracy}}
+
+
+def test_sizes_table_reads_both_thresholds_per_model_as_shares_of_the_model():
+    from benchmarks.paper_findings_report import analyse, sizes_markdown
+
+    records = []
+    for model, total, curve in (("small", 10_000, {100: 0.60, 400: 0.75, 1600: 0.89}),
+                                ("large", 100_000, {100: 0.61, 400: 0.80, 1600: 0.90})):
+        records += [_record(model, "head", 0.60, total=0), _record(model, "full", 0.90, total=total)]
+        records += [_record(model, "apet", acc, budget=b, mask=m) for b, acc in curve.items() for m in ("adjacent",
+                                                                                                          "discrete")]
+    lines = sizes_markdown(analyse(records, {}))
+    rows = {tuple(c.strip() for c in line.split("|")[1:5]): line for line in lines if line.startswith("| small")
+            or line.startswith("| large")}
+    # binomial err at n = 10,000 is < 0.5 points: 400 is the first budget above 60 + 2 on both; the high threshold
+    # (within 1 point of 90) is 1600 on both: 16 % of the small model, 1.6 % of the large one
+    small = rows[("small", "rt", "0.0M", "delta/discrete")]
+    assert "4.0e2 (in (1.0e2, 4.0e2]) (4 %)" in small and "1.6e3 (in (4.0e2, 1.6e3]) (16 %)" in small
+    large = rows[("large", "rt", "0.1M", "delta/adjacent")]
+    assert "(0.4 %)" in large and "(1.6 %)" in large
+    assert sizes_markdown(analyse([r for r in records if r["model"] == "small"], {})) == []

@@ -1,0 +1,45 @@
+"""The benchmark harness's MPNet classifier (`PooledClassifier`) on a tiny random MPNet, against its formula."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import get_peft_model
+from transformers import MPNetConfig, MPNetModel
+
+from benchmarks.harness import PooledClassifier
+from peft_apet import APETConfig
+
+HIDDEN, LABELS = 32, 2
+
+
+@pytest.fixture(scope="module")
+def tiny_mpnet_folder(tmp_path_factory) -> str:
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny_mpnet")
+    MPNetModel(MPNetConfig(hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                           vocab_size=100, max_position_embeddings=64)).save_pretrained(folder)
+    return str(folder)
+
+
+def test_logits_are_the_linear_classifier_on_the_pretrained_pooler(tiny_mpnet_folder):
+    torch.manual_seed(1)
+    model = PooledClassifier(tiny_mpnet_folder, LABELS).eval()
+    saved = MPNetModel.from_pretrained(tiny_mpnet_folder).eval()
+    torch.testing.assert_close(model.mpnet.pooler.dense.weight, saved.pooler.dense.weight)  # loaded, not new
+    ids = torch.randint(3, 100, (3, 5), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        first = saved(input_ids=ids).last_hidden_state[:, 0]
+        expected = model.classifier(torch.tanh(saved.pooler.dense(first)))
+        out = model(input_ids=ids, labels=torch.tensor([0, 1, 1]))
+    torch.testing.assert_close(out.logits, expected)
+    torch.testing.assert_close(out.loss, torch.nn.functional.cross_entropy(expected, torch.tensor([0, 1, 1])))
+
+
+def test_peft_trains_the_budget_and_the_linear_head_only(tiny_mpnet_folder):
+    model = get_peft_model(PooledClassifier(tiny_mpnet_folder, LABELS),
+                           APETConfig.delta(mask="discrete", num_trainable_params=200, task_type="SEQ_CLS"))
+    trainable = {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
+    assert sum(v for n, v in trainable.items() if "classifier" not in n) == 200
+    assert sum(v for n, v in trainable.items() if "classifier" in n) == LABELS * (HIDDEN + 1)
+    assert not any("pooler" in n for n in trainable)
