@@ -53,6 +53,7 @@ METHODS = ("apet", "lora", "sparta", "full")
 GRIDS = {"apet": (3e-3, 1e-2, 3e-2), "sparta": (3e-3, 1e-2, 3e-2), "lora": (1e-3, 3e-3, 1e-2),
          "full": (3e-5, 1e-4, 3e-4)}
 TASKS = ("rotten_tomatoes", "fine_food")
+PARTS = ("compare", "lr-rule")
 TARGET_KINDS = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
                 "intermediate.dense", "output.dense")
 
@@ -118,7 +119,7 @@ def lora_ranks(layers: list[tuple[str, nn.Linear]], k: int) -> dict[str, int]:
 
     def miss(counts: tuple[int, ...]) -> tuple[int, int]:
         total = sum(c * s for c, s in zip(counts, sizes))
-        return abs(rest - total) if base or total else k + 1, max(counts)  # no LoRA at all is not a LoRA
+        return abs(rest - total) if base or total else math.inf, max(counts)  # no LoRA at all is not a LoRA
 
     counts = min(itertools.product(*options), key=miss)
     ranks = {name: base for name in cost}
@@ -237,12 +238,15 @@ def lr_pick(base: RunSpec, grid: tuple[float, ...], get: Callable[[RunSpec], dic
 
 
 def sweep(task_name: str, task: Task, mode: Mode, out: Path, epochs: int, strategy: str, widen: int,
-          log: Callable[[str], None], methods: tuple[str, ...] = METHODS) -> None:
-    """Every budget in turn: the lr pick of each method, then its other seeds; then the APET lr picks of part 2."""
+          log: Callable[[str], None], methods: tuple[str, ...] = METHODS, parts: tuple[str, ...] = PARTS) -> None:
+    """Part "compare": every budget in turn, the lr pick of each method, then its other seeds. Part "lr-rule": the
+    APET lr pick at `mode.sweep_budgets`."""
     path = out / "runs.jsonl"
-    done = {r["key"]: r for r in load_records(path)}
+    done: dict[str, dict] = {}
 
     def get(spec: RunSpec) -> dict:
+        if spec.key not in done:  # read again: another process may have run it meanwhile
+            done.update((r["key"], r) for r in load_records(path))
         if spec.key not in done:
             record = run(spec, task, mode)
             with path.open("a") as f:  # one write of one line: safe beside another process appending
@@ -252,14 +256,14 @@ def sweep(task_name: str, task: Task, mode: Mode, out: Path, epochs: int, strate
                 f"{record['test_accuracy']:.3f}, loss {record['loss_last']:.3f}, {record['wall_s']} s")
         return done[spec.key]
 
-    for i, budget in enumerate(mode.budgets):
+    for i, budget in enumerate(mode.budgets if "compare" in parts else ()):
         bases = [RunSpec(task_name, m, 0 if m == "full" else budget, 0.0, mode.seeds[0], epochs, strategy)
                  for m in methods if m != "full" or i == 0]
         picked = {base: lr_pick(base, GRIDS[base.method], get, widen) for base in bases}
         for base, lr in picked.items():
             for seed in mode.seeds[1:]:
                 get(replace(base, lr=lr, seed=seed))
-    if "apet" in methods:
+    if "apet" in methods and "lr-rule" in parts:
         for budget in mode.sweep_budgets:
             lr_pick(RunSpec(task_name, "apet", budget, 0.0, mode.seeds[0], epochs, strategy), GRIDS["apet"], get,
                     widen)
@@ -271,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
                                threads=1)
     parser.add_argument("--task", choices=TASKS, nargs="+", default=list(TASKS), help="tasks, in turn")
     parser.add_argument("--methods", choices=METHODS, nargs="+", default=list(METHODS))
+    parser.add_argument("--parts", choices=PARTS, nargs="+", default=list(PARTS),
+                        help="compare: the methods at the budgets; lr-rule: APET's lr pick at more budgets")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--mask-strategy", default="random", help="APET's mask_strategy (default random)")
     parser.add_argument("--widen", type=int, default=1, help="grid steps added beyond an edge the best lr is at")
@@ -284,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
             task = harness.load_model_task(mode.model, name, max_len=mode.max_len, test_size=mode.test_size,
                                            subset=mode.subset)
             log(f"{name}: {command}")
-            sweep(name, task, mode, out, args.epochs, args.mask_strategy, args.widen, log, tuple(args.methods))
+            sweep(name, task, mode, out, args.epochs, args.mask_strategy, args.widen, log, tuple(args.methods),
+                  tuple(args.parts))
     write_report(out, mode, command, load_records(out / "runs.jsonl"))
     print((out / "results.md").read_text())
     return 0

@@ -17,7 +17,6 @@ import numpy as np
 from benchmarks import harness
 
 TARGETS = {22_700: 0.3, 2_270: 3.0}  # budget -> allowed gap to full fine-tuning (points of test accuracy)
-SEEDS = 3
 
 
 def pick_lr(tried: dict[float, dict]) -> float:
@@ -53,7 +52,7 @@ def summarise(records: list[dict]) -> list[dict]:
     return rows
 
 
-def targets(rows: list[dict]) -> list[dict]:
+def targets(rows: list[dict], seeds: int) -> list[dict]:
     """APET's gap to full fine-tuning per (task, budget, epochs) of `TARGETS`, met or missed."""
     out = []
     for r in rows:
@@ -64,7 +63,7 @@ def targets(rows: list[dict]) -> list[dict]:
         if full is None:
             continue
         gap = 100 * (r["test_mean"] - full["test_mean"])
-        complete = len(r["seeds"]) >= SEEDS and len(full["seeds"]) >= SEEDS
+        complete = len(r["seeds"]) >= seeds and len(full["seeds"]) >= seeds
         out.append({"task": r["task"], "budget": r["budget"], "epochs": r["epochs"], "apet": r["test_mean"],
                     "full": full["test_mean"], "gap_points": gap, "allowed_points": -TARGETS[r["budget"]],
                     "met": gap >= -TARGETS[r["budget"]], "seeds": (len(r["seeds"]), len(full["seeds"])),
@@ -121,9 +120,10 @@ def target_lines(found: list[dict]) -> str:
     return "\n".join(lines) or "- not enough runs yet."
 
 
-def incomplete(rows: list[dict]) -> list[str]:
-    return [f"{r['task']} {_label(r)} k={r['budget']:,}: {len(r['seeds'])} of {SEEDS} seeds" for r in rows
-            if len(r["seeds"]) < SEEDS and not (r["method"] == "apet" and r["budget"] not in TARGETS)]
+def incomplete(rows: list[dict], seeds: int) -> list[str]:
+    """The groups of the comparison (not part 2's lr picks) with fewer than `seeds` seeds at their picked lr."""
+    return [f"{r['task']} {_label(r)} k={r['budget']:,}: {len(r['seeds'])} of {seeds} seeds" for r in rows
+            if len(r["seeds"]) < seeds and not (r["method"] == "apet" and r["budget"] not in TARGETS)]
 
 
 def figure(rows: list[dict], path: Path, stamp: str) -> Path | None:
@@ -148,12 +148,12 @@ def figure(rows: list[dict], path: Path, stamp: str) -> Path | None:
 def write_report(out: Path, mode, command: str, records: list[dict]) -> None:
     """results.json, results.md and lr_curves.png in `out`."""
     rows = summarise(records)
-    found, rule = targets(rows), lr_rule(rows)
+    found, rule = targets(rows, len(mode.seeds)), lr_rule(rows)
     meta = {"mode": mode.name, "command": command, "written": harness.now(), "machine": harness.machine(),
             "settings": {"model": mode.model, "batch_size": mode.batch_size, "max_len": mode.max_len,
                          "test_size": mode.test_size, "seeds": list(mode.seeds), "warmup": "6 % linear, linear decay",
                          "optimizer": "AdamW, weight decay 0, one lr for all trainable parameters"},
-            "incomplete": incomplete(rows)}
+            "incomplete": incomplete(rows, len(mode.seeds))}
     harness.write_json(out / "results.json", {"meta": meta, "summary": rows, "targets": found, "lr_rule": rule,
                                               "runs": records}, end="\n")
     fig = figure(rows, out / "lr_curves.png", harness.stamp(meta["written"][:10], command))
