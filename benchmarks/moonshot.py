@@ -277,11 +277,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", choices=METHODS, nargs="+", default=list(METHODS))
     parser.add_argument("--parts", choices=PARTS, nargs="+", default=list(PARTS),
                         help="compare: the methods at the budgets; lr-rule: APET's lr pick at more budgets")
+    parser.add_argument("--budgets", type=int, nargs="+", help="the comparison's budgets instead of the mode's")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--mask-strategy", default="random", help="APET's mask_strategy (default random)")
     parser.add_argument("--widen", type=int, default=1, help="grid steps added beyond an edge the best lr is at")
     args = parser.parse_args(argv)
     mode = MODES["smoke" if args.smoke else "default"]
+    if args.budgets:
+        mode = replace(mode, budgets=tuple(args.budgets))
     out = args.out or harness.results_folder("moonshot")
     command = harness.start("moonshot", argv, out, args.threads)
     if not args.report_only:
