@@ -31,7 +31,7 @@ def _group(r: dict) -> tuple:
 def summarise(records: list[dict]) -> list[dict]:
     """One row per group: the lrs tried with their validation accuracy, the picked lr, the seeds at it."""
     groups: dict[tuple, list[dict]] = {}
-    for r in records:
+    for r in {r["key"]: r for r in reversed(records)}.values():  # a run done twice (two processes): its first record
         groups.setdefault(_group(r), []).append(r)
     rows = []
     for (task, method, budget, strategy, epochs), runs in sorted(groups.items(), key=lambda g: (
@@ -102,7 +102,8 @@ def table(rows: list[dict]) -> str:
         ks = sorted(set(r["k"]))
         k = f"{ks[0]:,}" if len(ks) == 1 else ", ".join(f"{v:,}" for v in r["k"])
         val = ", ".join(f"{lr}: {_pct(v)}" for lr, v in r["validation_by_lr"].items())
-        lines.append(f"| {r['task']} | {r['budget']:,} | {_label(r)} | {k} | {len(r['seeds'])} | "
+        target = f"{r['budget']:,}" if r["method"] != "full" else "all"
+        lines.append(f"| {r['task']} | {target} | {_label(r)} | {k} | {len(r['seeds'])} | "
                      f"{_pct(r['test_mean'])} ± {_pct(r['test_std'])} | {r['picked_lr']:g}"
                      f"{' (edge)' if r['lr_at_edge'] else ''} | {val} |")
     return "\n".join(lines)
