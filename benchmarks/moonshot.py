@@ -295,7 +295,9 @@ def main(argv: list[str] | None = None) -> int:
             log(f"{name}: {command}")
             sweep(name, task, mode, out, args.epochs, args.mask_strategy, args.widen, log, tuple(args.methods),
                   tuple(args.parts))
-    write_report(out, mode, command, load_records(out / "runs.jsonl"))
+    planned = [(t, m, 0 if m == "full" else b) for t in TASKS for b in mode.budgets for m in METHODS
+               if m != "full" or b == mode.budgets[0]] + [(t, "apet", b) for t in TASKS for b in mode.sweep_budgets]
+    write_report(out, mode, command, load_records(out / "runs.jsonl"), planned)
     print((out / "results.md").read_text())
     return 0
 

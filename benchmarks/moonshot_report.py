@@ -146,15 +146,18 @@ def figure(rows: list[dict], path: Path, stamp: str) -> Path | None:
     return harness.save_figure(fig, path, stamp, bottom=0.06)
 
 
-def write_report(out: Path, mode, command: str, records: list[dict]) -> None:
-    """results.json, results.md and lr_curves.png in `out`."""
+def write_report(out: Path, mode, command: str, records: list[dict], planned: list[tuple]) -> None:
+    """results.json, results.md and lr_curves.png in `out`; `planned`: the default plan's (task, method, budget)
+    groups, those without a run listed as not run."""
     rows = summarise(records)
+    not_run = [f"{t} {m} k={b:,}" for t, m, b in planned
+               if not any((r["task"], r["method"], r["budget"]) == (t, m, b) for r in rows)]
     found, rule = targets(rows, len(mode.seeds)), lr_rule(rows)
     meta = {"mode": mode.name, "command": command, "written": harness.now(), "machine": harness.machine(),
             "settings": {"model": mode.model, "batch_size": mode.batch_size, "max_len": mode.max_len,
                          "test_size": mode.test_size, "seeds": list(mode.seeds), "warmup": "6 % linear, linear decay",
                          "optimizer": "AdamW, weight decay 0, one lr for all trainable parameters"},
-            "incomplete": incomplete(rows, len(mode.seeds))}
+            "incomplete": incomplete(rows, len(mode.seeds)), "not_run": not_run}
     harness.write_json(out / "results.json", {"meta": meta, "summary": rows, "targets": found, "lr_rule": rule,
                                               "runs": records}, end="\n")
     fig = figure(rows, out / "lr_curves.png", harness.stamp(meta["written"][:10], command))
@@ -172,4 +175,5 @@ def write_report(out: Path, mode, command: str, records: list[dict]) -> None:
         + "\n\n## lr rule for APET (part 2)\n\n" + rule_text
         + (f"\n\n![validation accuracy vs lr]({fig.name})" if fig else "") + "\n\n"
         + ("Not finished: " + "; ".join(meta["incomplete"]) + ".\n" if meta["incomplete"] else
-           "All groups have every seed.\n"))
+           "All groups have every seed.\n")
+        + (f"Not run at all: {'; '.join(not_run)}.\n" if not_run else ""))
