@@ -20,7 +20,6 @@ interrupted sweep resumes. Runs go seed by seed, so a cut sweep still compares e
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from dataclasses import asdict, dataclass, replace
@@ -30,7 +29,7 @@ import torch
 from peft import get_peft_model
 
 from benchmarks import harness
-from benchmarks.harness import Task, evaluate, is_head
+from benchmarks.harness import Task, append_record, evaluate, is_head, load_records
 from peft_apet import APETConfig
 
 DELTA_LR = 3e-3  # paper_findings.py: picked on validation (3e-4 vs 3e-3) for discrete deltas, at every budget
@@ -94,10 +93,6 @@ def run(spec: RunSpec, task: Task, mode: Mode) -> dict:
         "loss_last": statistics.fmean(losses[-10:]) if losses else None,
         "wall_s": round(time.perf_counter() - wall, 1), "finished": harness.now(),
     }
-
-
-def load_records(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
 def summarise(records: list[dict], mode: Mode) -> list[dict]:
@@ -178,8 +173,7 @@ def main(argv: list[str] | None = None) -> int:
                 if spec.key in done:
                     continue
                 record = run(spec, task, mode)
-                with path.open("a") as f:
-                    f.write(json.dumps(record) + "\n")
+                append_record(path, record)
                 log(f"{spec.key}: test {record['test_accuracy']:.3f}, validation {record['validation_accuracy']:.3f}, "
                     f"{record['wall_s']} s")
     write_report(out, mode, args.lr, command, load_records(path))

@@ -367,6 +367,28 @@ def write_json(path: Path, data: object, end: str = "") -> None:
     path.write_text(json.dumps(data, indent=1, default=str) + end)
 
 
+def load_records(path: Path, skip_cut_lines: bool = False) -> list[dict]:
+    """The records of a JSON-lines file (`[]` if it does not exist), blank lines skipped; with `skip_cut_lines`,
+    also a line cut short by an interrupted write (else that raises `json.JSONDecodeError`)."""
+    records = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if not skip_cut_lines:
+                raise
+    return records
+
+
+def append_record(path: Path, record: dict) -> None:
+    """`record` as one JSON line, written as soon as its run finished so that a rerun skips it; one write of one
+    line, so it is safe beside another process appending to the same file."""
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
 def write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
     """One line per row with `columns` (keys of a row not among them are left out)."""
     with path.open("w", newline="") as f:

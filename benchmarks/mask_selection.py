@@ -25,7 +25,6 @@ References: the head alone trained the same way (`baselines.jsonl`, k = 0) and r
 
 from __future__ import annotations
 
-import json
 import time
 import warnings
 from dataclasses import dataclass
@@ -36,7 +35,7 @@ import torch
 from peft import get_peft_model
 
 from benchmarks import harness
-from benchmarks.harness import Task, evaluate, is_head
+from benchmarks.harness import Task, append_record, evaluate, is_head, load_records
 from peft_apet import APETConfig, calibrate_masks
 from peft_apet.layer import APETLayer
 
@@ -149,16 +148,6 @@ def head_only(seed: int, task: Task, mode: Mode) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- sweep
-def load_records(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-
-
-def append_record(path: Path, record: dict) -> None:
-    """One JSON line, written as soon as its run finished: a rerun skips it."""
-    with path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
 def baselines(mode: Mode, out: Path, log, task: Task) -> None:
     path = out / "baselines.jsonl"
     done = {r["seed"] for r in load_records(path)}

@@ -31,7 +31,6 @@ skips the runs found there, so an interrupted sweep resumes.
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import re
 import statistics
@@ -211,17 +210,6 @@ def run(spec: RunSpec, task: Task, mode: Mode) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- the sweep
-def load_records(path: Path) -> list[dict]:
-    """The records of `runs.jsonl` (a line cut short by an interrupted write is skipped)."""
-    records = []
-    for line in path.read_text().splitlines() if path.exists() else []:
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            pass
-    return records
-
-
 def lr_pick(base: RunSpec, grid: tuple[float, ...], get: Callable[[RunSpec], dict], widen: int) -> float:
     """Run `grid` at seed 0, then up to `widen` times one more lr beyond an edge the best value sits on (one grid
     step further, the step being the ratio of the two values at that edge); returns the picked lr."""
@@ -246,11 +234,10 @@ def sweep(task_name: str, task: Task, mode: Mode, out: Path, epochs: int, strate
 
     def get(spec: RunSpec) -> dict:
         if spec.key not in done:  # read again: another process may have run it meanwhile
-            done.update((r["key"], r) for r in load_records(path))
+            done.update((r["key"], r) for r in harness.load_records(path, skip_cut_lines=True))
         if spec.key not in done:
             record = run(spec, task, mode)
-            with path.open("a") as f:  # one write of one line: safe beside another process appending
-                f.write(json.dumps(record) + "\n")
+            harness.append_record(path, record)
             done[spec.key] = record
             log(f"{spec.key}: k {record['k']:,}, validation {record['validation_accuracy']:.3f}, test "
                 f"{record['test_accuracy']:.3f}, loss {record['loss_last']:.3f}, {record['wall_s']} s")
@@ -297,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
                   tuple(args.parts))
     planned = [(t, m, 0 if m == "full" else b) for t in TASKS for b in mode.budgets for m in METHODS
                if m != "full" or b == mode.budgets[0]] + [(t, "apet", b) for t in TASKS for b in mode.sweep_budgets]
-    write_report(out, mode, command, load_records(out / "runs.jsonl"), planned)
+    write_report(out, mode, command, harness.load_records(out / "runs.jsonl", skip_cut_lines=True), planned)
     print((out / "results.md").read_text())
     return 0
 

