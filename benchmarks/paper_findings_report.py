@@ -172,21 +172,22 @@ PAPER_LOW_RANGES = {"BERT-small": (4.0e2, 1.6e3), "BERT-large": (8.0e2, 3.2e3), 
 def sizes_markdown(analysis: dict) -> list[str]:
     """Issue 16 part 4: both thresholds of each delta curve per encoder (models with a full fine-tuning run), in
     entries and as a share of the model's parameters, beside the paper's ranges. Empty below two such models."""
-    rows = []
+    rows, models = [], set()
     for (model, task, metric), a in analysis.items():
         if metric != "accuracy" or a["full"] is None or a["baseline_method"] != "head":
             continue
-        size = a.get("model_params")
+        size = a["model_params"]
         for name in sorted(n for n in a["curves"] if n.startswith("delta/")):
             t, smallest = a["thresholds"][name], min(a["curves"][name])
             cells = []
             for key in ("low_vs_head", "high"):
                 first = t[key][1]
-                share = f" ({100 * first / size:.3g} %)" if first is not None and size else ""
+                share = f" ({100 * first / size:.3g} %)" if first is not None else ""
                 cells.append(_fmt_threshold(t[key], smallest) + share)
             seeds = max(p.n for p in a["curves"][name].values())
             rows.append(f"| {model} | {task} | {size / 1e6:.1f}M | {name} | {seeds} | " + " | ".join(cells) + " |")
-    if len({r.split("|")[1] for r in rows}) < 2:
+            models.add(model)
+    if len(models) < 2:
         return []
     paper = "; ".join(f"{m} [{_fmt_budget(int(lo))}, {_fmt_budget(int(hi))}]" for m, (lo, hi) in
                       PAPER_LOW_RANGES.items())
