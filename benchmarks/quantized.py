@@ -12,13 +12,19 @@ For each budget k (default 1e4, 1e5, 1e6) three methods train on a fresh copy of
   r * sum(m + n); r = 1 already exceeds 1e4 and 1e5 on SmolLM2, so small budgets use r = 1 on the first n layers
   (`layers_to_transform`), n chosen to get nearest k; larger budgets use all layers and the nearest r;
 - `apet-discrete` and `apet-adjacent`: an APET delta (the same projections, all layers) with exactly QLoRA's count,
-  so k is equal to the parameter. The discrete delta is the side path `base(x) + x W~^T` of `peft_apet.quantized`.
+  so k is equal to the parameter. The discrete delta is the side path `base(x) + x W~^T` of `peft_apet.quantized`;
+- `apet-discrete-qlora-layers`: the discrete delta with QLoRA's count on QLoRA's layers only, where QLoRA covers
+  fewer than all (small k): equal k and equal coverage, so the difference is the method's, not where k is spent.
 
 Measured per method (one command; each method in a fresh Python process, so that none inherits memory another
 freed; `--in-process` and `--smoke` run them in this process): the median step time (forward, backward, AdamW
 step; after warm-up steps), peak memory as the peak resident set size (RSS, sampled every 5 ms from
 /proc/self/statm, `harness.PeakSampler`) during injection and training minus the RSS just before injection
-(the quantized base is loaded then), the bytes autograd saves for backward in one forward pass
+(the quantized base is loaded then). Fresh processes run with glibc's mmap threshold fixed at 1 MiB
+(`MALLOC_MMAP_THRESHOLD_`, the same for every method): by default glibc raises it after each large free, after
+which bitsandbytes' transient dequantization buffers stay in the heap behind any small long-lived allocation, and
+the peak RSS then measured where a method's small arrays happened to land (up to +/-100 MiB here) rather than what
+it keeps; the bytes autograd saves for backward in one forward pass
 (allocator-independent: what the side path keeps between forward and backward), the trainable state (parameters
 + gradients + AdamW moments, read from the tensors), and, after the short run, Rotten Tomatoes generation accuracy
 on a fixed test prefix (the full-vocabulary argmax at the answer slot must be the label word: the label-word task
@@ -30,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -48,8 +55,11 @@ from benchmarks.harness import PeakSampler, Task, current_rss, evaluate, trim_me
 from peft_apet import APETConfig
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-METHODS = ("qlora", "apet-discrete", "apet-adjacent")
-LR = {"qlora": 3e-4, "apet-discrete": 3e-3, "apet-adjacent": 3e-3}  # paper_findings' picked lr for masked deltas
+METHODS = ("qlora", "apet-discrete", "apet-adjacent", "apet-discrete-qlora-layers")
+SAME_LAYERS = "apet-discrete-qlora-layers"  # runs only where QLoRA covers some layers (else it is apet-discrete)
+LR = {"qlora": 3e-4, "apet-discrete": 3e-3, "apet-adjacent": 3e-3,  # paper_findings' picked lr for masked deltas
+      SAME_LAYERS: 3e-3}
+MMAP_THRESHOLD = 1 << 20  # bytes; MALLOC_MMAP_THRESHOLD_ of the fresh processes (see the module docstring)
 
 
 @dataclass(frozen=True)
@@ -139,9 +149,21 @@ def qlora_config(shapes: list[tuple[str, int, int]], k: int) -> tuple[LoraConfig
 def attach(method: str, model: nn.Module, lora: LoraConfig, count: int) -> nn.Module:
     if method == "qlora":
         return get_peft_model(model, lora)
+    targets = TARGETS
+    if method == SAME_LAYERS:
+        if lora.layers_to_transform is None:
+            raise ValueError(f"{SAME_LAYERS} needs a QLoRA config on some layers only (it is apet-discrete here)")
+        targets = rf".*\.layers\.({'|'.join(map(str, lora.layers_to_transform))})\.\w+\.({'|'.join(TARGETS)})"
     mask = method.split("-")[1]
-    return get_peft_model(model, APETConfig.delta(mask=mask, num_trainable_params=count, target_modules=TARGETS,
+    return get_peft_model(model, APETConfig.delta(mask=mask, num_trainable_params=count, target_modules=targets,
                                                   task_type="CAUSAL_LM"))
+
+
+def methods_at(k: int, shapes: list[tuple[str, int, int]]) -> tuple[str, ...]:
+    """The methods run at budget `k`: all, but `SAME_LAYERS` only where QLoRA's config leaves some layers out."""
+    layers = qlora_config(shapes, k)[0].layers_to_transform
+    partial = layers is not None and len(layers) < len({name.split(".layers.")[1].split(".")[0] for name, *_ in shapes})
+    return tuple(m for m in METHODS if m != SAME_LAYERS or partial)
 
 
 # ---------------------------------------------------------------------------------------------- one method
@@ -203,7 +225,8 @@ def run_isolated(method: str, k: int, settings: Settings, smoke: bool, log) -> d
         command = [sys.executable, "-m", "benchmarks.quantized", "--one", method, str(k), "--record", str(out),
                    "--threads", str(torch.get_num_threads()),
                    "--settings", json.dumps(asdict(settings))] + (["--smoke"] if smoke else [])
-        proc = subprocess.run(command, capture_output=True, text=True, cwd=harness.REPO)
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)}
+        proc = subprocess.run(command, capture_output=True, text=True, cwd=harness.REPO, env=env)
         if proc.returncode != 0:
             raise RuntimeError(proc.stderr[-2000:])
         record = json.loads(out.read_text())
@@ -214,12 +237,14 @@ def run_isolated(method: str, k: int, settings: Settings, smoke: bool, log) -> d
     return record
 
 
-def zero_shot(task: Task) -> dict:
+def zero_shot(task: Task) -> tuple[dict, list[tuple[str, int, int]]]:
+    """The base model's test results and its targeted projections' shapes."""
     model = load_base(task.path)
     out = evaluate(model, task.splits["test"], task, False, batch_size=16)
+    shapes = linear_shapes(model)
     del model
     trim_memory()
-    return out
+    return out, shapes
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -281,7 +306,9 @@ def markdown(meta: dict, rows: list[dict], zero: dict) -> str:
         f"(class accuracy {_f(zero.get('accuracy'), '.3f')}).", "",
         f"{s['rounds']} round(s), methods interleaved. Step time: median over the measured steps of all rounds. Peak "
         "memory: mean over rounds of the peak RSS (5 ms sampler) during injection and "
-        "training above the RSS before injection" + (", each method in a fresh process" if meta["isolated"] else "")
+        "training above the RSS before injection" + (", each method in a fresh process with glibc's mmap threshold "
+                                                     f"fixed at {meta['mmap_threshold'] / 2**20:g} MiB"
+                                                     if meta["isolated"] else "")
         + ". Saved for backward: bytes of the distinct tensors autograd keeps from one forward pass "
         "(allocator-independent). Trainable state: parameters + gradients + AdamW moments. Ratios: APET / QLoRA at "
         "the same k (equal trainable counts).", "",
@@ -301,9 +328,9 @@ def markdown(meta: dict, rows: list[dict], zero: dict) -> str:
             f"{_f(r['generation_accuracy'], '.3f')} | {r['accuracy']:.3f} |")
     lines += ["", "## Target: APET discrete delta at or below QLoRA's peak memory and step time at equal k", ""]
     for r in rows:
-        if r["method"] == "apet-discrete" and "step_ratio" in r:
+        if r["method"] in ("apet-discrete", SAME_LAYERS) and "step_ratio" in r:
             met = r["step_ratio"] <= 1.0 and r["peak_ratio"] <= 1.0
-            lines.append(f"- k = {r['k']:,}: step ratio {r['step_ratio']:.2f}, peak-RSS ratio "
+            lines.append(f"- k = {r['k']:,}, {r['method']}: step ratio {r['step_ratio']:.2f}, peak-RSS ratio "
                          f"{r['peak_ratio']:.2f} (saved-for-backward ratio {r['saved_ratio']:.2f}): "
                          f"{'met' if met else 'not met'}.")
     if meta.get("notes"):
@@ -356,13 +383,14 @@ def main(argv: list[str] | None = None) -> int:
     log(f"start {command}")
     tmp = tempfile.TemporaryDirectory()
     task, model_name = make_task(settings, args.smoke, Path(tmp.name))
-    zero = zero_shot(task)
+    zero, shapes = zero_shot(task)
     log(f"zero-shot generation accuracy {zero.get('generation_accuracy')}")
-    records = []
+    records, plan = [], {k: methods_at(k, shapes) for k in settings.budgets}
     isolated = not (args.in_process or args.smoke)
     for round_ in range(settings.rounds):
         for k in settings.budgets:
-            for method in METHODS if round_ % 2 == 0 else METHODS[::-1]:  # interleaved, alternating direction
+            methods = plan[k]
+            for method in methods if round_ % 2 == 0 else methods[::-1]:  # interleaved, alternating direction
                 try:
                     record = (run_isolated(method, k, settings, args.smoke, log) if isolated
                               else run_method(method, k, task, settings, log))
@@ -375,7 +403,8 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"date": harness.now(), "command": command, "machine": harness.machine(),
             "threads": args.threads, "torch": torch.__version__, "bitsandbytes": bitsandbytes.__version__,
             "model": model_name, "settings": asdict(settings), "wall_s": time.perf_counter() - start,
-            "isolated": isolated,
+            "isolated": isolated, "methods": {str(k): list(m) for k, m in plan.items()},
+            "mmap_threshold": MMAP_THRESHOLD if isolated else None,
             "notes": ["Short runs (a few steps): accuracy differences between methods are not meaningful at this "
                       "length; they show that each method trains on the 4-bit base."]}
     rows = summarise(records)

@@ -26,8 +26,12 @@ def smoke(tmp_path_factory) -> Path:
 def test_every_method_at_equal_k(smoke):
     results = json.loads((smoke / "results.json").read_text())
     records = results["records"]
+    planned = results["meta"]["methods"]
     assert [(r["k"], r["method"]) for r in records] == [
-        (k, m) for k in quantized.SETTINGS["smoke"].budgets for m in quantized.METHODS]
+        (k, m) for k in quantized.SETTINGS["smoke"].budgets for m in planned[str(k)]]
+    # QLoRA covers the first of the tiny Llama's 2 layers at k = 200 and both at 2,000: only at 200 does APET also
+    # run on QLoRA's layers alone
+    assert planned["200"] == list(quantized.METHODS) and quantized.SAME_LAYERS not in planned["2000"]
     assert not [r for r in records if "error" in r]
     for k in quantized.SETTINGS["smoke"].budgets:
         counts = {r["method"]: r["trainable"] for r in records if r["k"] == k}
@@ -46,6 +50,7 @@ def test_report(smoke):
     text = (smoke / "results.md").read_text()
     for method in ("qlora", "apet-discrete", "apet-adjacent"):
         assert text.count(f"| {method} |") == 2
+    assert text.count(f"| {quantized.SAME_LAYERS} |") == 1
     assert "Target: APET discrete delta" in text
 
 
@@ -53,3 +58,17 @@ def test_isolated_run_in_a_fresh_process():
     record = quantized.run_isolated("apet-discrete", 200, quantized.SETTINGS["smoke"], True, print)
     assert record["trainable"] == 1088  # r=1 LoRA count of the first layer's 7 projections of the tiny Llama
     assert record["saved_for_backward_bytes"] > 0 and record["peak_rss_delta"] > 0
+
+
+def test_apet_on_qlora_layers_targets_only_those_layers():
+    """At k = 200 QLoRA trains r = 1 on layer 0 of the tiny Llama; APET on QLoRA's layers gets the same count there."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        task = quantized.smoke_task(Path(tmp))
+        base = quantized.load_base(task.path)
+        lora, count, _ = quantized.qlora_config(quantized.linear_shapes(base), 200)
+        model = quantized.attach(quantized.SAME_LAYERS, base, lora, count)
+        trainable = {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
+    assert sum(trainable.values()) == count == 1088
+    assert trainable and all(".layers.0." in n for n in trainable)

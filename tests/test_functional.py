@@ -142,3 +142,65 @@ def test_index_arrays_are_kept_only_for_discrete_masks_up_to_density_one_eighth(
     delta = layer.apet_weights["default"]["delta"]
     assert (delta in peft_apet.functional._LAYOUTS) == kept
     assert (peft_apet.functional.layout_of(delta) is peft_apet.functional.layout_of(delta)) == kept
+
+
+def _saved_shapes(fn) -> list[tuple[int, ...]]:
+    """Shapes of the tensors autograd keeps for backward while `fn()` runs."""
+    shapes = []
+
+    def pack(t):
+        shapes.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return shapes
+
+
+# (64, 256) layer, 8 tokens: k = 16 entries use at most 16 of the 256 input columns, so the layer keeps only those
+# columns of its input for the value gradients; k = 600 uses about 230 (more than a quarter): the input itself.
+@pytest.mark.parametrize("adapters", [1, 2])
+@pytest.mark.parametrize(("k", "compact"), [(16, True), (600, False)])
+def test_backward_keeps_only_the_input_columns_the_entries_use(k, compact, adapters):
+    model, layer = _adapted(k, torch.float32, adapters, shape=(64, 256))
+    _assert_matches_dense_formula(model, layer, torch.float32)
+    used = torch.cat([w["delta"].flat_indices() % 256 for w in layer.apet_weights.values()]).unique().numel()
+    x = torch.randn(8, 256, requires_grad=True)
+    shapes = _saved_shapes(lambda: model(x))
+    if compact:
+        assert (8, used) in shapes and (8, 256) not in shapes
+    else:
+        assert (8, 256) in shapes and (8, used) not in shapes
+
+
+@pytest.mark.parametrize("route", ["gather", "sampled_csr", "dense"])
+def test_every_value_gradient_route_runs_on_the_kept_columns(route):
+    """The value-gradient route chosen for the whole input also runs on the `(out, u)` layout of the kept columns."""
+    model, layer = _adapted(16, torch.float64, shape=(64, 256))
+    assert peft_apet.functional.layout_of(layer.apet_weights["default"]["delta"]).compact is not None
+    with peft_apet.routes.forced(values=route):
+        _assert_matches_dense_formula(model, layer, torch.float64)
+
+
+@pytest.mark.parametrize(("k", "compact"), [(16, True), (600, False)])
+def test_side_path_keeps_only_the_input_columns_the_entries_use(k, compact):
+    """`add_sparse_delta` (the side path of quantized bases) on a plain product, against the dense formula."""
+    _, layer = _adapted(k, torch.float32, shape=(64, 256))
+    delta = layer.apet_weights["default"]["delta"]
+    weight = layer.get_base_layer().weight.detach()
+    x = torch.randn(8, 256, requires_grad=True)
+    out = {}
+    shapes = _saved_shapes(lambda: out.setdefault("y", peft_apet.functional.add_sparse_delta(x @ weight.T, x,
+                                                                                          [delta])))
+    grad_out = torch.randn(8, 64)
+    out["y"].backward(grad_out)
+    values = delta.values.detach().clone().requires_grad_(True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    dense = torch.zeros(64 * 256).index_add(0, delta.flat_indices(), values).view(64, 256)
+    expected = x_ref @ (weight + dense).T
+    expected.backward(grad_out)
+    torch.testing.assert_close(out["y"], expected)
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    torch.testing.assert_close(delta.values.grad, values.grad)
+    used = (delta.flat_indices() % 256).unique().numel()
+    assert ((8, used) in shapes) == compact and ((8, 256) in shapes) != compact

@@ -11,8 +11,10 @@ and backward. The forward is `x W^T + b` plus the k-sparse product `x W~^T`, or 
 transient composed copy of `W + W~` (freed after the matmul); the backward is `g W + g W~` or `g (W + W~)` (again a
 transient copy), and the `k` value gradients: k-sparse products, or the dense weight gradient `g^T x` formed
 transiently and gathered. `routes.choose` picks each of the three per call from the layer's shape, token count,
-`k`, dtype and device (`sparse_kernels` runs the sparse ones). Adjacent deltas are dense blocks of whole lines, so
-they run as one small matmul per layer.
+`k`, dtype and device (`sparse_kernels` runs the sparse ones). For the value gradients a layer keeps its input `x`
+`(tokens, in)`, or, when the k entries use at most a quarter of the `in` columns, a copy of only those columns
+(`SparseLayout.compact`): at small k a delta then keeps O(tokens * k) of activations per layer, not
+O(tokens * in). Adjacent deltas are dense blocks of whole lines, so they run as one small matmul per layer.
 """
 
 from __future__ import annotations
@@ -42,13 +44,13 @@ class _DiscreteDeltaLinear(torch.autograd.Function):
         else:  # x W^T + b, then the k entries of x W~^T added in place: no dense copy of W
             out = F.linear(x, weight, bias)
             add_x_wt(out.view(-1, out_f), xs, layout, values, chosen.forward)
-        ctx.save_for_backward(x, weight, values)
+        ctx.save_for_backward(_kept_input(x, layout), weight, values)
         ctx.layout, ctx.routes, ctx.has_bias = layout, chosen, bias is not None
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, values = ctx.saved_tensors
+        kept_x, weight, values = ctx.saved_tensors
         layout, chosen = ctx.layout, ctx.routes
         out_f, in_f = weight.shape
         g = grad_out.reshape(-1, out_f)  # the dtype of the forward's output (the autocast dtype under autocast)
@@ -64,8 +66,29 @@ class _DiscreteDeltaLinear(torch.autograd.Function):
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = g.sum(0)
         if ctx.needs_input_grad[4]:
-            grad_values = values_grad(g, x.reshape(-1, in_f), layout, chosen.values).to(values.dtype)
+            grad_values = _values_grad(g, kept_x, layout, chosen.values).to(values.dtype)
         return grad_x, None, grad_bias, None, grad_values
+
+
+def _kept_input(x: torch.Tensor, layout: SparseLayout) -> torch.Tensor:
+    """What of a layer's input `x` `(..., in)` its backward keeps for the value gradients: `(tokens, u)`, only the
+    columns the entries use, when the layout is `compact`, else `x` itself (no copy; saving the input rather than a
+    view of it keeps `torch.compile` from breaking the graph)."""
+    compact = _compact(layout)
+    return x if compact is None else x.reshape(-1, x.shape[-1]).index_select(1, compact[0])
+
+
+def _compact(layout: SparseLayout) -> tuple[torch.Tensor, SparseLayout] | None:
+    """`layout.compact`, or None while `torch.compile` traces (its `torch.unique` is data-dependent)."""
+    return None if torch.compiler.is_compiling() else layout.compact
+
+
+def _values_grad(g: torch.Tensor, kept_x: torch.Tensor, layout: SparseLayout, route: str) -> torch.Tensor:
+    """The `(k,)` value gradients from what `_kept_input` kept, by `route` (chosen for the whole input). On the kept
+    columns the entries form an `(out, u)` layout of their own, strictly sorted where the whole one is, so every
+    value-gradient route applies to it unchanged, at less cost (`dense` forms `(out, u)`, not `(out, in)`)."""
+    compact = _compact(layout)
+    return values_grad(g, kept_x.reshape(-1, kept_x.shape[-1]), layout if compact is None else compact[1], route)
 
 
 def _routes_of(layout: SparseLayout, xs: torch.Tensor, out_dtype: torch.dtype, side: bool = False) -> routes.Routes:
@@ -172,9 +195,10 @@ class _AddSparseDelta(torch.autograd.Function):
     output of the base layer; backward: the gradient of `result` passes through, `g W~` for `x`, and the k value
     gradients.
 
-    Saves `x` and the values only, and allocates no `(tokens, out)` tensor of its own. Routes as in
-    `masked_delta_linear` (`routes.choose` with `side=True`), except that the dense one, `dense_delta`, has no `W`
-    to compose with: it forms the `(out, in)` delta alone, transiently, and pays an extra matmul."""
+    Saves `x` (or the columns of it the entries use, `_kept_input`) and the values only, and allocates no
+    `(tokens, out)` tensor of its own. Routes as in `masked_delta_linear` (`routes.choose` with `side=True`), except
+    that the dense one, `dense_delta`, has no `W` to compose with: it forms the `(out, in)` delta alone,
+    transiently, and pays an extra matmul."""
 
     @staticmethod
     def forward(ctx, result, x, layout: SparseLayout, values):
@@ -187,26 +211,26 @@ class _AddSparseDelta(torch.autograd.Function):
         else:
             add_x_wt(flat, xs, layout, values, chosen.forward)
         ctx.mark_dirty(result)
-        ctx.save_for_backward(x, values)
-        ctx.layout, ctx.routes = layout, chosen
+        ctx.save_for_backward(_kept_input(x, layout), values)
+        ctx.layout, ctx.routes, ctx.x_shape, ctx.x_dtype = layout, chosen, x.shape, x.dtype
         return result
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, values = ctx.saved_tensors
+        kept_x, values = ctx.saved_tensors
         layout, chosen = ctx.layout, ctx.routes
         out_f, in_f = layout.shape
         g = grad_out.reshape(-1, out_f)
         grad_x = grad_values = None
         if ctx.needs_input_grad[1]:
             if chosen.grad_x == "dense_delta":
-                grad_x = (g @ _delta_dense(layout, values, g.dtype)).to(x.dtype)
+                grad_x = (g @ _delta_dense(layout, values, g.dtype)).to(ctx.x_dtype)
             else:
-                grad_x = g.new_zeros(g.shape[0], in_f, dtype=x.dtype)
+                grad_x = g.new_zeros(g.shape[0], in_f, dtype=ctx.x_dtype)
                 add_g_w(grad_x, g, layout, values, chosen.grad_x)
-            grad_x = grad_x.view(x.shape)
+            grad_x = grad_x.view(ctx.x_shape)
         if ctx.needs_input_grad[3]:
-            grad_values = values_grad(g, x.reshape(-1, in_f), layout, chosen.values).to(values.dtype)
+            grad_values = _values_grad(g, kept_x, layout, chosen.values).to(values.dtype)
         return grad_out, grad_x, None, grad_values
 
 
@@ -242,6 +266,11 @@ def prepare_layouts(deltas: list[MaskedWeight]) -> None:
             layout.csr, layout.transposed  # noqa: B018 - cached properties, computed here
         if not layout.strictly_sorted or delta.num_entries < max(layout.shape):
             layout.rows, layout.cols  # noqa: B018
+        if layout.compact is not None:  # long-lived too: the used columns and their sub-layout's arrays
+            sub = layout.compact[1]
+            sub.rows, sub.cols  # noqa: B018
+            if sub.strictly_sorted:
+                sub.csr  # noqa: B018 - only value gradients run on it: no transposed arrays
 
 
 _LAYOUTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
