@@ -3,7 +3,8 @@
 all-MiniLM-L6-v2 (real weights) on Rotten Tomatoes and fine_food. Methods, all on the 36 attention and feed-forward
 linear layers (query, key, value, attention output, FFN in, FFN out × 6 layers; 10.6M weight entries):
 
-- `apet`: `APETConfig.delta(mask="discrete", num_trainable_params=k, mask_strategy=...)`, exactly k entries;
+- `apet`: `APETConfig.delta(mask="discrete", num_trainable_params=k, mask_strategy=...)`, exactly k entries (random
+  masks per module; `--mask-strategy gradient|fisher|sam`: one global top-k calibrated on 8 training batches);
 - `lora`: PEFT LoRA (alpha 8, no dropout) on a subset of those layers with per-layer ranks (`rank_pattern`) whose
   count is the nearest to k that LoRA can reach (`lora_ranks`);
 - `sparta`: `peft_sparta.SpaRTA` keeping each targeted entry with probability k / 10.6M (a Bernoulli draw: k varies
@@ -35,6 +36,7 @@ import math
 import re
 import statistics
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -46,12 +48,14 @@ from torch import nn
 from benchmarks import harness
 from benchmarks.harness import Task, evaluate, is_head
 from benchmarks.moonshot_report import pick_lr, write_report
-from peft_apet import APETConfig
+from peft_apet import APETConfig, calibrate_masks
 
 METHODS = ("apet", "lora", "sparta", "full")
 GRIDS = {"apet": (3e-3, 1e-2, 3e-2), "sparta": (3e-3, 1e-2, 3e-2), "lora": (1e-3, 3e-3, 1e-2),
          "full": (3e-5, 1e-4, 3e-4)}
 TASKS = ("rotten_tomatoes", "fine_food")
+DATA_STRATEGIES = ("gradient", "fisher", "sam")  # mask strategies scored on calibration batches
+CALIBRATION_BATCHES = 8  # of the training batch size, drawn by a stream seeded `seed + 10_000` (as mask_selection)
 PARTS = ("compare", "lr-rule")
 TARGET_KINDS = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
                 "intermediate.dense", "output.dense")
@@ -155,9 +159,12 @@ def _sparta(model: nn.Module, layers: list[tuple[str, nn.Linear]], k: int) -> tu
     return model, [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
-def build(spec: RunSpec, task: Task) -> tuple[nn.Module, list[tuple[str, nn.Parameter]]]:
+def build(spec: RunSpec, task: Task,
+          calibration_batch_size: int = 32) -> tuple[nn.Module, list[tuple[str, nn.Parameter]]]:
     """A fresh model with `spec.method` applied, and its trainable (name, parameter) pairs (`is_head` tells the
-    head). The caller seeds torch first: the head's initialisation and SpaRTA's draw use the global generator."""
+    head). The caller seeds torch first: the head's initialisation and SpaRTA's draw use the global generator.
+    APET masks of a data-driven strategy (`DATA_STRATEGIES`) are chosen over all targeted layers at once
+    (`selection_scope="global"`) from `CALIBRATION_BATCHES` training batches of `calibration_batch_size`."""
     model = harness.new_model(task)
     layers = target_layers(model)
     if spec.method == "full":
@@ -165,8 +172,9 @@ def build(spec: RunSpec, task: Task) -> tuple[nn.Module, list[tuple[str, nn.Para
     if spec.method == "sparta":
         return _sparta(model, layers, spec.budget)
     if spec.method == "apet":
+        scope = "module" if spec.strategy == "random" else "global"  # as in benchmarks/MASK_SELECTION.md
         config = APETConfig.delta(mask="discrete", num_trainable_params=spec.budget, mask_strategy=spec.strategy,
-                                  task_type="SEQ_CLS", seed=spec.seed)
+                                  selection_scope=scope, task_type="SEQ_CLS", seed=spec.seed)
     elif spec.method == "lora":
         ranks = lora_ranks(layers, spec.budget)
         first = next(iter(ranks.values()))
@@ -175,7 +183,12 @@ def build(spec: RunSpec, task: Task) -> tuple[nn.Module, list[tuple[str, nn.Para
                             task_type="SEQ_CLS")
     else:
         raise ValueError(f"unknown method {spec.method!r}; expected one of {METHODS}")
-    model = get_peft_model(model, config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "random placeholders until calibrate_masks"
+        model = get_peft_model(model, config)
+    if spec.method == "apet" and spec.strategy in DATA_STRATEGIES:
+        stream = harness.batches(task.splits["train"], calibration_batch_size, spec.seed + 10_000)
+        calibrate_masks(model, [harness.collate(next(stream), task) for _ in range(CALIBRATION_BATCHES)])
     return model, [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
@@ -192,7 +205,7 @@ def run(spec: RunSpec, task: Task, mode: Mode) -> dict:
 
     wall = time.perf_counter()
     torch.manual_seed(spec.seed)
-    model, named = build(spec, task)
+    model, named = build(spec, task, mode.batch_size)
     k, head = counts(named)
     optimizer = torch.optim.AdamW([p for _, p in named], lr=spec.lr, weight_decay=0.0)
     steps = spec.epochs * (len(task.splits["train"]) // mode.batch_size)

@@ -88,3 +88,25 @@ def test_report_states_every_group_and_resumes(smoke):
     before = (smoke / "runs.jsonl").read_text()
     assert moonshot.main(["--smoke", "--out", str(smoke), "--task", "rotten_tomatoes"]) == 0
     assert (smoke / "runs.jsonl").read_text() == before
+
+
+def test_data_driven_masks_are_calibrated_over_all_layers():
+    """`--mask-strategy sam`: exactly k entries, placed by calibration (not the seeded random draw)."""
+    skip_without_smoke_data("peft_sparta")
+    from benchmarks import harness
+    from benchmarks.moonshot import MODES, RunSpec, build, counts
+
+    mode = MODES["smoke"]
+    task = harness.load_model_task(mode.model, "rotten_tomatoes", max_len=mode.max_len, test_size=mode.test_size,
+                                   subset=mode.subset)
+
+    def positions(strategy: str) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        model, named = build(RunSpec("rotten_tomatoes", "apet", 300, 1e-2, 0, strategy=strategy), task, 8)
+        assert counts(named)[0] == 300
+        return {n: b.clone() for n, b in model.named_buffers() if ".apet_weights." in n}
+
+    sam, random = positions("sam"), positions("random")
+    assert sam.keys() == random.keys() and any(not torch.equal(sam[n], random[n]) for n in sam)
+    again = positions("sam")  # the same calibration batches for the same seed
+    assert again.keys() == sam.keys() and all(torch.equal(again[n], sam[n]) for n in sam)
