@@ -130,6 +130,7 @@ def choices(records: list[dict], constants: dict[str, list[float]]) -> list[dict
     available, not the side path), the fastest measured route, and 0.1.0's fixed rules' route, with their times."""
     saved = dict(routes.COSTS)
     routes.COSTS.update({r: tuple(c) for r, c in constants.items()})
+    routes.cheapest.cache_clear()  # its picks were priced with the old constants
     try:
         rows = []
         for rec in records:
@@ -148,6 +149,7 @@ def choices(records: list[dict], constants: dict[str, list[float]]) -> list[dict
     finally:
         routes.COSTS.clear()
         routes.COSTS.update(saved)
+        routes.cheapest.cache_clear()
 
 
 def report(meta: dict, errors: dict[str, float], rows: list[dict]) -> str:
