@@ -75,8 +75,10 @@ class Settings:
 
 
 SETTINGS = {
-    # sized to finish in about 25 minutes on 2 shared CPU cores (a step of the 4-bit 135M model takes seconds there)
-    "default": Settings("default", (10_000, 100_000, 1_000_000), batch_size=4, max_len=16, warmup=1, steps=6,
+    # batch 8 of up to 64 review tokens plus the template: about 600 padded tokens per step (the step's token count
+    # is recorded), where 0.1's 4 x 16 measured per-call overheads more than the work; a step of the 4-bit 135M
+    # model takes a few seconds on these CPU cores, so 4 measured steps and 2 rounds
+    "default": Settings("default", (10_000, 100_000, 1_000_000), batch_size=8, max_len=64, warmup=1, steps=4,
                         test_size=64, rounds=2),
     "smoke": Settings("smoke", (200, 2_000), batch_size=4, max_len=8, warmup=1, steps=2, test_size=16),
 }
@@ -179,10 +181,11 @@ def run_method(method: str, k: int, task: Task, settings: Settings, log) -> dict
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=LR[method])
         model.train()
-        times, losses = [], []
+        times, losses, tokens = [], [], []
         stream = harness.batches(task.splits["train"], settings.batch_size, seed=0)
         for _ in range(settings.warmup + settings.steps):
             batch = harness.collate(next(stream), task)
+            tokens.append(batch["input_ids"].numel())
             t = time.perf_counter()
             # set_to_none=False keeps the gradients allocated: the state is read below
             losses.append(harness.train_step(model, optimizer, batch, task, set_to_none=False))
@@ -192,7 +195,8 @@ def run_method(method: str, k: int, task: Task, settings: Settings, log) -> dict
     test = evaluate(model, task.splits["test"], task, False, batch_size=16)
     record = {"method": method, "k": k, "trainable": sum(p.numel() for p in params), "qlora": description,
               "inject_s": inject_s, "step_s": times[settings.warmup:], "warmup_step_s": times[:settings.warmup],
-              "losses": losses, "peak_rss_delta": sampler.peak - rss0, "rss_before": rss0, "state_bytes": state,
+              "losses": losses, "tokens_per_step": tokens[settings.warmup:],
+              "peak_rss_delta": sampler.peak - rss0, "rss_before": rss0, "state_bytes": state,
               "saved_for_backward_bytes": saved,
               "test": test}
     log(f"  k={k} {method}: trainable {record['trainable']}, step {statistics.median(record['step_s']) * 1e3:.0f} ms, "
@@ -299,7 +303,8 @@ def markdown(meta: dict, rows: list[dict], zero: dict) -> str:
         f"({meta['threads']} torch thread(s)), shared with other jobs · torch {meta['torch']} · "
         f"bitsandbytes {meta['bitsandbytes']} · wall {meta['wall_s'] / 60:.1f} min.", "",
         f"Model: {meta['model']} loaded in 4-bit nf4 (fp32 compute) on CPU. Task: Rotten Tomatoes as next-token "
-        f"generation of the label word; batch {s['batch_size']}, at most {s['max_len']} review tokens, "
+        f"generation of the label word; batch {s['batch_size']}, at most {s['max_len']} review tokens "
+        f"({_f(meta.get('tokens_per_step'), '.0f')} padded tokens per measured step, median), "
         f"{s['warmup']} warm-up + {s['steps']} measured steps per method (the whole short run), AdamW "
         f"(lr {LR['qlora']:g} QLoRA, {LR['apet-discrete']:g} APET). Generation accuracy on the first "
         f"{s['test_size']} test examples; zero-shot: {_f(zero.get('generation_accuracy'), '.3f')} "
@@ -408,6 +413,8 @@ def main(argv: list[str] | None = None) -> int:
             "notes": ["Short runs (a few steps): accuracy differences between methods are not meaningful at this "
                       "length; they show that each method trains on the 4-bit base."]}
     rows = summarise(records)
+    steps_tokens = [t for r in records for t in r.get("tokens_per_step", [])]
+    meta["tokens_per_step"] = statistics.median(steps_tokens) if steps_tokens else None
     harness.write_json(out / "results.json", {"meta": meta, "zero_shot": zero, "records": records, "summary": rows})
     discussion = out / "discussion.md"  # hand-written notes on the measured numbers, kept across reruns
     (out / "results.md").write_text(markdown(meta, rows, zero)

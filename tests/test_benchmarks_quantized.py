@@ -40,7 +40,8 @@ def test_every_method_at_equal_k(smoke):
             state = r["state_bytes"]
             assert state["params"] == state["grads"] == 4 * r["trainable"]
             assert state["optimizer"] == 8 * r["trainable"] + 4 * state["param_tensors"]  # moments + step counters
-            assert len(r["step_s"]) == quantized.SETTINGS["smoke"].steps
+            assert len(r["step_s"]) == len(r["tokens_per_step"]) == quantized.SETTINGS["smoke"].steps
+            assert all(t >= quantized.SETTINGS["smoke"].batch_size for t in r["tokens_per_step"])
             assert 0.0 <= r["test"]["generation_accuracy"] <= 1.0
     rows = results["summary"]
     assert {r["method"] for r in rows if r["method"] == "qlora" and r["step_ratio"] == 1.0} == {"qlora"}
