@@ -21,7 +21,7 @@ from peft import get_peft_model
 
 from benchmarks.speed_grid import route_counter
 from peft_apet import APETConfig, routes
-from peft_apet.functional import add_sparse_delta
+from peft_apet.functional import add_sparse_delta, dequantized_delta_linear
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 OUT, IN, TOKENS = 64, 96, 4  # 6,144 entries; the input is (2, 2, 96)
@@ -118,6 +118,24 @@ def test_side_path_of_quantized_bases_matches_the_dense_formula(k, device, preci
     delta, base = layer.apet_weights["default"]["delta"], layer.get_base_layer()
     _every_route(lambda x: add_sparse_delta(base(x), x, [delta]), layer, device, precision,
                  _case(device, precision, k, side=True))
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("k", DISCRETE)
+def test_delta_on_the_dequantized_weight_matches_the_dense_formula(k, device, precision):
+    """`dequantized_delta_linear`, the route of 4-bit bases for several tokens (`W` read through a callable that
+    returns a new copy, as dequantization does), on a plain layer; with each value-gradient route."""
+    _, layer = _adapted(device, num_trainable_params=k)
+    delta, base = layer.apet_weights["default"]["delta"], layer.get_base_layer()
+
+    def run(x):
+        return dequantized_delta_linear(x, lambda: base.weight.detach().clone(), base.bias, [delta])
+
+    _check(run, layer, device, precision)
+    for route in routes.available(_case(device, precision, k, side=False))[1]:
+        with routes.forced(values=route):
+            _check(run, layer, device, precision)
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)

@@ -456,6 +456,35 @@ def test_quantized_delta_layer_is_base_plus_dense_delta(llama_dir, quant):
         torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
 
 
+# A discrete delta on a 4-bit layer, for more than one token row, is added to the weight the layer dequantizes for its
+# matmul anyway; single tokens and 8-bit layers take the side path. Either way: the dense formula, with gradients.
+@pytest.mark.parametrize("quant,tokens,composed", [("nf4", 5, True), ("nf4", 1, False), ("int8", 5, False)])
+def test_which_path_a_quantized_delta_takes(llama_dir, quant, tokens, composed, monkeypatch):
+    import peft_apet.layer
+
+    side, original = [], peft_apet.layer.add_sparse_delta
+    monkeypatch.setattr(peft_apet.layer, "add_sparse_delta", lambda *a, **kw: side.append(1) or original(*a, **kw))
+    model = get_peft_model(load(llama_dir, quant), APETConfig.delta(
+        mask="discrete", num_trainable_params=400, target_modules=["q_proj"], init_weights=False))
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    delta = layer.apet_weights["default"]["delta"]
+    x = torch.randn(tokens, HIDDEN, requires_grad=True)
+    out = layer(x)
+    g = torch.randn_like(out)
+    (out * g).sum().backward()
+
+    x_ref = x.detach().clone().requires_grad_(True)
+    values = delta.values.detach().clone().requires_grad_(True)
+    out_f, in_f = delta.shape
+    dense = torch.zeros(out_f * in_f).index_add(0, delta.flat_indices(), values).view(out_f, in_f)
+    ref = layer.get_base_layer()(x_ref) + x_ref @ dense.T
+    (ref * g).sum().backward()
+    assert bool(side) != composed
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(delta.values.grad, values.grad, rtol=1e-5, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------- mask strategies
 def test_magnitude_masks_rank_dequantized_weights(llama_dir):
     model = get_peft_model(load(llama_dir, "nf4"), APETConfig.delta(

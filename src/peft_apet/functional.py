@@ -20,6 +20,7 @@ O(tokens * in). Adjacent deltas are dense blocks of whole lines, so they run as 
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -232,6 +233,53 @@ class _AddSparseDelta(torch.autograd.Function):
         if ctx.needs_input_grad[3]:
             grad_values = _values_grad(g, kept_x, layout, chosen.values).to(values.dtype)
         return grad_out, grad_x, None, grad_values
+
+
+class _DequantizedDeltaLinear(torch.autograd.Function):
+    """`x (W + W~)^T + b` for a base whose `W` `(out, in)` exists only as `dequantize()` (a quantized layer): `W + W~`
+    is composed in a transient copy in forward and again in backward, as the quantized layer's own autograd
+    dequantizes `W` for each of its two matmuls. Saves what `_kept_input` keeps and the values, no dense tensor."""
+
+    @staticmethod
+    def forward(ctx, x, dequantize: Callable[[], torch.Tensor], bias, layout: SparseLayout, values):
+        in_f = layout.shape[1]
+        out = F.linear(x, _dequantized_composed(dequantize, layout, values, x.dtype), bias)
+        ctx.save_for_backward(_kept_input(x, layout), values)
+        ctx.dequantize, ctx.layout, ctx.has_bias = dequantize, layout, bias is not None
+        ctx.values_route = _routes_of(layout, x.reshape(-1, in_f), x.dtype).values
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        kept_x, values = ctx.saved_tensors
+        layout = ctx.layout
+        g = grad_out.reshape(-1, layout.shape[0])
+        grad_x = grad_bias = grad_values = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_out @ _dequantized_composed(ctx.dequantize, layout, values, grad_out.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = g.sum(0)
+        if ctx.needs_input_grad[4]:
+            grad_values = _values_grad(g, kept_x, layout, ctx.values_route).to(values.dtype)
+        return grad_x, None, grad_bias, None, grad_values
+
+
+def _dequantized_composed(dequantize: Callable[[], torch.Tensor], layout: SparseLayout, values: torch.Tensor,
+                          dtype: torch.dtype) -> torch.Tensor:
+    """A transient `dequantize() + W~` `(out, in)` in `dtype` (`dequantize` returns a new tensor each call)."""
+    weight = dequantize().to(dtype).contiguous()
+    weight.view(-1).index_add_(0, layout.flat, values.to(dtype))
+    return weight
+
+
+def dequantized_delta_linear(x: torch.Tensor, dequantize: Callable[[], torch.Tensor], bias: torch.Tensor | None,
+                             deltas: list[MaskedWeight], values: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """`x (W + sum_i W~_i)^T + b` for discrete or unmasked deltas on a base whose weight `W` `(out, in)` is read
+    only through `dequantize()` (a new tensor per call), in `x`'s dtype; `x` is `(..., in)`; `values` as in
+    `masked_delta_linear`. For a quantized layer whose own forward would dequantize `W` anyway (`quantized.py`):
+    the delta then costs one `index_add` of k values per matmul instead of k-sparse products."""
+    layout, joint = _joint_layout(deltas, values, x.device)
+    return _DequantizedDeltaLinear.apply(x, dequantize, bias, layout, joint)
 
 
 def _delta_dense(layout: SparseLayout, values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

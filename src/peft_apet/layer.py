@@ -28,6 +28,8 @@ from .modules import is_conv1d, linear_shape, output_features
 from .operations import MERGEABLE_OPERATIONS, OPERATION_OF_ROLE, PAIRS, operations_in
 from .plan import ModulePlan, TensorPlan
 from .quantized import (
+    composes_4bit,
+    delta_linear_4bit,
     dequantized_weight,
     float_dtype,
     is_bnb_quantized,
@@ -275,7 +277,10 @@ class Linear(_WrappedLayer):
         folded = [pair for name, weights in active for op in operations_in(weights)
                   for pair in op.folded(weights, self.apet_settings[name], self.training)]
         sparse, values = [delta for delta, _ in folded], [v for _, v in folded]
-        if sparse and self._bnb_quantized:  # a side path: never reads the packed weight
+        if sparse and self._bnb_quantized and composes_4bit(self.get_base_layer(), x):
+            # on the weight the 4-bit layer dequantizes anyway; hooks on the base layer do not run on this path
+            result = delta_linear_4bit(self.get_base_layer(), x, sparse, values)
+        elif sparse and self._bnb_quantized:  # a side path: never reads the packed weight
             result = add_sparse_delta(self.base_layer(x, *args, **kwargs), x, sparse, values)
         elif sparse:
             # Composes the weight and calls F.linear: hooks on the base layer do not run on this path.

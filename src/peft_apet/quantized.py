@@ -5,10 +5,14 @@ Supported: bitsandbytes `Linear4bit` (nf4/fp4, with or without double quantizati
 `Int8Params`), so APET layers take the logical `(out, in)` from `out_features` / `in_features` and never use the
 stored weight in a matmul:
 
-- a discrete (or unmasked) delta enters as a side path `base(x) + x W~^T` (`functional.add_sparse_delta`), from
-  the k values and their indices; the gradient through `base(x)` comes from bitsandbytes' own autograd, so no
-  dequantized copy of W exists in forward or backward. The delta enters as k-sparse products, or, where the cost
-  model of `routes` picks it, as a transient dense `W~` and its matmul (freed after use);
+- a discrete (or unmasked) delta on a 4-bit layer, for inputs of more than one token row, is added to the weight
+  the layer dequantizes for its matmul anyway (`composes_4bit`, `delta_linear_4bit`): bitsandbytes' own 4-bit
+  autograd dequantizes W in forward and again in backward, and so does this path, plus one `index_add` of the k
+  values; the dequantized copies are transient, never kept between forward and backward;
+- otherwise (8-bit layers, whose matmul is int8; single tokens, which bitsandbytes multiplies without
+  dequantizing) it enters as a side path `base(x) + x W~^T` (`functional.add_sparse_delta`), from the k values and
+  their indices; the gradient through `base(x)` comes from bitsandbytes' own autograd. The delta enters as k-sparse
+  products, or, where the cost model of `routes` picks it, as a transient dense `W~` and its matmul;
 - merging dequantizes one layer's weight (`dequantized_weight`), adds the adapter, and requantizes it with the
   layer's own settings (`requantize_`), as PEFT's bnb LoRA layers do; the original quantized parameter is kept while
   merged, so unmerging restores it bit for bit (`stash_weight` / `restore_weight`).
@@ -176,6 +180,33 @@ def restore_weight(module: nn.Module, stash: dict[str, Any]) -> None:
     else:
         module.state.reset_grads()
         module.state.CB, module.state.SCB = stash["CB"], stash["SCB"]
+
+
+# ---------------------------------------------------------------------------------------------- deltas in forward
+def composes_4bit(module: nn.Module, x: torch.Tensor) -> bool:
+    """Whether a delta on bitsandbytes layer `module` runs on the layer's dequantized weight (`delta_linear_4bit`)
+    rather than as the side path: for a 4-bit layer whose own forward on `x` `(..., in)` would dequantize its weight
+    for a matmul anyway, i.e. more than one token row, a compute dtype set, and the weight not repacked for
+    bitsandbytes' CPU inference kernel (which multiplies without dequantizing)."""
+    if quantization_of(module) != BNB_4BIT or getattr(module, "compute_dtype", None) is None:
+        return False
+    state = getattr(module.weight, "quant_state", None)
+    return state is not None and not getattr(state, "packing_format_for_cpu", False) and x.numel() > x.shape[-1]
+
+
+def delta_linear_4bit(module: nn.Module, x: torch.Tensor, deltas: list, values: list[torch.Tensor]) -> torch.Tensor:
+    """What bitsandbytes' `Linear4bit.forward` computes, `x dequantize(W)^T + b` in the compute dtype, with the
+    deltas added to the dequantized weight before its matmul (`functional.dequantized_delta_linear`); the output in
+    `x`'s dtype, as the layer's own. Only where `composes_4bit(module, x)`."""
+    import bitsandbytes as bnb
+
+    from .functional import dequantized_delta_linear
+
+    weight, state, dtype = module.weight, module.weight.quant_state, module.compute_dtype
+    bias = None if module.bias is None else module.bias.to(dtype)
+    out = dequantized_delta_linear(x.to(dtype), lambda: bnb.functional.dequantize_4bit(weight.data, state), bias,
+                                   deltas, values)
+    return out.to(x.dtype)
 
 
 def float_dtype(module: nn.Module) -> torch.dtype:

@@ -163,7 +163,8 @@ def case_of(out: int, in_: int, tokens: int, k: int, *, dtype: torch.dtype, devi
 
 def choose(case: Case) -> Routes:
     """The routes of `case`: the cheapest by the cost model, or those `forced`."""
-    routes = cheapest(case)
+    # torch.compile traces the function itself (it would warn that it ignores the cache)
+    routes = cheapest.__wrapped__(case) if torch.compiler.is_compiling() else cheapest(case)
     if not _forced:
         return routes
     routes = replace(routes, **_forced)
