@@ -2,7 +2,7 @@
 
 One command, one process::
 
-    nice -n 10 python -m benchmarks.quantized --threads 1       # SmolLM2-135M in nf4 (real weights), ~25 min
+    nice -n 10 python -m benchmarks.quantized --threads 1       # SmolLM2-135M in nf4 (real weights), ~17 min
     python -m benchmarks.quantized --smoke --out /tmp/q          # tiny random Llama, synthetic task (the test)
 
 For each budget k (default 1e4, 1e5, 1e6) three methods train on a fresh copy of the same base, loaded with
@@ -75,9 +75,9 @@ class Settings:
 
 
 SETTINGS = {
-    # batch 8 of up to 64 review tokens plus the template: about 600 padded tokens per step (the step's token count
-    # is recorded), where 0.1's 4 x 16 measured per-call overheads more than the work; a step of the 4-bit 135M
-    # model takes a few seconds on these CPU cores, so 4 measured steps and 2 rounds
+    # batch 8 of up to 64 review tokens plus the template: about 400 padded tokens per step on Rotten Tomatoes'
+    # short sentences (recorded per step), where 0.1's 4 x 16 measured per-call overheads more than the work; a
+    # step of the 4-bit 135M model takes about 3 s on one of these CPU cores, so 4 measured steps and 2 rounds
     "default": Settings("default", (10_000, 100_000, 1_000_000), batch_size=8, max_len=64, warmup=1, steps=4,
                         test_size=64, rounds=2),
     "smoke": Settings("smoke", (200, 2_000), batch_size=4, max_len=8, warmup=1, steps=2, test_size=16),
