@@ -110,3 +110,18 @@ def test_data_driven_masks_are_calibrated_over_all_layers():
     assert sam.keys() == random.keys() and any(not torch.equal(sam[n], random[n]) for n in sam)
     again = positions("sam")  # the same calibration batches for the same seed
     assert again.keys() == sam.keys() and all(torch.equal(again[n], sam[n]) for n in sam)
+
+
+def test_targets_have_a_line_per_mask_strategy():
+    from benchmarks.moonshot_report import target_lines, targets
+
+    def row(method, budget, strategy, mean, val):
+        return {"task": "t", "method": method, "budget": budget, "strategy": strategy, "epochs": 1,
+                "picked_lr": 0.09, "validation_by_lr": {"0.09": val}, "test_mean": mean, "seeds": [0, 1, 2]}
+
+    found = targets([row("apet", 2_270, "random", 0.742, 0.722), row("apet", 2_270, "sam", 0.756, 0.754),
+                     row("full", 0, "random", 0.784, 0.826)], seeds=3)
+    assert [(t["strategy"], t["met"], round(t["gap_points"], 1)) for t in found] == [("random", False, -4.2),
+                                                                                     ("sam", True, -2.8)]
+    text = target_lines(found)
+    assert "k = 2,270, 1 epoch" in text and "k = 2,270 (sam masks)" in text and "validation 75.4 %" in text
