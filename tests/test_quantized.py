@@ -485,6 +485,25 @@ def test_which_path_a_quantized_delta_takes(llama_dir, quant, tokens, composed, 
     torch.testing.assert_close(delta.values.grad, values.grad, rtol=1e-5, atol=1e-5)
 
 
+def test_inference_on_cpu_keeps_bitsandbytes_kernel(llama_dir, monkeypatch):
+    """In eval mode, for an input that needs no gradient, a CPU with AVX512-BF16 runs bitsandbytes' own inference
+    kernel (which repacks the weight, and never dequantizes it): the delta then takes the side path there, and
+    composes on the dequantized weight elsewhere. The output is the base layer's plus `x W~^T` either way."""
+    import peft_apet.layer
+
+    side, original = [], peft_apet.layer.add_sparse_delta
+    monkeypatch.setattr(peft_apet.layer, "add_sparse_delta", lambda *a, **kw: side.append(1) or original(*a, **kw))
+    model = get_peft_model(load(llama_dir, "nf4"), APETConfig.delta(
+        mask="discrete", num_trainable_params=400, target_modules=["q_proj"], init_weights=False)).eval()
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    x = torch.randn(5, HIDDEN)
+    with torch.no_grad():
+        out = layer(x)
+        expected = layer.get_base_layer()(x) + x @ layer.apet_weights["default"]["delta"].dense().T
+    assert bool(side) == bool(layer.get_base_layer().support_avx512bf16_for_cpu)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------- mask strategies
 def test_magnitude_masks_rank_dequantized_weights(llama_dir):
     model = get_peft_model(load(llama_dir, "nf4"), APETConfig.delta(
