@@ -167,6 +167,13 @@ def is_head(name: str) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------- training and evaluation
+def calibration_batches(task: Task, batch_size: int, count: int, seed: int) -> list[dict[str, torch.Tensor]]:
+    """`count` collated training batches for mask calibration, from a stream seeded `seed + 10_000` (apart from the
+    training stream of the same seed): the same batches for every data-driven strategy of a seed."""
+    stream = batches(task.splits["train"], batch_size, seed + 10_000)
+    return [collate(next(stream), task) for _ in range(count)]
+
+
 def batches(examples: list[Example], batch_size: int, seed: int) -> Iterator[list[Example]]:
     """Endless shuffled batches, reshuffled every epoch with a seeded generator (a last short batch is dropped)."""
     generator = torch.Generator().manual_seed(seed)

@@ -87,11 +87,6 @@ def delta_config(strategy: str, budget: int, seed: int) -> APETConfig:
                             selection_scope=scope, task_type="SEQ_CLS", seed=seed)
 
 
-def calibration_data(task: Task, mode: Mode, seed: int) -> list[dict]:
-    stream = harness.batches(task.splits["train"], mode.batch_size, seed + 10_000)
-    return [harness.collate(next(stream), task) for _ in range(mode.calibration_batches)]
-
-
 def run(strategy: str, budget: int, seed: int, lr: float, task: Task, mode: Mode) -> dict:
     """Build, calibrate, train and evaluate one configuration; returns its record."""
     wall = time.perf_counter()
@@ -102,7 +97,8 @@ def run(strategy: str, budget: int, seed: int, lr: float, task: Task, mode: Mode
     calibration_s = 0.0
     if strategy in ("gradient", "fisher", "sam"):
         start = time.perf_counter()
-        calibrate_masks(model, calibration_data(task, mode, seed), max_batches=mode.calibration_batches)
+        calibrate_masks(model, harness.calibration_batches(task, mode.batch_size, mode.calibration_batches, seed),
+                        max_batches=mode.calibration_batches)
         calibration_s = time.perf_counter() - start
     trainable = {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
     head = sum(v for n, v in trainable.items() if is_head(n))

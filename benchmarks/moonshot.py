@@ -55,7 +55,7 @@ GRIDS = {"apet": (3e-3, 1e-2, 3e-2), "sparta": (3e-3, 1e-2, 3e-2), "lora": (1e-3
          "full": (3e-5, 1e-4, 3e-4)}
 TASKS = ("rotten_tomatoes", "fine_food")
 DATA_STRATEGIES = ("gradient", "fisher", "sam")  # mask strategies scored on calibration batches
-CALIBRATION_BATCHES = 8  # of the training batch size, drawn by a stream seeded `seed + 10_000` (as mask_selection)
+CALIBRATION_BATCHES = 8  # of the training batch size (`harness.calibration_batches`, as mask_selection)
 PARTS = ("compare", "lr-rule")
 TARGET_KINDS = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
                 "intermediate.dense", "output.dense")
@@ -187,8 +187,8 @@ def build(spec: RunSpec, task: Task,
         warnings.simplefilter("ignore", UserWarning)  # "random placeholders until calibrate_masks"
         model = get_peft_model(model, config)
     if spec.method == "apet" and spec.strategy in DATA_STRATEGIES:
-        stream = harness.batches(task.splits["train"], calibration_batch_size, spec.seed + 10_000)
-        calibrate_masks(model, [harness.collate(next(stream), task) for _ in range(CALIBRATION_BATCHES)])
+        calibrate_masks(model, harness.calibration_batches(task, calibration_batch_size, CALIBRATION_BATCHES,
+                                                           spec.seed))
     return model, [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 

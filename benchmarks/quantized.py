@@ -131,11 +131,16 @@ def linear_shapes(model: nn.Module) -> list[tuple[str, int, int]]:
             if name.split(".")[-1] in TARGETS and hasattr(m, "out_features")]
 
 
+def _layer_index(name: str) -> int:
+    """The decoder layer of a projection named `...layers.<i>.<block>.<proj>`."""
+    return int(name.split(".layers.")[1].split(".")[0])
+
+
 def qlora_config(shapes: list[tuple[str, int, int]], k: int) -> tuple[LoraConfig, int, str]:
     """The LoRA config whose count is nearest `k` (see the module docstring), its count, and a description."""
     per_layer: dict[int, int] = {}
     for name, out_f, in_f in shapes:
-        layer = int(name.split(".layers.")[1].split(".")[0])
+        layer = _layer_index(name)
         per_layer[layer] = per_layer.get(layer, 0) + out_f + in_f
     layers = sorted(per_layer)
     total = sum(per_layer.values())
@@ -164,7 +169,7 @@ def attach(method: str, model: nn.Module, lora: LoraConfig, count: int) -> nn.Mo
 def methods_at(k: int, shapes: list[tuple[str, int, int]]) -> tuple[str, ...]:
     """The methods run at budget `k`: all, but `SAME_LAYERS` only where QLoRA's config leaves some layers out."""
     layers = qlora_config(shapes, k)[0].layers_to_transform
-    partial = layers is not None and len(layers) < len({name.split(".layers.")[1].split(".")[0] for name, *_ in shapes})
+    partial = layers is not None and len(layers) < len({_layer_index(name) for name, *_ in shapes})
     return tuple(m for m in METHODS if m != SAME_LAYERS or partial)
 
 

@@ -456,14 +456,20 @@ def test_quantized_delta_layer_is_base_plus_dense_delta(llama_dir, quant):
         torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
 
 
+@pytest.fixture
+def side_path_calls(monkeypatch) -> list[int]:
+    """One entry per call of the side path (`add_sparse_delta`) by an APET layer while the test runs."""
+    import peft_apet.layer
+
+    calls, original = [], peft_apet.layer.add_sparse_delta
+    monkeypatch.setattr(peft_apet.layer, "add_sparse_delta", lambda *a, **kw: calls.append(1) or original(*a, **kw))
+    return calls
+
+
 # A discrete delta on a 4-bit layer, for more than one token row, is added to the weight the layer dequantizes for its
 # matmul anyway; single tokens and 8-bit layers take the side path. Either way: the dense formula, with gradients.
 @pytest.mark.parametrize("quant,tokens,composed", [("nf4", 5, True), ("nf4", 1, False), ("int8", 5, False)])
-def test_which_path_a_quantized_delta_takes(llama_dir, quant, tokens, composed, monkeypatch):
-    import peft_apet.layer
-
-    side, original = [], peft_apet.layer.add_sparse_delta
-    monkeypatch.setattr(peft_apet.layer, "add_sparse_delta", lambda *a, **kw: side.append(1) or original(*a, **kw))
+def test_which_path_a_quantized_delta_takes(llama_dir, quant, tokens, composed, side_path_calls):
     model = get_peft_model(load(llama_dir, quant), APETConfig.delta(
         mask="discrete", num_trainable_params=400, target_modules=["q_proj"], init_weights=False))
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
@@ -479,20 +485,16 @@ def test_which_path_a_quantized_delta_takes(llama_dir, quant, tokens, composed, 
     dense = torch.zeros(out_f * in_f).index_add(0, delta.flat_indices(), values).view(out_f, in_f)
     ref = layer.get_base_layer()(x_ref) + x_ref @ dense.T
     (ref * g).sum().backward()
-    assert bool(side) != composed
+    assert bool(side_path_calls) != composed
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(delta.values.grad, values.grad, rtol=1e-5, atol=1e-5)
 
 
-def test_inference_on_cpu_keeps_bitsandbytes_kernel(llama_dir, monkeypatch):
+def test_inference_on_cpu_keeps_bitsandbytes_kernel(llama_dir, side_path_calls):
     """In eval mode, for an input that needs no gradient, a CPU with AVX512-BF16 runs bitsandbytes' own inference
     kernel (which repacks the weight, and never dequantizes it): the delta then takes the side path there, and
     composes on the dequantized weight elsewhere. The output is the base layer's plus `x W~^T` either way."""
-    import peft_apet.layer
-
-    side, original = [], peft_apet.layer.add_sparse_delta
-    monkeypatch.setattr(peft_apet.layer, "add_sparse_delta", lambda *a, **kw: side.append(1) or original(*a, **kw))
     model = get_peft_model(load(llama_dir, "nf4"), APETConfig.delta(
         mask="discrete", num_trainable_params=400, target_modules=["q_proj"], init_weights=False)).eval()
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
@@ -500,7 +502,7 @@ def test_inference_on_cpu_keeps_bitsandbytes_kernel(llama_dir, monkeypatch):
     with torch.no_grad():
         out = layer(x)
         expected = layer.get_base_layer()(x) + x @ layer.apet_weights["default"]["delta"].dense().T
-    assert bool(side) == bool(layer.get_base_layer().support_avx512bf16_for_cpu)
+    assert bool(side_path_calls) == bool(layer.get_base_layer().support_avx512bf16_for_cpu)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 

@@ -28,6 +28,7 @@ from .modules import is_conv1d, linear_shape, output_features
 from .operations import MERGEABLE_OPERATIONS, OPERATION_OF_ROLE, PAIRS, operations_in
 from .plan import ModulePlan, TensorPlan
 from .quantized import (
+    BNB_4BIT,
     composes_4bit,
     delta_linear_4bit,
     dequantized_weight,
@@ -257,7 +258,9 @@ class Linear(_WrappedLayer):
 
     def _read_base_layer(self) -> None:
         self.out_features, self.in_features = linear_shape(self.get_base_layer())
-        self._bnb_quantized = is_bnb_quantized(self.get_base_layer())  # read once: forward stays traceable
+        # read once: forward stays traceable
+        self._bnb_quantized = is_bnb_quantized(self.get_base_layer())
+        self._bnb_4bit = quantization_of(self.get_base_layer()) == BNB_4BIT
 
     def weight_out_in(self) -> torch.Tensor:
         base = self.get_base_layer()
@@ -277,7 +280,7 @@ class Linear(_WrappedLayer):
         folded = [pair for name, weights in active for op in operations_in(weights)
                   for pair in op.folded(weights, self.apet_settings[name], self.training)]
         sparse, values = [delta for delta, _ in folded], [v for _, v in folded]
-        if sparse and self._bnb_quantized and composes_4bit(self.get_base_layer(), x):
+        if sparse and self._bnb_4bit and composes_4bit(self.get_base_layer(), x):
             # on the weight the 4-bit layer dequantizes anyway; hooks on the base layer do not run on this path
             result = delta_linear_4bit(self.get_base_layer(), x, sparse, values)
         elif sparse and self._bnb_quantized:  # a side path: never reads the packed weight

@@ -184,12 +184,13 @@ def restore_weight(module: nn.Module, stash: dict[str, Any]) -> None:
 
 # ---------------------------------------------------------------------------------------------- deltas in forward
 def composes_4bit(module: nn.Module, x: torch.Tensor) -> bool:
-    """Whether a delta on bitsandbytes layer `module` runs on the layer's dequantized weight (`delta_linear_4bit`)
-    rather than as the side path: for a 4-bit layer whose own forward on `x` `(..., in)` would dequantize its weight
-    for a matmul anyway, i.e. more than one token row, a compute dtype set, and not bitsandbytes' CPU inference
-    kernel, which multiplies without dequantizing: taken for a weight repacked for it, and (repacking it first) on
-    CPUs with AVX512-BF16 for an input that needs no gradient in eval mode, the conditions of `Linear4bit.forward`."""
-    if quantization_of(module) != BNB_4BIT or getattr(module, "compute_dtype", None) is None:
+    """Whether a delta on bitsandbytes 4-bit layer `module` (the caller checks the kind, once) runs on the layer's
+    dequantized weight (`delta_linear_4bit`) rather than as the side path: where the layer's own forward on `x`
+    `(..., in)` would dequantize its weight for a matmul anyway, i.e. more than one token row, a compute dtype set,
+    and not bitsandbytes' CPU inference kernel, which multiplies without dequantizing: taken for a weight repacked
+    for it, and (repacking it first) on CPUs with AVX512-BF16 for an input that needs no gradient in eval mode, the
+    conditions of `Linear4bit.forward`."""
+    if getattr(module, "compute_dtype", None) is None:
         return False
     if (x.device.type == "cpu" and getattr(module, "support_avx512bf16_for_cpu", False) and not module.training
             and not x.requires_grad):
