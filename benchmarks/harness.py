@@ -297,6 +297,53 @@ def trim_memory() -> None:
         pass
 
 
+def fix_mmap_threshold(nbytes: int = 1 << 20) -> bool:
+    """Fix glibc's mmap threshold at `nbytes` for the rest of the process (as `MALLOC_MMAP_THRESHOLD_` would at
+    start): allocations above it are mapped and unmapped on free, so RSS follows live memory instead of where glibc
+    kept earlier frees (by default it raises the threshold after each large free). False where glibc is absent."""
+    try:
+        return ctypes.CDLL("libc.so.6").mallopt(-3, nbytes) == 1  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
+class SavedForBackward:
+    """Context manager: `bytes` is the size of the distinct storages autograd saves for backward inside the block,
+    the memory held between forward and backward independent of the allocator; storages of `exclude` (e.g. the
+    model's parameters, which exist anyway) are not counted."""
+
+    def __init__(self, exclude: list[torch.Tensor] = ()):
+        self._skip = {t.untyped_storage().data_ptr() for t in exclude}
+        self._storages: dict[int, int] = {}
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        if t.layout == torch.sparse_coo:
+            parts = [t._indices(), t._values()]
+        elif t.layout in (torch.sparse_csr, torch.sparse_csc, torch.sparse_bsr, torch.sparse_bsc):
+            compressed = t.crow_indices() if t.layout in (torch.sparse_csr, torch.sparse_bsr) else t.ccol_indices()
+            plain = t.col_indices() if t.layout in (torch.sparse_csr, torch.sparse_bsr) else t.row_indices()
+            parts = [compressed, plain, t.values()]
+        else:
+            parts = [t]
+        for part in parts:
+            ptr = part.untyped_storage().data_ptr()
+            if ptr not in self._skip:
+                self._storages.setdefault(ptr, part.untyped_storage().nbytes())
+        return t
+
+    @property
+    def bytes(self) -> int:
+        return sum(self._storages.values())
+
+    def __enter__(self) -> SavedForBackward:
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._hooks.__exit__(*exc)
+
+
 class PeakSampler:
     """Context manager: `peak` is the largest RSS (bytes) seen every `interval` seconds inside the block."""
 

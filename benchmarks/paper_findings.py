@@ -413,12 +413,13 @@ def lr_pick_specs(model_name: str, task_name: str, mode: Mode) -> list[RunSpec]:
 
 
 def sweep(mode: Mode, out: Path, log: Callable[[str], None], command: str = "", part: str = "paper",
-          device: str = "cpu") -> dict:
+          device: str = "cpu", run_models: tuple[str, ...] | None = None) -> dict:
     """Run one part of the sweep (resuming from `<out>/runs/`); returns the plan, also written to `<out>/plan.json`.
 
     Part "paper" plans `runs` (the lr pick, then Figures 5-7); parts "pairing" and "sizes" plan `pairing_runs` /
     `sizes_runs` and keep what the plan file already says about the other parts. All pick the lr first (runs
-    already stored are reused)."""
+    already stored are reused). `run_models` runs only those models' runs of the part (the plan still lists every
+    run), so two processes can share a sweep by model."""
     store = Store(out)
     tasks: dict[tuple[str, str], Task] = {}
 
@@ -455,14 +456,14 @@ def sweep(mode: Mode, out: Path, log: Callable[[str], None], command: str = "", 
         harness.write_json(out / "plan.json", plan)
         if part == "pairing":
             count_learnable(specs, get_task, out)
-        run_all(specs, store, get_task, mode, log)
+        run_all([s for s in specs if run_models is None or s.model in run_models], store, get_task, mode, log)
         return plan
     specs = [s for t in mode.tasks for m in mode.models for s in plan_model(m, t, mode, get_task(m, t), lrs)]
     # Seed 0 of every model and task first, the LM after the encoder: a cut sweep keeps whole curves.
     specs = sorted(dict.fromkeys(specs), key=lambda s: (s.seed, s.model == "smollm2"))
     plan["runs"] += [s.key for s in specs if s.key not in plan["runs"]]
     harness.write_json(out / "plan.json", plan)
-    run_all(specs, store, get_task, mode, log)
+    run_all([s for s in specs if run_models is None or s.model in run_models], store, get_task, mode, log)
     return plan
 
 
@@ -478,6 +479,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="where models train (cuda: one GPU; the CPU threads option still applies to data)")
     parser.add_argument("--with-lm", action="store_true",
                         help="add SmolLM2-135M (zero-shot and delta at 1600 entries) to the default sweep")
+    parser.add_argument("--run-models", default=None,
+                        help="comma-separated models (e.g. minilm): run only their runs of the part; the plan and "
+                             "report keep every run, so two processes can share a sweep")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is visible to torch here (torch.cuda.is_available() is False)")
@@ -491,7 +495,8 @@ def main(argv: list[str] | None = None) -> int:
     log = harness.logger(out / "sweep.log")
     if not args.report_only:
         log(f"start {command} ({mode.name})")
-        sweep(mode, out, log, command, args.part, args.device)
+        run_models = tuple(args.run_models.split(",")) if args.run_models else None
+        sweep(mode, out, log, command, args.part, args.device, run_models)
     records = Store(out).all()
     meta = report(out, command, records)
     plan = json.loads((out / "plan.json").read_text()) if (out / "plan.json").exists() else {}

@@ -215,16 +215,10 @@ def run_method(method: str, k: int, task: Task, settings: Settings, log) -> dict
 def saved_for_backward_bytes(model: nn.Module, batch: dict, task: Task) -> int:
     """Bytes of the distinct storages autograd keeps from one forward pass for the backward pass: the memory held
     between forward and backward, independent of the allocator (RSS also counts what glibc keeps after a free)."""
-    storages: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storages.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with harness.SavedForBackward() as saved:
         logits = vocab_logits(model, batch, task, False)
     del logits
-    return sum(storages.values())
+    return saved.bytes
 
 
 def run_isolated(method: str, k: int, settings: Settings, smoke: bool, log) -> dict:

@@ -16,7 +16,11 @@ same density of each targeted weight, and the floor one trainable bias in the fi
 runs through every layer). Full fine-tuning runs once per (model, tokens), beside its own floor, where it fits.
 
 Peak memory: on CPU the largest RSS seen by the harness's sampler during injection and all steps, less the RSS
-before injection; on CUDA `max_memory_allocated` (after `reset_peak_memory_stats`) less the allocation before.
+before injection, with glibc's mmap threshold fixed at 1 MiB from the start of the run (`harness.fix_mmap_threshold`;
+recorded per point: points run before it existed have `mmap_threshold` absent), so that RSS follows live memory
+rather than where glibc kept earlier methods' frees; on CUDA `max_memory_allocated` (after
+`reset_peak_memory_stats`) less the allocation before. Also per method, allocator-independent: the bytes of the
+distinct non-parameter storages autograd saved for backward in the first step (`saved_for_backward`).
 Results are written as each point finishes, and a rerun skips the points already in `results.json`.
 """
 
@@ -38,7 +42,7 @@ from torch import nn
 import peft_apet.functional as apet_functional
 import peft_apet.routes as apet_routes
 from benchmarks import harness
-from benchmarks.harness import PeakSampler, current_rss, trim_memory
+from benchmarks.harness import PeakSampler, SavedForBackward, current_rss, trim_memory
 from benchmarks.speed_grid_report import write_report
 from peft_apet import APETConfig
 
@@ -323,13 +327,14 @@ def measure(method: str, base: BaseWeights, point: Point, plan: dict, ids, mode:
         model = attach(method, model, spec, plan)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=1e-4)
-        with route_counter() as routes:  # the first step (warm-up or measured); the wrappers cost microseconds
+        # The first step (warm-up or measured) counts routes and saved tensors; both hooks cost microseconds.
+        with route_counter() as routes, SavedForBackward(exclude=list(model.parameters())) as saved:
             first = step_times(model, spec, ids, optimizer, 1, device, args.bf16)
         rest = step_times(model, spec, ids, optimizer, mode.warmup + mode.measured - 1, device, args.bf16)
         warm, steps = (first + rest)[:mode.warmup], (first + rest)[mode.warmup:]
     record = {"method": method, "trainable": sum(p.numel() for p in params), "param_tensors": len(params),
               "warmup_step_s": warm, "step_s": steps, "peak_delta": sampler.peak - rss0,
-              "routes": routes}
+              "saved_for_backward": saved.bytes, "routes": routes}
     if cuda:
         record["cuda_peak_delta"] = torch.cuda.max_memory_allocated() - alloc0
     del model, params, optimizer
@@ -412,6 +417,7 @@ def main(argv: list[str] | None = None) -> int:
         write_report(out, saved)
         return 0
     log = harness.logger(out / "run.log")
+    mmap_threshold = harness.fix_mmap_threshold() and args.device == "cpu"
     saved["meta"] = {"date": harness.now(), "machine": harness.machine(), "command": command, "mode": mode.name,
                      "device": args.device, "bf16": args.bf16, "rounds": mode.rounds, "warmup": mode.warmup,
                      "measured": mode.measured}
@@ -429,7 +435,8 @@ def main(argv: list[str] | None = None) -> int:
         t = time.perf_counter()
         saved["runs"][point.key] = run_point(point, bases[point.model], mode, args, log)
         saved["runs"][point.key].update(wall_s=time.perf_counter() - t, date=harness.now(),
-                                        load_average=os.getloadavg())
+                                        load_average=os.getloadavg(), command=command,
+                                        mmap_threshold=(1 << 20) if mmap_threshold else None)
         harness.write_json(path, saved, end="\n")
         write_report(out, saved)
         log(f"{point.key}: done in {time.perf_counter() - t:.0f} s")

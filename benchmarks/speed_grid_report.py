@@ -3,7 +3,9 @@ targets (met or missed, by how much), `results.md` and the `summary`/`targets` o
 
 Every ratio is taken within one grid point (one run of interleaved rounds). A method's overhead is its median step
 time less the floor's (the frozen backbone with one trainable bias) of the same point. Peak memory is the CPU RSS
-peak (or CUDA `max_memory_allocated`) over the RSS (allocation) before injection, in MiB.
+peak (or CUDA `max_memory_allocated`) over the RSS (allocation) before injection, in MiB; "saved MiB" is what
+autograd kept for backward in a method's first step (distinct non-parameter storages; points run before it was
+recorded show "–").
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ def summarise(run: dict) -> dict[str, dict]:
                         "step_ms": 1e3 * statistics.median([s for r in ok for s in r["step_s"]]),
                         "steps_measured": sum(len(r["step_s"]) for r in ok),
                         "peak_mib": statistics.median([r[peak_key] for r in ok]) / 2**20,
+                        "saved_mib": (ok[0]["saved_for_backward"] / 2**20 if "saved_for_backward" in ok[0]
+                                      else None),
                         "routes": ok[0].get("routes", {})}
     ok_rows = {m: r for m, r in rows.items() if "error" not in r}
     lora, floor = ok_rows.get("peft-lora"), ok_rows.get("floor")
@@ -115,17 +119,19 @@ def write_report(out: Path, saved: dict) -> None:
     for key, rows in summary.items():
         run = runs[key]
         lines += [f"### {key}", "", *[f"- {n}" for n in run.get("notes", [])],
-                  f"- wall time {run.get('wall_s', 0):.0f} s, finished {run.get('date', '?')}", "",
-                  "| method | trainable | step ms | x LoRA | overhead over floor (ms) | peak MiB | APET routes per step"
-                  " |",
-                  "|---|---|---|---|---|---|---|"]
+                  f"- wall time {run.get('wall_s', 0):.0f} s, finished {run.get('date', '?')}"
+                  + (f", glibc mmap threshold fixed at {run['mmap_threshold']} B" if run.get("mmap_threshold") else "")
+                  + (f"; command `{run['command']}`" if run.get("command") else ""), "",
+                  "| method | trainable | step ms | x LoRA | overhead over floor (ms) | peak MiB | saved MiB | APET "
+                  "routes per step |",
+                  "|---|---|---|---|---|---|---|---|"]
         for row in rows.values():
             if "error" in row:
-                lines.append(f"| {row['method']} | FAILED: {row['error'][:120]} | | | | | |")
+                lines.append(f"| {row['method']} | FAILED: {row['error'][:120]} | | | | | | |")
                 continue
             lines.append(f"| {row['method']} | {row['trainable']:,} | {row['step_ms']:.0f} | {_f(row.get('vs_lora'))}"
                          f" | {_f(row.get('overhead_ms'), '.0f')} | {row['peak_mib']:.0f} | "
-                         f"{_routes(row['routes'])} |")
+                         f"{_f(row.get('saved_mib'), '.0f')} | {_routes(row['routes'])} |")
         missed = [t for t in checks if t["point"] == key and not t["met"]]
         if missed:
             lines += ["", "Missed: " + "; ".join(f"{t['target']}: {t['value']:.2f}" for t in missed)]

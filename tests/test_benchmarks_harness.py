@@ -1,4 +1,5 @@
-"""The benchmark harness's MPNet classifier (`PooledClassifier`) on a tiny random MPNet, against its formula."""
+"""The benchmark harness: its MPNet classifier (`PooledClassifier`) on a tiny random MPNet against its formula, and
+its count of the memory autograd saves for backward against hand-counted tensors."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import torch
 from peft import get_peft_model
 from transformers import MPNetConfig, MPNetModel
 
+from benchmarks import harness
 from benchmarks.harness import PooledClassifier
 from peft_apet import APETConfig
 
@@ -43,3 +45,18 @@ def test_peft_trains_the_budget_and_the_linear_head_only(tiny_mpnet_folder):
     assert sum(v for n, v in trainable.items() if "classifier" not in n) == 200
     assert sum(v for n, v in trainable.items() if "classifier" in n) == LABELS * (HIDDEN + 1)
     assert not any("pooler" in n for n in trainable)
+
+
+def test_saved_for_backward_counts_distinct_non_parameter_storages():
+    """A frozen linear layer then a square: autograd saves the layer's input (the weight is a parameter, excluded)
+    and the layer's output for the square; a view of the input saved twice counts once."""
+    layer = torch.nn.Linear(6, 5)
+    x = torch.randn(4, 6, requires_grad=True)
+    with harness.SavedForBackward(exclude=list(layer.parameters())) as saved:
+        y = layer(x)
+        (y * y).sum() + (x[:2] * x[:2]).sum()
+    assert saved.bytes == x.nbytes + y.nbytes
+    sparse = torch.randn(5, 6).to_sparse_csr().requires_grad_()
+    with harness.SavedForBackward() as saved_sparse:
+        torch.sparse.mm(sparse, x.T)
+    assert saved_sparse.bytes >= sparse.values().nbytes + sparse.col_indices().nbytes + x.nbytes

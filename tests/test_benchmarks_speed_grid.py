@@ -38,6 +38,7 @@ def test_every_point_ran_every_method(results):
         for r in run["records"]:
             assert "error" not in r, (key, r)
             assert len(r["step_s"]) == 1 and r["step_s"][0] > 0 and r["peak_delta"] is not None
+            assert r["saved_for_backward"] > 0  # every method's backward runs through every layer
 
 
 def test_trainable_counts_follow_the_plan(results):
