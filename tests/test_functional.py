@@ -204,3 +204,30 @@ def test_side_path_keeps_only_the_input_columns_the_entries_use(k, compact):
     torch.testing.assert_close(delta.values.grad, values.grad)
     used = (delta.flat_indices() % 256).unique().numel()
     assert ((8, used) in shapes) == compact and ((8, 256) in shapes) != compact
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_adjacent_backward_keeps_the_input_or_its_trained_columns_and_no_product(axis):
+    """A (64, 256) layer with 4 whole rows (the input `(8, 256)` kept) or 4 whole columns (those `(8, 4)` columns
+    kept), plus a partial line: never the `(8, lines)` product of the rows; output and gradients match the formula."""
+    torch.manual_seed(0)
+    config = APETConfig.delta(target_modules=["proj"], mask="adjacent", mask_axis=axis, init_weights=False,
+                              num_trainable_params=4 * (256 if axis == 0 else 64) + 3)
+    model = get_peft_model(OneLayer(256, 64), config)
+    layer = model.base_model.model.proj
+    delta = layer.apet_weights["default"]["delta"]
+    x = torch.randn(8, 256, requires_grad=True)
+    shapes = _saved_shapes(lambda: model(x))
+    assert (8, 4) not in shapes if axis == 0 else ((8, 4) in shapes and (8, 256) not in shapes)
+    out = model(x)
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    values = delta.values.detach().clone().requires_grad_(True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    base = layer.get_base_layer()
+    dense = torch.zeros(64 * 256).index_add(0, delta.flat_indices(), values).view(64, 256)
+    expected = F.linear(x_ref, base.weight + dense, base.bias)
+    expected.backward(grad_out)
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    torch.testing.assert_close(delta.values.grad, values.grad)

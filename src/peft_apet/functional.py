@@ -14,7 +14,8 @@ transiently and gathered. `routes.choose` picks each of the three per call from 
 `k`, dtype and device (`sparse_kernels` runs the sparse ones). For the value gradients a layer keeps its input `x`
 `(tokens, in)`, or, when the k entries use at most a quarter of the `in` columns, a copy of only those columns
 (`SparseLayout.compact`): at small k a delta then keeps O(tokens * k) of activations per layer, not
-O(tokens * in). Adjacent deltas are dense blocks of whole lines, so they run as one small matmul per layer.
+O(tokens * in). Adjacent deltas are dense blocks of whole lines, so they run as one small matmul per layer and
+keep for backward the input (trained rows) or only its trained columns (trained columns).
 """
 
 from __future__ import annotations
@@ -152,8 +153,7 @@ def adjacent_delta_output(x: torch.Tensor, delta: MaskedWeight, result: torch.Te
     x = x.to(values.dtype)
     if delta.axis == 0:  # trainable rows: output features lines[j] get x . V[j]
         if full:
-            result = result.index_add(-1, lines[:full], F.linear(x, values[: full * length].view(full, length))
-                                      .to(result.dtype))
+            result = _AddRowProducts.apply(result, x, lines[:full], values[: full * length].view(full, length))
         if rem:
             partial = (x[..., :rem] @ values[full * length:]).unsqueeze(-1)
             result = result.index_add(-1, lines[full:full + 1], partial.to(result.dtype))
@@ -165,6 +165,27 @@ def adjacent_delta_output(x: torch.Tensor, delta: MaskedWeight, result: torch.Te
         partial = x[..., lines[full]].unsqueeze(-1) * values[full * length:]
         result = result + F.pad(partial, (0, out_f - rem)).to(result.dtype)
     return result
+
+
+class _AddRowProducts(torch.autograd.Function):
+    """`result` `(..., out)` with `x V^T` `(..., lines)` added at output features `lines`, for `x` `(..., in)` and
+    whole trainable rows `V` `(lines, in)`. Keeps `x` and `V` for backward, not the `(tokens, lines)` product that
+    autograd's `index_add` would also keep (it saves its source)."""
+
+    @staticmethod
+    def forward(ctx, result, x, lines, v):
+        ctx.save_for_backward(x, lines, v)
+        return result.index_add(-1, lines, F.linear(x, v).to(result.dtype))
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, lines, v = ctx.saved_tensors
+        g = grad_out.index_select(-1, lines)  # (..., lines): the gradient of the added product
+        grad_x = (g.to(v.dtype) @ v).to(x.dtype) if ctx.needs_input_grad[1] else None
+        grad_v = None
+        if ctx.needs_input_grad[3]:
+            grad_v = (g.reshape(-1, v.shape[0]).T.to(x.dtype) @ x.reshape(-1, v.shape[1])).to(v.dtype)
+        return grad_out if ctx.needs_input_grad[0] else None, grad_x, None, grad_v
 
 
 def lora_output(x: torch.Tensor, lora_a: MaskedWeight, lora_b: MaskedWeight, scaling: float,
