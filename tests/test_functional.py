@@ -206,19 +206,28 @@ def test_side_path_keeps_only_the_input_columns_the_entries_use(k, compact):
     assert ((8, used) in shapes) == compact and ((8, 256) in shapes) != compact
 
 
+@pytest.mark.parametrize("lines", [4, 0])
 @pytest.mark.parametrize("axis", [0, 1])
-def test_adjacent_backward_keeps_the_input_or_its_trained_columns_and_no_product(axis):
+def test_adjacent_backward_keeps_the_input_or_its_trained_columns_and_no_product(axis, lines):
     """A (64, 256) layer with 4 whole rows (the input `(8, 256)` kept) or 4 whole columns (those `(8, 4)` columns
-    kept), plus a partial line: never the `(8, lines)` product of the rows; output and gradients match the formula."""
+    kept), plus a partial line of 3 entries: never the `(8, lines)` product of the rows; with the partial line alone,
+    only what it reads (`(8, 3)` inputs of a partial row). Output and gradients match the formula."""
     torch.manual_seed(0)
     config = APETConfig.delta(target_modules=["proj"], mask="adjacent", mask_axis=axis, init_weights=False,
-                              num_trainable_params=4 * (256 if axis == 0 else 64) + 3)
+                              num_trainable_params=lines * (256 if axis == 0 else 64) + 3)
     model = get_peft_model(OneLayer(256, 64), config)
     layer = model.base_model.model.proj
     delta = layer.apet_weights["default"]["delta"]
     x = torch.randn(8, 256, requires_grad=True)
-    shapes = _saved_shapes(lambda: model(x))
-    assert (8, 4) not in shapes if axis == 0 else ((8, 4) in shapes and (8, 256) not in shapes)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        model(x)
+    shapes = [tuple(t.shape) for t in saved]
+    kept_x = [t.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() for t in saved]
+    if lines:
+        assert (8, 4) not in shapes if axis == 0 else ((8, 4) in shapes and not any(kept_x))
+    else:  # no view of x either (a view keeps all of x alive)
+        assert not any(kept_x) and ((8, 3) in shapes) == (axis == 0)
     out = model(x)
     grad_out = torch.randn_like(out)
     out.backward(grad_out)

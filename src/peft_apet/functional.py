@@ -154,15 +154,16 @@ def adjacent_delta_output(x: torch.Tensor, delta: MaskedWeight, result: torch.Te
     if delta.axis == 0:  # trainable rows: output features lines[j] get x . V[j]
         if full:
             result = _AddRowProducts.apply(result, x, lines[:full], values[: full * length].view(full, length))
-        if rem:
-            partial = (x[..., :rem] @ values[full * length:]).unsqueeze(-1)
+        if rem:  # a partial row reads the first `rem` inputs; without whole rows, keep only those for backward
+            head = x[..., :rem] if full else x[..., :rem].contiguous()
+            partial = (head @ values[full * length:]).unsqueeze(-1)
             result = result.index_add(-1, lines[full:full + 1], partial.to(result.dtype))
         return result
     # trainable columns: input feature lines[j] contributes x[..., lines[j]] * V[j] to every output
     if full:
         result = result + (x[..., lines[:full]] @ values[: full * length].view(full, length)).to(result.dtype)
     if rem:
-        partial = x[..., lines[full]].unsqueeze(-1) * values[full * length:]
+        partial = x.index_select(-1, lines[full:full + 1]) * values[full * length:]  # a copy: no view of x kept
         result = result + F.pad(partial, (0, out_f - rem)).to(result.dtype)
     return result
 
