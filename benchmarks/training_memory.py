@@ -13,6 +13,8 @@ trains `STEPS` steps of one fixed batch (batch 32, texts cut to 64 tokens) with 
 
 - `rss_after_build`: RSS after building the model and applying the method, less the RSS before (tokenizer and
   data loaded); `peak_rss`: the peak RSS during build and training, less the same;
+- `peak_tensor_bytes`: in the last step (forward, backward, AdamW step), the largest number of tensor bytes allocated
+  in the step and not yet freed (torch profiler memory events): the step's own peak, independent of the allocator;
 - `saved_for_backward`: the distinct non-parameter storages autograd saved in the last forward (activations kept);
 - `state`: trainable parameters, their gradients and AdamW's moments, read from the tensors;
 - `params_and_buffers`: every parameter and buffer the model holds (SpaRTA keeps a frozen copy of each weight it
@@ -63,6 +65,36 @@ def build(method: str, k: int, task: harness.Task) -> tuple[torch.nn.Module, lis
     return model, [p for p in model.parameters() if p.requires_grad]
 
 
+class TensorPeak:
+    """Context manager (when `on`): `peak` is the largest number of tensor bytes allocated inside the block and not
+    yet freed, from the torch profiler's memory events: what the step itself needs at its worst moment, independent
+    of the allocator (None when off or where the profiler gives no memory events)."""
+
+    def __init__(self, on: bool):
+        self.on, self.peak = on, None
+
+    def __enter__(self) -> TensorPeak:
+        if self.on:
+            from torch.profiler import ProfilerActivity, profile
+
+            self._prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+            self._prof.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if not self.on:
+            return
+        self._prof.__exit__(*exc)
+        events = getattr(self._prof.profiler, "kineto_results", None)
+        memory = sorted((e.start_ns(), e.nbytes()) for e in (events.events() if events else ()) if
+                        e.name() == "[memory]")
+        live = peak = 0
+        for _, nbytes in memory:
+            live += nbytes
+            peak = max(peak, live)
+        self.peak = peak if memory else None
+
+
 def index_array_bytes() -> int:
     """Bytes of the index arrays APET's layout cache holds (tensors among each layout's cached attributes)."""
     import peft_apet.functional as functional
@@ -101,24 +133,25 @@ def measure(method: str, k: int, smoke: bool) -> dict:
         exact_k = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and not harness.is_head(n))
         optimizer = torch.optim.AdamW(params, lr=1e-4)
         model.train()
-        for _ in range(STEPS):
-            with SavedForBackward(exclude=list(model.parameters())) as saved:
+        for step in range(STEPS):
+            with SavedForBackward(exclude=list(model.parameters())) as saved, TensorPeak(step == STEPS - 1) as live:
                 logits = harness.vocab_logits(model, batch, task, False)
-            after_forward = current_rss() - rss0
-            harness.loss_and_scores(logits, batch["labels"], task)[0].backward()
-            after_backward = current_rss() - rss0
-            state = harness.trainable_state_bytes(params, optimizer)  # grads still there; moments from step 2 on
-            optimizer.step()
-            after_step = current_rss() - rss0
-            optimizer.zero_grad(set_to_none=True)
-            del logits
+                after_forward = current_rss() - rss0
+                harness.loss_and_scores(logits, batch["labels"], task)[0].backward()
+                after_backward = current_rss() - rss0
+                state = harness.trainable_state_bytes(params, optimizer)  # grads still there; moments from step 2
+                optimizer.step()
+                after_step = current_rss() - rss0
+                optimizer.zero_grad(set_to_none=True)
+                del logits
     state = {**state, "optimizer": harness.trainable_state_bytes(params, optimizer)["optimizer"]}
     state["total"] = state["params"] + state["grads"] + state["optimizer"]
     held = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
             for t in [*model.parameters(), *model.buffers()]}
     return {"method": method, "k": exact_k,  # counted before training: SpaRTA's forward unfreezes what it merges into
             "target_k": k, "trainable": sum(p.numel() for p in params), "rss_after_build": built,
-            "peak_rss": sampler.peak - rss0, "saved_for_backward": saved.bytes, "state": state,
+            "peak_rss": sampler.peak - rss0, "peak_tensor_bytes": live.peak, "saved_for_backward": saved.bytes,
+            "state": state,
             "params_and_buffers": sum(held.values()), "index_arrays": index_array_bytes(),
             "rss_after_forward": after_forward, "rss_after_backward": after_backward, "rss_after_step": after_step,
             "tokens_per_step": int(batch["attention_mask"].sum())}
@@ -141,23 +174,29 @@ def write_report(out: Path, records: list[dict], command: str) -> None:
     lines = ["# Where a training step's memory goes (MiniLM + Rotten Tomatoes, 32 x 64 tokens)", "",
              f"Command: `{command}`; {harness.machine_line()}; written {harness.now()}. MiB over the RSS before the "
              f"model was built; each method in a fresh process (mmap threshold {MMAP_THRESHOLD} B).", "",
-             "| k | method | exact k | peak RSS | after build | saved for backward | state (params+grads+AdamW) | "
-             "params+buffers | APET index arrays | after forward / backward / step |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| k | method | exact k | peak RSS | peak tensor bytes in a step | after build | saved for backward | "
+             "state (params+grads+AdamW) | params+buffers | APET index arrays | after forward / backward / step |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
-        lines.append(f"| {r['target_k']:,} | {r['method']} | {r['k']:,} | {r['peak_rss'] / mib:.1f} | "
+        tensor_peak = "–" if r["peak_tensor_bytes"] is None else f"{r['peak_tensor_bytes'] / mib:.1f}"
+        lines.append(f"| {r['target_k']:,} | {r['method']} | {r['k']:,} | {r['peak_rss'] / mib:.1f} | {tensor_peak} | "
                      f"{r['rss_after_build'] / mib:.1f} | {r['saved_for_backward'] / mib:.1f} | "
                      f"{r['state']['total'] / mib:.1f} | {r['params_and_buffers'] / mib:.1f} | "
                      f"{r['index_arrays'] / mib:.2f} | {r['rss_after_forward'] / mib:.0f} / "
                      f"{r['rss_after_backward'] / mib:.0f} / {r['rss_after_step'] / mib:.0f} |")
-    lines += ["", "APET's peak minus SpaRTA's, per budget (MiB):", ""]
+    lines += ["", "Peak minus SpaRTA's, per budget (MiB; RSS, then tensor bytes in a step):", ""]
     for k in dict.fromkeys(r["target_k"] for r in records):
         by = {r["method"]: r for r in records if r["target_k"] == k}
         if "sparta" in by:
             lines.append(f"- k = {k:,}: " + ", ".join(
-                f"{m} {(by[m]['peak_rss'] - by['sparta']['peak_rss']) / mib:+.1f}" for m in
+                f"{m} {(by[m]['peak_rss'] - by['sparta']['peak_rss']) / mib:+.1f}, "
+                f"{_diff(by[m]['peak_tensor_bytes'], by['sparta']['peak_tensor_bytes'])}" for m in
                 ("apet-discrete", "apet-adjacent", "lora") if m in by))
     (out / "results.md").write_text("\n".join(lines) + "\n")
+
+
+def _diff(a: int | None, b: int | None) -> str:
+    return "–" if a is None or b is None else f"{(a - b) / 2**20:+.1f}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -206,15 +206,17 @@ def test_side_path_keeps_only_the_input_columns_the_entries_use(k, compact):
     assert ((8, used) in shapes) == compact and ((8, 256) in shapes) != compact
 
 
-@pytest.mark.parametrize("lines", [4, 0])
-@pytest.mark.parametrize("axis", [0, 1])
-def test_adjacent_backward_keeps_the_input_or_its_trained_columns_and_no_product(axis, lines):
+@pytest.mark.parametrize(("axis", "lines", "rem"), [(0, 4, 3), (0, 0, 3), (0, 0, 100), (1, 4, 3), (1, 0, 3),
+                                                   (1, 0, 40)])
+def test_adjacent_backward_keeps_the_input_or_its_trained_columns_and_no_product(axis, lines, rem):
     """A (64, 256) layer with 4 whole rows (the input `(8, 256)` kept) or 4 whole columns (those `(8, 4)` columns
-    kept), plus a partial line of 3 entries: never the `(8, lines)` product of the rows; with the partial line alone,
-    only what it reads (`(8, 3)` inputs of a partial row). Output and gradients match the formula."""
+    kept), plus a partial line of `rem` entries: never the `(8, lines)` product of the rows. A partial row alone of at
+    most a quarter of the inputs keeps a copy of what it reads, `(8, rem)`, and no view of x (a view keeps all of x
+    alive); a longer one keeps a view of x (shared with other layers reading x). Output and gradients match the
+    formula."""
     torch.manual_seed(0)
     config = APETConfig.delta(target_modules=["proj"], mask="adjacent", mask_axis=axis, init_weights=False,
-                              num_trainable_params=lines * (256 if axis == 0 else 64) + 3)
+                              num_trainable_params=lines * (256 if axis == 0 else 64) + rem)
     model = get_peft_model(OneLayer(256, 64), config)
     layer = model.base_model.model.proj
     delta = layer.apet_weights["default"]["delta"]
@@ -223,11 +225,13 @@ def test_adjacent_backward_keeps_the_input_or_its_trained_columns_and_no_product
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         model(x)
     shapes = [tuple(t.shape) for t in saved]
-    kept_x = [t.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() for t in saved]
+    kept_x = any(t.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() for t in saved)
     if lines:
-        assert (8, 4) not in shapes if axis == 0 else ((8, 4) in shapes and not any(kept_x))
-    else:  # no view of x either (a view keeps all of x alive)
-        assert not any(kept_x) and ((8, 3) in shapes) == (axis == 0)
+        assert (8, 4) not in shapes if axis == 0 else ((8, 4) in shapes and not kept_x)
+    elif axis == 0:
+        assert kept_x == (4 * rem > 256) and ((8, rem) in shapes)
+    else:
+        assert not kept_x
     out = model(x)
     grad_out = torch.randn_like(out)
     out.backward(grad_out)

@@ -154,8 +154,9 @@ def adjacent_delta_output(x: torch.Tensor, delta: MaskedWeight, result: torch.Te
     if delta.axis == 0:  # trainable rows: output features lines[j] get x . V[j]
         if full:
             result = _AddRowProducts.apply(result, x, lines[:full], values[: full * length].view(full, length))
-        if rem:  # a partial row reads the first `rem` inputs; without whole rows, keep only those for backward
-            head = x[..., :rem] if full else x[..., :rem].contiguous()
+        if rem:  # a partial row reads the first `rem` inputs. Without whole rows and with rem <= in / 4, keep only
+            # those for backward; otherwise a view of x (shared with the layer's neighbours, e.g. q/k/v) is cheaper.
+            head = x[..., :rem].contiguous() if not full and 4 * rem <= length else x[..., :rem]
             partial = (head @ values[full * length:]).unsqueeze(-1)
             result = result.index_add(-1, lines[full:full + 1], partial.to(result.dtype))
         return result
