@@ -24,7 +24,9 @@ import json
 import os
 import platform
 import shlex
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -297,7 +299,10 @@ def trim_memory() -> None:
         pass
 
 
-def fix_mmap_threshold(nbytes: int = 1 << 20) -> bool:
+MMAP_THRESHOLD = 1 << 20  # bytes: glibc's mmap threshold of memory measurements (`fix_mmap_threshold`, `run_fresh`)
+
+
+def fix_mmap_threshold(nbytes: int = MMAP_THRESHOLD) -> bool:
     """Fix glibc's mmap threshold at `nbytes` for the rest of the process (as `MALLOC_MMAP_THRESHOLD_` would at
     start): allocations above it are mapped and unmapped on free, so RSS follows live memory instead of where glibc
     kept earlier frees (by default it raises the threshold after each large free). False where glibc is absent."""
@@ -305,6 +310,20 @@ def fix_mmap_threshold(nbytes: int = 1 << 20) -> bool:
         return ctypes.CDLL("libc.so.6").mallopt(-3, nbytes) == 1  # M_MMAP_THRESHOLD
     except (OSError, AttributeError):
         return False
+
+
+def run_fresh(module: str, args: list[str]) -> dict:
+    """Run `python -m benchmarks.<module> <args> --record FILE` in a fresh process with glibc's mmap threshold fixed
+    at `MMAP_THRESHOLD` (`MALLOC_MMAP_THRESHOLD_`), so that no measurement inherits another's freed-but-kept memory;
+    returns the JSON record the process wrote to FILE. A failing process raises with the end of its stderr."""
+    with tempfile.TemporaryDirectory() as tmp:
+        record = Path(tmp) / "record.json"
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)}
+        proc = subprocess.run([sys.executable, "-m", f"benchmarks.{module}", *args, "--record", str(record)],
+                              capture_output=True, text=True, cwd=REPO, env=env)
+        if proc.returncode != 0:
+            raise RuntimeError(proc.stderr[-2000:])
+        return json.loads(record.read_text())
 
 
 class SavedForBackward:

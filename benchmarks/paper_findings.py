@@ -423,6 +423,9 @@ def sweep(mode: Mode, out: Path, log: Callable[[str], None], command: str = "", 
     store = Store(out)
     tasks: dict[tuple[str, str], Task] = {}
 
+    def to_run(specs: list[RunSpec]) -> list[RunSpec]:
+        return [s for s in specs if run_models is None or s.model in run_models]
+
     def get_task(model: str, task: str) -> Task:
         if (model, task) not in tasks:
             tasks[model, task] = harness.load_model_task(model, task, max_len=mode.max_len, test_size=mode.test_size,
@@ -456,14 +459,14 @@ def sweep(mode: Mode, out: Path, log: Callable[[str], None], command: str = "", 
         harness.write_json(out / "plan.json", plan)
         if part == "pairing":
             count_learnable(specs, get_task, out)
-        run_all([s for s in specs if run_models is None or s.model in run_models], store, get_task, mode, log)
+        run_all(to_run(specs), store, get_task, mode, log)
         return plan
     specs = [s for t in mode.tasks for m in mode.models for s in plan_model(m, t, mode, get_task(m, t), lrs)]
     # Seed 0 of every model and task first, the LM after the encoder: a cut sweep keeps whole curves.
     specs = sorted(dict.fromkeys(specs), key=lambda s: (s.seed, s.model == "smollm2"))
     plan["runs"] += [s.key for s in specs if s.key not in plan["runs"]]
     harness.write_json(out / "plan.json", plan)
-    run_all([s for s in specs if run_models is None or s.model in run_models], store, get_task, mode, log)
+    run_all(to_run(specs), store, get_task, mode, log)
     return plan
 
 

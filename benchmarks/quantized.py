@@ -36,10 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 import warnings
@@ -59,7 +56,6 @@ METHODS = ("qlora", "apet-discrete", "apet-adjacent", "apet-discrete-qlora-layer
 SAME_LAYERS = "apet-discrete-qlora-layers"  # runs only where QLoRA covers some layers (else it is apet-discrete)
 LR = {"qlora": 3e-4, "apet-discrete": 3e-3, "apet-adjacent": 3e-3,  # paper_findings' picked lr for masked deltas
       SAME_LAYERS: 3e-3}
-MMAP_THRESHOLD = 1 << 20  # bytes; MALLOC_MMAP_THRESHOLD_ of the fresh processes (see the module docstring)
 
 
 @dataclass(frozen=True)
@@ -222,17 +218,10 @@ def saved_for_backward_bytes(model: nn.Module, batch: dict, task: Task) -> int:
 
 
 def run_isolated(method: str, k: int, settings: Settings, smoke: bool, log) -> dict:
-    """`run_method` in a fresh Python process, so that no method inherits another's freed-but-kept memory."""
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "record.json"
-        command = [sys.executable, "-m", "benchmarks.quantized", "--one", method, str(k), "--record", str(out),
-                   "--threads", str(torch.get_num_threads()),
-                   "--settings", json.dumps(asdict(settings))] + (["--smoke"] if smoke else [])
-        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)}
-        proc = subprocess.run(command, capture_output=True, text=True, cwd=harness.REPO, env=env)
-        if proc.returncode != 0:
-            raise RuntimeError(proc.stderr[-2000:])
-        record = json.loads(out.read_text())
+    """`run_method` in a fresh Python process (`harness.run_fresh`)."""
+    args = ["--one", method, str(k), "--threads", str(torch.get_num_threads()), "--settings",
+            json.dumps(asdict(settings))]
+    record = harness.run_fresh("quantized", args + (["--smoke"] if smoke else []))
     log(f"  k={k} {method}: trainable {record['trainable']}, step {statistics.median(record['step_s']) * 1e3:.0f} "
         f"ms, peak +{record['peak_rss_delta'] / 2**20:.1f} MiB, saved for backward "
         f"{record['saved_for_backward_bytes'] / 2**20:.1f} MiB, gen acc "
@@ -408,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
             "threads": args.threads, "torch": torch.__version__, "bitsandbytes": bitsandbytes.__version__,
             "model": model_name, "settings": asdict(settings), "wall_s": time.perf_counter() - start,
             "isolated": isolated, "methods": {str(k): list(m) for k, m in plan.items()},
-            "mmap_threshold": MMAP_THRESHOLD if isolated else None,
+            "mmap_threshold": harness.MMAP_THRESHOLD if isolated else None,
             "notes": ["Short runs (a few steps): accuracy differences between methods are not meaningful at this "
                       "length; they show that each method trains on the 4-bit base."]}
     rows = summarise(records)

@@ -417,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
         write_report(out, saved)
         return 0
     log = harness.logger(out / "run.log")
-    mmap_threshold = harness.fix_mmap_threshold() and args.device == "cpu"
+    mmap_threshold = args.device == "cpu" and harness.fix_mmap_threshold()
     saved["meta"] = {"date": harness.now(), "machine": harness.machine(), "command": command, "mode": mode.name,
                      "device": args.device, "bf16": args.bf16, "rounds": mode.rounds, "warmup": mode.warmup,
                      "measured": mode.measured}
@@ -436,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
         saved["runs"][point.key] = run_point(point, bases[point.model], mode, args, log)
         saved["runs"][point.key].update(wall_s=time.perf_counter() - t, date=harness.now(),
                                         load_average=os.getloadavg(), command=command,
-                                        mmap_threshold=(1 << 20) if mmap_threshold else None)
+                                        mmap_threshold=harness.MMAP_THRESHOLD if mmap_threshold else None)
         harness.write_json(path, saved, end="\n")
         write_report(out, saved)
         log(f"{point.key}: done in {time.perf_counter() - t:.0f} s")

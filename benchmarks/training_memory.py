@@ -5,11 +5,12 @@ SpaRTA's ... find where the memory goes and cut it").
     python -m benchmarks.training_memory --threads 1          # writes benchmarks/results/training_memory/
     python -m benchmarks.training_memory --smoke --out DIR    # tiny random BERT, one budget, in-process (the test)
 
-Methods are `benchmarks.moonshot`'s (all 36 attention and feed-forward linear layers; APET discrete with random
-masks, LoRA at the nearest reachable count, SpaRTA at the same density), plus APET adjacent and `head` (only the
-classifier trains: what every method pays for activations the head needs). Each (method, k) runs in a fresh Python
-process with glibc's mmap threshold fixed at 1 MiB (`MALLOC_MMAP_THRESHOLD_`), so RSS follows live memory; it
-trains `STEPS` steps of one fixed batch (batch 32, texts cut to 64 tokens) with AdamW and records, in bytes:
+Methods are `benchmarks.equal_k`'s, as in `benchmarks.moonshot` (all 36 attention and feed-forward linear layers;
+APET discrete with random masks, LoRA at the nearest reachable count, SpaRTA at the same density), plus APET
+adjacent and `head` (only the classifier trains: what every method pays for activations the head needs). Each
+(method, k) runs in a fresh Python process (`harness.run_fresh`: glibc's mmap threshold fixed at 1 MiB), so RSS
+follows live memory; it trains `STEPS` steps of one fixed batch (batch 32, texts cut to 64 tokens) with AdamW and
+records, in bytes:
 
 - `rss_after_build`: RSS after building the model and applying the method, less the RSS before (tokenizer and
   data loaded); `peak_rss`: the peak RSS during build and training, less the same;
@@ -27,41 +28,27 @@ Nothing is asserted; results.md states APET's peak beside SpaRTA's and what the 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
-from benchmarks import harness, moonshot
+from benchmarks import equal_k, harness
 from benchmarks.harness import PeakSampler, SavedForBackward, current_rss, trim_memory
-from peft_apet import APETConfig
 
 METHODS = ("head", "full", "sparta", "lora", "apet-discrete", "apet-adjacent")
 BUDGETS = {"default": (22_700, 227_000), "smoke": (500,)}
 STEPS, BATCH, MAX_LEN = 3, 32, 64
-MMAP_THRESHOLD = 1 << 20  # bytes (as benchmarks.quantized)
-MOONSHOT_METHODS = {"full": "full", "sparta": "sparta", "lora": "lora", "apet-discrete": "apet"}
 
 
 def build(method: str, k: int, task: harness.Task) -> tuple[torch.nn.Module, list[torch.nn.Parameter]]:
     """The model with `method` applied and its trainable parameters (the caller seeds torch)."""
-    if method == "apet-adjacent":
-        from peft import get_peft_model
-
-        config = APETConfig.delta(mask="adjacent", num_trainable_params=k, task_type="SEQ_CLS",
-                                  target_modules=[n for n, _ in moonshot.target_layers(harness.new_model(task))])
-        model = get_peft_model(harness.new_model(task), config)
-    elif method == "head":
+    if method == "head":
         model = harness.new_model(task)
         for name, p in model.named_parameters():
             p.requires_grad_(harness.is_head(name))
     else:
-        spec = moonshot.RunSpec("rotten_tomatoes", MOONSHOT_METHODS[method], k, lr=1e-3, seed=0)
-        model, _ = moonshot.build(spec, task)
+        apet_mask = method.removeprefix("apet-") if method.startswith("apet-") else "discrete"
+        model, _ = equal_k.build(method.split("-")[0], k, task, seed=0, mask=apet_mask)
     return model, [p for p in model.parameters() if p.requires_grad]
 
 
@@ -157,23 +144,16 @@ def measure(method: str, k: int, smoke: bool) -> dict:
             "tokens_per_step": int(batch["attention_mask"].sum())}
 
 
-def run_isolated(method: str, k: int, smoke: bool, threads: int) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "record.json"
-        command = [sys.executable, "-m", "benchmarks.training_memory", "--one", method, str(k), "--record",
-                   str(out), "--threads", str(threads)] + (["--smoke"] if smoke else [])
-        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)}
-        proc = subprocess.run(command, capture_output=True, text=True, cwd=harness.REPO, env=env)
-        if proc.returncode != 0:
-            raise RuntimeError(proc.stderr[-2000:])
-        return json.loads(out.read_text())
+def run_isolated(method: str, k: int, threads: int) -> dict:
+    """`measure` in a fresh process (`harness.run_fresh`)."""
+    return harness.run_fresh("training_memory", ["--one", method, str(k), "--threads", str(threads)])
 
 
 def write_report(out: Path, records: list[dict], command: str) -> None:
     mib = 2**20
     lines = ["# Where a training step's memory goes (MiniLM + Rotten Tomatoes, 32 x 64 tokens)", "",
              f"Command: `{command}`; {harness.machine_line()}; written {harness.now()}. MiB over the RSS before the "
-             f"model was built; each method in a fresh process (mmap threshold {MMAP_THRESHOLD} B).", "",
+             f"model was built; each method in a fresh process (mmap threshold {harness.MMAP_THRESHOLD} B).", "",
              "| k | method | exact k | peak RSS | peak tensor bytes in a step | after build | saved for backward | "
              "state (params+grads+AdamW) | params+buffers | APET index arrays | after forward / backward / step |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -217,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     records = []
     for k in BUDGETS[mode]:
         for method in METHODS:  # the smoke run (the test) in this process: quicker, and RSS does not matter there
-            record = measure(method, k, True) if args.smoke else run_isolated(method, k, False, args.threads)
+            record = measure(method, k, True) if args.smoke else run_isolated(method, k, args.threads)
             log(f"k={k} {method}: peak +{record['peak_rss'] / 2**20:.1f} MiB, saved "
                 f"{record['saved_for_backward'] / 2**20:.1f} MiB, state {record['state']['total'] / 2**20:.1f} MiB")
             records.append(record)

@@ -62,7 +62,7 @@ def test_trainable_counts_are_what_the_records_say(smoke):
 def test_lora_ranks_reach_the_nearest_count():
     from torch import nn
 
-    from benchmarks.moonshot import lora_ranks
+    from benchmarks.equal_k import lora_ranks
 
     layers = [(f"layer.{i}.{kind}", nn.Linear(*shape)) for i in range(6) for kind, shape in
               (("attention.self.query", (384, 384)), ("attention.self.key", (384, 384)),

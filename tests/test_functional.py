@@ -144,17 +144,17 @@ def test_index_arrays_are_kept_only_for_discrete_masks_up_to_density_one_eighth(
     assert (peft_apet.functional.layout_of(delta) is peft_apet.functional.layout_of(delta)) == kept
 
 
+def _saved_tensors(fn) -> list[torch.Tensor]:
+    """The tensors autograd keeps for backward while `fn()` runs."""
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        fn()
+    return saved
+
+
 def _saved_shapes(fn) -> list[tuple[int, ...]]:
     """Shapes of the tensors autograd keeps for backward while `fn()` runs."""
-    shapes = []
-
-    def pack(t):
-        shapes.append(tuple(t.shape))
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return shapes
+    return [tuple(t.shape) for t in _saved_tensors(fn)]
 
 
 # (64, 256) layer, 8 tokens: k = 16 entries use at most 16 of the 256 input columns, so the layer keeps only those
@@ -221,9 +221,7 @@ def test_adjacent_backward_keeps_the_input_or_its_trained_columns_and_no_product
     layer = model.base_model.model.proj
     delta = layer.apet_weights["default"]["delta"]
     x = torch.randn(8, 256, requires_grad=True)
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        model(x)
+    saved = _saved_tensors(lambda: model(x))
     shapes = [tuple(t.shape) for t in saved]
     kept_x = any(t.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() for t in saved)
     if lines:
