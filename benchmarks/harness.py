@@ -300,6 +300,8 @@ def trim_memory() -> None:
 
 
 MMAP_THRESHOLD = 1 << 20  # bytes: glibc's mmap threshold of memory measurements (`fix_mmap_threshold`, `run_fresh`)
+# seconds: a fresh-process measurement running longer than this is taken to have hung (`run_fresh`).
+RUN_FRESH_TIMEOUT_S = 3600.0
 
 
 def fix_mmap_threshold(nbytes: int = MMAP_THRESHOLD) -> bool:
@@ -312,15 +314,25 @@ def fix_mmap_threshold(nbytes: int = MMAP_THRESHOLD) -> bool:
         return False
 
 
-def run_fresh(module: str, args: list[str]) -> dict:
+def run_fresh(module: str, args: list[str], timeout_s: float = RUN_FRESH_TIMEOUT_S) -> dict:
     """Run `python -m benchmarks.<module> <args> --record FILE` in a fresh process with glibc's mmap threshold fixed
     at `MMAP_THRESHOLD` (`MALLOC_MMAP_THRESHOLD_`), so that no measurement inherits another's freed-but-kept memory;
-    returns the JSON record the process wrote to FILE. A failing process raises with the end of its stderr."""
+    returns the JSON record the process wrote to FILE. A failing process raises with the end of its stderr; one that
+    runs past `timeout_s` seconds is killed and raises."""
+    return run_recorded([sys.executable, "-m", f"benchmarks.{module}", *args], timeout_s)
+
+
+def run_recorded(command: list[str], timeout_s: float = RUN_FRESH_TIMEOUT_S) -> dict:
+    """`run_fresh` for any command: runs `command + ["--record", FILE]` from the repository root and returns FILE's
+    JSON."""
     with tempfile.TemporaryDirectory() as tmp:
         record = Path(tmp) / "record.json"
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)}
-        proc = subprocess.run([sys.executable, "-m", f"benchmarks.{module}", *args, "--record", str(record)],
-                              capture_output=True, text=True, cwd=REPO, env=env)
+        try:
+            proc = subprocess.run([*command, "--record", str(record)], capture_output=True, text=True, cwd=REPO,
+                                  env=env, timeout=timeout_s)
+        except subprocess.TimeoutExpired as error:
+            raise RuntimeError(f"{' '.join(command)} ran past {timeout_s:g} s and was stopped") from error
         if proc.returncode != 0:
             raise RuntimeError(proc.stderr[-2000:])
         return json.loads(record.read_text())

@@ -10,7 +10,8 @@ Two ways to classify, chosen from the model (`--task_type auto`):
   and counted apart from the adapter;
 - `causal_lm`: a decoder (e.g. `--model_name_or_path smollm2`) generates the label word after a prompt, as the
   APET paper does with T5. Accuracy is the argmax over the label words of the first generated token's logits;
-  the free greedy generation is also scored (exact match, ROUGE-L). `--trainer sft` trains through TRL's
+  the free greedy generation is also scored (exact match, ROUGE-L, and the fraction of answers that are a label
+  word at all). `--trainer sft` trains through TRL's
   `SFTTrainer(model, peft_config=APETConfig(...))` instead of `Trainer`.
 
 Run without arguments, it is the README's main job: a discrete masked delta of 20,000 entries (<0.1% of MiniLM's
@@ -424,7 +425,8 @@ def causal_collator(pad_id: int):
 
 @torch.no_grad()
 def evaluate_generation(model, fmt: GenerationFormat, split: Dataset, batch_size: int, prefix: str) -> dict:
-    """Accuracy and macro-F1 of the argmax label word, and exact match / ROUGE-L of free greedy generation."""
+    """Accuracy and macro-F1 of the argmax label word; exact match, ROUGE-L and label-word rate (answers that are
+    one of the label words, right or wrong) of free greedy generation."""
     model.eval()
     tokenizer = fmt.tokenizer
     device = next(model.parameters()).device
@@ -450,6 +452,8 @@ def evaluate_generation(model, fmt: GenerationFormat, split: Dataset, batch_size
     for name in ("accuracy", "macro_f1"):
         metrics.update(load_metric(name)(predicted, references))
     metrics["generation_exact_match"] = float(np.mean([t.lower() == w.lower() for t, w in zip(texts, words)]))
+    label_words = {w.lower() for w in fmt.label_words}  # does it answer with a label word at all (right or wrong)?
+    metrics["generation_label_word_rate"] = float(np.mean([t.lower() in label_words for t in texts]))
     metrics.update(load_metric("rouge_l")(texts, words))
     return {f"{prefix}_{k}": v for k, v in metrics.items()}
 

@@ -3,6 +3,8 @@ its count of the memory autograd saves for backward against hand-counted tensors
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 from peft import get_peft_model
@@ -60,3 +62,22 @@ def test_saved_for_backward_counts_distinct_non_parameter_storages():
     with harness.SavedForBackward() as saved_sparse:
         torch.sparse.mm(sparse, x.T)
     assert saved_sparse.bytes >= sparse.values().nbytes + sparse.col_indices().nbytes + x.nbytes
+
+
+_RECORDER = ("import json, os, sys, time; time.sleep(float(sys.argv[1])); "
+             "json.dump({'threshold': os.environ['MALLOC_MMAP_THRESHOLD_']}, open(sys.argv[-1], 'w'))")
+
+
+def test_run_recorded_returns_the_record_with_the_threshold_fixed():
+    record = harness.run_recorded([sys.executable, "-c", _RECORDER, "0"], timeout_s=60)
+    assert record == {"threshold": str(harness.MMAP_THRESHOLD)}
+
+
+def test_run_recorded_stops_a_process_past_its_time_limit():
+    with pytest.raises(RuntimeError, match="ran past 1 s"):
+        harness.run_recorded([sys.executable, "-c", _RECORDER, "30"], timeout_s=1)
+
+
+def test_run_recorded_raises_with_the_failing_process_stderr():
+    with pytest.raises(RuntimeError, match="ZeroDivisionError"):
+        harness.run_recorded([sys.executable, "-c", "1 / 0"], timeout_s=60)

@@ -242,3 +242,33 @@ def test_adjacent_backward_keeps_the_input_or_its_trained_columns_and_no_product
     torch.testing.assert_close(out, expected)
     torch.testing.assert_close(x.grad, x_ref.grad)
     torch.testing.assert_close(delta.values.grad, values.grad)
+
+
+@pytest.mark.parametrize("frozen", ["values", "input"])
+def test_whole_rows_keep_only_what_the_needed_gradients_read(frozen):
+    """Whole trainable rows: with frozen values backward needs only `V` (not the input); with an input that needs no
+    gradient it needs only the input (not `V`). Gradients that are needed still match the formula."""
+    torch.manual_seed(0)
+    config = APETConfig.delta(target_modules=["proj"], mask="adjacent", mask_axis=0, init_weights=False,
+                              num_trainable_params=4 * 256)
+    model = get_peft_model(OneLayer(256, 64), config)
+    layer = model.base_model.model.proj
+    delta = layer.apet_weights["default"]["delta"]
+    delta.values.requires_grad_(frozen != "values")
+    x = torch.randn(8, 256, requires_grad=frozen != "input")
+    saved = _saved_tensors(lambda: model(x))
+    kept_x = any(t.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() for t in saved)
+    kept_v = any(t.untyped_storage().data_ptr() == delta.values.untyped_storage().data_ptr() for t in saved)
+    assert (kept_x, kept_v) == ((False, True) if frozen == "values" else (True, False))
+    out = model(x)
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    base = layer.get_base_layer()
+    values = delta.values.detach().clone().requires_grad_(frozen != "values")
+    x_ref = x.detach().clone().requires_grad_(frozen != "input")
+    dense = torch.zeros(64 * 256).index_add(0, delta.flat_indices(), values).view(64, 256)
+    F.linear(x_ref, base.weight + dense, base.bias).backward(grad_out)
+    if frozen == "values":
+        torch.testing.assert_close(x.grad, x_ref.grad)
+    else:
+        torch.testing.assert_close(delta.values.grad, values.grad)

@@ -171,22 +171,23 @@ def adjacent_delta_output(x: torch.Tensor, delta: MaskedWeight, result: torch.Te
 
 class _AddRowProducts(torch.autograd.Function):
     """`result` `(..., out)` with `x V^T` `(..., lines)` added at output features `lines`, for `x` `(..., in)` and
-    whole trainable rows `V` `(lines, in)`. Keeps `x` and `V` for backward, not the `(tokens, lines)` product that
-    autograd's `index_add` would also keep (it saves its source)."""
+    whole trainable rows `V` `(lines, in)`. Keeps `x` (only if `V` needs a gradient) and `V` (only if `x` does) for
+    backward, not the `(tokens, lines)` product that autograd's `index_add` would also keep (it saves its source)."""
 
     @staticmethod
     def forward(ctx, result, x, lines, v):
-        ctx.save_for_backward(x, lines, v)
+        ctx.save_for_backward(x if ctx.needs_input_grad[3] else None, lines, v if ctx.needs_input_grad[1] else None)
+        ctx.x_dtype, ctx.v_dtype = x.dtype, v.dtype
         return result.index_add(-1, lines, F.linear(x, v).to(result.dtype))
 
     @staticmethod
     def backward(ctx, grad_out):
         x, lines, v = ctx.saved_tensors
         g = grad_out.index_select(-1, lines)  # (..., lines): the gradient of the added product
-        grad_x = (g.to(v.dtype) @ v).to(x.dtype) if ctx.needs_input_grad[1] else None
+        grad_x = (g.to(v.dtype) @ v).to(ctx.x_dtype) if ctx.needs_input_grad[1] else None
         grad_v = None
         if ctx.needs_input_grad[3]:
-            grad_v = (g.reshape(-1, v.shape[0]).T.to(x.dtype) @ x.reshape(-1, v.shape[1])).to(v.dtype)
+            grad_v = (g.reshape(-1, lines.numel()).T.to(x.dtype) @ x.reshape(-1, x.shape[-1])).to(ctx.v_dtype)
         return grad_out if ctx.needs_input_grad[0] else None, grad_x, None, grad_v
 
 
