@@ -25,10 +25,14 @@ Run without arguments, it is the README's main job: a discrete masked delta of 2
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import logging
+import math
+import statistics
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Sequence
@@ -77,6 +81,13 @@ DEFAULT_DELTA_BUDGET = 20_000
 # A sparse delta moves each of its few weights by itself, so it needs a larger step: 5e-3 is the main job's setting
 # (what it gives: examples/results/main_job.json, `python examples/main_job_results.py`).
 METHOD_LEARNING_RATES = {"prompt": 3e-2, "lora": 3e-4, "adapter": 3e-4, "bitfit": 3e-4, "delta": 5e-3, "full": 5e-5}
+# `--lr_search auto`: candidates at these decades from the method's default lr. Masked two-matrix parts (LoRA A/B,
+# adapter down/up) train a product of two sparse matrices, which moves more slowly the sparser they are: no single lr
+# fits every budget, and the unmasked parts' 3e-4 is too small (SmolLM2, 20,000 entries: lr 3e-3 had not learned the
+# answer format after 16 steps, 2e-2 had), so without `--learning_rate` they search, from that default upwards.
+LR_SEARCH_DECADES = (-1.0, -0.5, 0.0, 0.5, 1.0)
+MASKED_PAIR_LR_SEARCH_DECADES = (0.0, 0.5, 1.0, 1.5, 2.0)
+SEARCH_BY_DEFAULT = ("lora", "adapter")
 AUTO_OUTPUT_DIR = "auto"
 DEFAULT_TEMPLATE = "Classify the text as {choices}.\nText: {text}\nAnswer:"
 DEFAULT_PAIR_TEMPLATE = "Classify the pair of texts as {choices}.\nText 1: {text}\nText 2: {text_pair}\nAnswer:"
@@ -190,6 +201,18 @@ class MethodArguments:
         metadata={"help": "trainer: transformers Trainer; sft: TRL's SFTTrainer with peft_config=APETConfig "
                           "(causal_lm only; needs `pip install trl`).", "choices": list(TRAINERS)},
     )
+    lr_search: str | None = field(
+        default=None,
+        metadata={"help": "Pick the learning rate on the validation split before training: 'auto' (the method's "
+                          "default lr x 10^{-1, -0.5, 0, 0.5, 1}; masked lora/adapter: x 10^{0, 0.5, 1, 1.5, 2}) "
+                          "or comma-separated values. Each candidate trains --lr_search_fraction of the run's steps "
+                          "from the same start (same masks, seed and data order); the best validation accuracy "
+                          "(ties: nearest the middle of the candidates, log scale) trains the run. Default: 'auto' "
+                          "for --method lora/adapter with a mask and no --learning_rate, else off."},
+    )
+    lr_search_fraction: float = field(
+        default=0.25, metadata={"help": "Fraction (0, 1] of the run's optimizer steps each lr candidate trains."}
+    )
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -198,6 +221,16 @@ class MethodArguments:
             raise ValueError(f"--mask must be one of {list(MASKS)}, got {self.mask!r}")
         if self.trainer not in TRAINERS:
             raise ValueError(f"--trainer must be one of {list(TRAINERS)}, got {self.trainer!r}")
+        if self.lr_search is not None and self.lr_search != "auto":
+            try:
+                values = [float(v) for v in _csv(self.lr_search) or []]
+            except ValueError:
+                values = []
+            if not values or min(values) <= 0:
+                raise ValueError(f"--lr_search must be 'auto' or comma-separated positive learning rates (e.g. "
+                                 f"'1e-3,1e-2'), got {self.lr_search!r}")
+        if not 0 < self.lr_search_fraction <= 1:
+            raise ValueError(f"--lr_search_fraction must be in (0, 1], got {self.lr_search_fraction}")
         if self.method == "full":
             if self.num_trainable_params is not None or self.mask not in (None, "none"):
                 raise ValueError("--method full trains every parameter: drop --num_trainable_params and --mask.")
@@ -490,6 +523,52 @@ def build_trainer(method_args, training_args, model, peft_config, tokenizer, tra
                    processing_class=tokenizer, data_collator=collator, compute_metrics=compute)
 
 
+def lr_candidates(method_args: MethodArguments, default: float) -> list[float]:
+    """The learning rates `--lr_search` tries; 'auto' spreads decades from the method's `default`."""
+    if method_args.lr_search != "auto":
+        return [float(v) for v in _csv(method_args.lr_search)]
+    masked_pair = method_args.method in SEARCH_BY_DEFAULT and method_args.apet_mask is not None
+    decades = MASKED_PAIR_LR_SEARCH_DECADES if masked_pair else LR_SEARCH_DECADES
+    return [float(f"{default * 10 ** d:.3g}") for d in decades]
+
+
+def planned_steps(training_args: TrainingArguments, train_rows: int) -> int:
+    """Optimizer steps of the run: `--max_steps`, or epochs x the batches of an epoch (as Trainer counts them)."""
+    if training_args.max_steps > 0:
+        return training_args.max_steps
+    batches = math.ceil(train_rows / (training_args.train_batch_size * training_args.world_size))
+    per_epoch = max(batches // training_args.gradient_accumulation_steps, 1)
+    return math.ceil(training_args.num_train_epochs * per_epoch)
+
+
+def search_learning_rate(method_args: MethodArguments, training_args: TrainingArguments, train_rows: int,
+                         train_candidate, validation_accuracy) -> dict[str, Any]:
+    """Train each candidate lr for `--lr_search_fraction` of the run's steps (`train_candidate(args)` builds a
+    trainer on a fresh model; same seed, masks and data order for all) and score it with
+    `validation_accuracy(trainer)`. Returns the picked lr (best accuracy; ties: nearest the middle of the
+    candidates in log scale) and every candidate's steps, train loss and validation accuracy."""
+    lrs = lr_candidates(method_args, training_args.learning_rate)
+    middle = statistics.fmean(math.log(lr) for lr in lrs)
+    steps = max(1, round(method_args.lr_search_fraction * planned_steps(training_args, train_rows)))
+    candidates = []
+    with tempfile.TemporaryDirectory() as scratch:
+        for i, lr in enumerate(lrs):
+            logger.info("lr search %d: lr %g for %d steps", i + 1, lr, steps)
+            args = dataclasses.replace(training_args, learning_rate=lr, max_steps=steps, output_dir=scratch,
+                                       save_strategy="no", eval_strategy="no", load_best_model_at_end=False,
+                                       push_to_hub=False)
+            trainer = train_candidate(args)
+            loss = trainer.train().training_loss
+            candidates.append({"learning_rate": lr, "steps": trainer.state.global_step, "train_loss": loss,
+                               "validation_accuracy": validation_accuracy(trainer)})
+            del trainer
+    picked = max(candidates, key=lambda c: (c["validation_accuracy"], -abs(math.log(c["learning_rate"]) - middle)))
+    for c in candidates:
+        logger.info("lr search: lr %-9g validation accuracy %.4f  train loss %.4f%s", c["learning_rate"],
+                    c["validation_accuracy"], c["train_loss"], "  <- picked" if c is picked else "")
+    return {"picked": picked["learning_rate"], "fraction": method_args.lr_search_fraction, "candidates": candidates}
+
+
 def resume_checkpoint(training_args: TrainingArguments) -> str | None:
     """`--resume_from_checkpoint PATH`, or `last` for the newest checkpoint in `--output_dir`."""
     wanted = training_args.resume_from_checkpoint
@@ -530,6 +609,15 @@ def main(args: Sequence[str] | None = None) -> dict[str, Any]:
         # Saving looks the base model's Hub id up to see whether the vocabulary was resized; offline that lookup
         # fails and PEFT warns. This script never resizes the vocabulary, so the warning says nothing here.
         warnings.filterwarnings("ignore", message="Could not find a config file in .* vocabulary was not modified")
+        if (method_args.lr_search is None and training_args.learning_rate is None
+                and method_args.method in SEARCH_BY_DEFAULT and method_args.apet_mask):
+            method_args.lr_search = "auto"
+        if method_args.lr_search is not None:
+            if training_args.learning_rate is not None:
+                raise ValueError("--lr_search picks the learning rate: drop --learning_rate or --lr_search.")
+            if not training_args.do_train or training_args.resume_from_checkpoint:
+                raise ValueError("--lr_search runs before training: it needs --do_train and no "
+                                 "--resume_from_checkpoint (pass the run's --learning_rate to resume).")
         if training_args.learning_rate is None:
             training_args.learning_rate = METHOD_LEARNING_RATES[method_args.method]
         if training_args.resume_from_checkpoint and not training_args.do_train:
@@ -562,10 +650,16 @@ def main(args: Sequence[str] | None = None) -> dict[str, Any]:
             template = data_args.prompt_template or (DEFAULT_PAIR_TEMPLATE if "text_pair" in data["train"].column_names
                                                      else DEFAULT_TEMPLATE)
             fmt = GenerationFormat(tokenizer, template, words, data_args.max_seq_length)
-        set_seed(training_args.seed)
-        model = load_model(model_args, task_type, label_names, tokenizer)
-        # -> adapter_config.json (PEFT reads model.name_or_path), the model card and config.json (config._name_or_path)
-        model.name_or_path = model.config._name_or_path = tokenizer.name_or_path = model_name
+
+        def fresh_model():
+            set_seed(training_args.seed)
+            model = load_model(model_args, task_type, label_names, tokenizer)
+            # -> adapter_config.json (PEFT reads model.name_or_path), the model card, config.json (config._name_or_path)
+            model.name_or_path = model.config._name_or_path = model_name
+            return model
+
+        model = fresh_model()
+        tokenizer.name_or_path = model_name
         base_params = sum(p.numel() for p in model.parameters())
         peft_config, adapter_entries = None, None
         if method_args.method != "full":
@@ -577,6 +671,24 @@ def main(args: Sequence[str] | None = None) -> dict[str, Any]:
                 method_args.num_trainable_params)
 
     encoded = tokenize_for_classification(data, tokenizer, data_args.max_seq_length) if fmt is None else data
+    search = None
+    if method_args.lr_search is not None:
+
+        def validation_accuracy(trained) -> float:
+            if fmt is None:
+                return trained.evaluate(eval_dataset=encoded["validation"], metric_key_prefix="eval")["eval_accuracy"]
+            return evaluate_generation(trained.model, fmt, data["validation"],
+                                       training_args.per_device_eval_batch_size, "eval")["eval_accuracy"]
+
+        def train_candidate(args: TrainingArguments):
+            return build_trainer(method_args, args, fresh_model(), peft_config, tokenizer, encoded["train"],
+                                 encoded["validation"], task_type, fmt)
+
+        model = None  # freed while the candidates train
+        search = search_learning_rate(method_args, training_args, len(encoded["train"]), train_candidate,
+                                      validation_accuracy)
+        training_args.learning_rate = search["picked"]
+        model = fresh_model()  # the run starts where every candidate started
     trainer = build_trainer(method_args, training_args, model, peft_config, tokenizer, encoded["train"],
                             encoded["validation"], task_type, fmt)
     model = trainer.model
@@ -594,6 +706,8 @@ def main(args: Sequence[str] | None = None) -> dict[str, Any]:
         "train_samples": len(data["train"]), "validation_samples": len(data["validation"]),
         "test_samples": len(data["test"]), "torch_threads": torch.get_num_threads(),
     }
+    if search is not None:
+        results["lr_search"] = search
     if training_args.do_train:
         start, cpu_start = time.perf_counter(), time.process_time()
         output = trainer.train(resume_from_checkpoint=resume_checkpoint(training_args))

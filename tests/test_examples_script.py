@@ -87,6 +87,13 @@ def test_script_trains_evaluates_and_saves(tmp_path, method_args, adapter_entrie
     saved = json.loads((out / "results.json").read_text())
     assert saved == json.loads(json.dumps(results))
     assert saved["method"] == method and saved["train_steps"] == 2 and saved["train_time_s"] > 0
+    if method in run_apet.SEARCH_BY_DEFAULT and "--mask" in method_args:  # no --learning_rate: a search from 3e-4 up
+        search = saved["lr_search"]
+        assert [c["learning_rate"] for c in search["candidates"]] == [3e-4, 9.49e-4, 3e-3, 9.49e-3, 3e-2]
+        assert [c["steps"] for c in search["candidates"]] == [1] * 5  # a quarter of 2 steps, at least 1
+        assert saved["learning_rate"] == search["picked"]
+    else:
+        assert "lr_search" not in saved and saved["learning_rate"] == run_apet.METHOD_LEARNING_RATES[method]
     assert [saved[f"{s}_samples"] for s in SLICE] == list(SLICE.values())
     for prefix in ("eval", "test"):
         assert 0.0 <= saved[f"{prefix}_accuracy"] <= 1.0 and 0.0 <= saved[f"{prefix}_macro_f1"] <= 1.0
@@ -115,6 +122,40 @@ def test_script_trains_evaluates_and_saves(tmp_path, method_args, adapter_entrie
     for path in out.iterdir():
         if path.suffix in (".json", ".md"):
             assert local not in path.read_text(), path.name
+
+
+def test_lr_search_picks_on_validation_and_the_run_trains_like_its_candidate(tmp_path):
+    """Each candidate starts where the run starts (same weights, masks, data order): with --lr_search_fraction 1 the
+    picked candidate's training and validation are the run's own, to the bit."""
+    results = run_apet.main(["--method", "delta", "--mask", "discrete", "--num_trainable_params", "501", *TINY,
+                             "--lr_search", "1e-7,0.3,0.05", "--lr_search_fraction", "1", "--output_dir",
+                             str(tmp_path / "run")])
+    candidates = results["lr_search"]["candidates"]
+    assert [c["learning_rate"] for c in candidates] == [1e-7, 0.3, 0.05] and all(c["steps"] == 2 for c in candidates)
+    best = max(c["validation_accuracy"] for c in candidates)
+    # ties: the candidate nearest the middle of the candidates in log scale
+    middle = np.mean(np.log([1e-7, 0.3, 0.05]))
+    nearest = min((c for c in candidates if c["validation_accuracy"] == best),
+                  key=lambda c: abs(np.log(c["learning_rate"]) - middle))
+    assert results["lr_search"]["picked"] == results["learning_rate"] == nearest["learning_rate"]
+    assert results["train_loss"] == nearest["train_loss"] and results["eval_accuracy"] == best
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--method", "delta", "--lr_search", "auto"], [5e-4, 1.58e-3, 5e-3, 1.58e-2, 5e-2]),  # 5e-3 +- 1 decade
+        (["--method", "lora", "--lr_search", "auto"], [3e-5, 9.49e-5, 3e-4, 9.49e-4, 3e-3]),  # unmasked LoRA
+        (["--method", "adapter", "--mask", "adjacent", "--num_trainable_params", "9"],  # masked pair: 2 decades up
+         [3e-4, 9.49e-4, 3e-3, 9.49e-3, 3e-2]),
+        (["--method", "lora", "--lr_search", "0.1, 1e-3"], [0.1, 1e-3]),
+    ],
+)
+def test_lr_search_candidates(args, expected):
+    method_args = run_apet.parse_args([*args, "--output_dir", "unused"])[2]
+    if method_args.lr_search is None:  # what main() does without --learning_rate
+        method_args.lr_search = "auto"
+    assert run_apet.lr_candidates(method_args, run_apet.METHOD_LEARNING_RATES[method_args.method]) == expected
 
 
 def test_runs_without_output_dir_get_their_own_folders_and_say_where_things_went(tmp_path, monkeypatch, capsys):
@@ -192,6 +233,13 @@ def _no_model_loading(monkeypatch):
         (["--method", "lora", "--num_trainable_params", "10"], "needs --mask"),
         (["--method", "lora", "--mask", "none", "--num_trainable_params", "10"], "needs --mask"),
         (["--max_seq_length", "0"], "max_seq_length"),
+        (["--lr_search", "fast"], r"--lr_search must be 'auto' or comma-separated positive learning rates"),
+        (["--lr_search", "1e-3,0"], r"--lr_search must be 'auto' or comma-separated positive learning rates"),
+        (["--lr_search_fraction", "0"], r"--lr_search_fraction must be in \(0, 1\]"),
+        (["--lr_search", "auto", "--learning_rate", "1e-3"], "drop --learning_rate or --lr_search"),
+        (["--lr_search", "auto", "--do_train", "false"], "needs --do_train"),
+        (["--method", "lora", "--mask", "discrete", "--num_trainable_params", "100", "--resume_from_checkpoint",
+          "last"], "no --resume_from_checkpoint"),
     ],
 )
 def test_bad_arguments_fail_before_loading_anything(tmp_path, monkeypatch, args, message):
