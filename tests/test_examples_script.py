@@ -346,6 +346,22 @@ def test_decoder_classification_as_generation(tmp_path, tiny_decoder, trainer):
     assert results["test_accuracy"] == float(np.mean(np.array(predicted) == np.array(split["label"])))
 
 
+@pytest.mark.parametrize("trainer", ["trainer", "sft"])
+def test_decoder_lr_search_scores_candidates_by_generation(tmp_path, tiny_decoder, trainer):
+    """On a causal LM the candidates are scored like the run: accuracy of the argmax label word on validation."""
+    if trainer == "sft":
+        pytest.importorskip("trl")
+    results = run_apet.main(["--model_name_or_path", tiny_decoder, "--method", "lora", "--mask", "discrete",
+                             "--num_trainable_params", "200", "--trainer", trainer, *TINY, "--max_seq_length", "128",
+                             "--lr_search", "1e-6,0.05", "--lr_search_fraction", "1", "--output_dir",
+                             str(tmp_path / "run")])
+    candidates = results["lr_search"]["candidates"]
+    assert [c["learning_rate"] for c in candidates] == [1e-6, 0.05] and all(c["steps"] == 2 for c in candidates)
+    picked = next(c for c in candidates if c["learning_rate"] == results["learning_rate"])
+    assert picked["validation_accuracy"] == max(c["validation_accuracy"] for c in candidates)
+    assert results["eval_accuracy"] == picked["validation_accuracy"]  # the run trained like its candidate
+
+
 def test_sft_refuses_an_encoder(tmp_path, monkeypatch):
     _no_model_loading(monkeypatch)
     with pytest.raises(ValueError, match="causal LMs only"):
