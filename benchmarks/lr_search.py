@@ -3,7 +3,8 @@
 `examples/run_apet.py --lr_search auto` trains five candidate lrs for a quarter of the run's steps each, from the
 same start, and trains the run at the one with the best validation accuracy. It is the default for masked LoRA and
 adapter parts, whose fixed default (3e-4) suits only unmasked ones; their candidates run from that default up two
-decades (3e-4 ... 3e-2).
+decades (3e-4 ... 3e-2). For a sparse delta (fixed default 5e-3) the search is opt-in (`--lr_search auto`: 5e-4 ...
+5e-2); two delta settings measure whether it should be the default there too.
 Per setting (model, task, masked part) this script runs the script three times, in-process, same seed:
 - `default`: no search, the method's fixed default lr;
 - `quarter`: the search as shipped (`--lr_search auto`, fraction 0.25);
@@ -74,6 +75,9 @@ SETTINGS = (
     Setting("minilm", "fine_food", "adapter", "adjacent", 20_000, **ENCODER),
     Setting("smollm2", "rotten_tomatoes", "lora", "discrete", 20_000, **DECODER),
     Setting("smollm2", "fine_food", "lora", "discrete", 20_000, **DECODER),
+    # sparse deltas have a fixed default (5e-3, the main job's); does a search help them, at small and large k?
+    Setting("minilm", "rotten_tomatoes", "delta", "discrete", 20_000, **ENCODER),
+    Setting("minilm", "rotten_tomatoes", "delta", "discrete", 400_000, **ENCODER),
 )
 SMOKE = (Setting("minilm", "rotten_tomatoes", "lora", "discrete", 1000, train=16, validation=8, test=8,
                  batch_size=8, max_steps=2),)

@@ -556,7 +556,7 @@ def search_learning_rate(method_args: MethodArguments, training_args: TrainingAr
             logger.info("lr search %d: lr %g for %d steps", i + 1, lr, steps)
             args = dataclasses.replace(training_args, learning_rate=lr, max_steps=steps, output_dir=scratch,
                                        save_strategy="no", eval_strategy="no", load_best_model_at_end=False,
-                                       push_to_hub=False)
+                                       push_to_hub=False, report_to="none")  # no tracker run per candidate
             trainer = train_candidate(args)
             loss = trainer.train().training_loss
             candidates.append({"learning_rate": lr, "steps": trainer.state.global_step, "train_loss": loss,
