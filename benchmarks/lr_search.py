@@ -73,11 +73,11 @@ SETTINGS = (
     Setting("minilm", "fine_food", "lora", "discrete", 20_000, **ENCODER),
     Setting("minilm", "rotten_tomatoes", "adapter", "adjacent", 20_000, **ENCODER),
     Setting("minilm", "fine_food", "adapter", "adjacent", 20_000, **ENCODER),
-    Setting("smollm2", "rotten_tomatoes", "lora", "discrete", 20_000, **DECODER),
-    Setting("smollm2", "fine_food", "lora", "discrete", 20_000, **DECODER),
     # sparse deltas have a fixed default (5e-3, the main job's); does a search help them, at small and large k?
     Setting("minilm", "rotten_tomatoes", "delta", "discrete", 20_000, **ENCODER),
     Setting("minilm", "rotten_tomatoes", "delta", "discrete", 400_000, **ENCODER),
+    Setting("smollm2", "rotten_tomatoes", "lora", "discrete", 20_000, **DECODER),
+    Setting("smollm2", "fine_food", "lora", "discrete", 20_000, **DECODER),
 )
 SMOKE = (Setting("minilm", "rotten_tomatoes", "lora", "discrete", 1000, train=16, validation=8, test=8,
                  batch_size=8, max_steps=2),)

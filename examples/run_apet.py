@@ -207,7 +207,8 @@ class MethodArguments:
                           "default lr x 10^{-1, -0.5, 0, 0.5, 1}; masked lora/adapter: x 10^{0, 0.5, 1, 1.5, 2}) "
                           "or comma-separated values. Each candidate trains --lr_search_fraction of the run's steps "
                           "from the same start (same masks, seed and data order); the best validation accuracy "
-                          "(ties: nearest the middle of the candidates, log scale) trains the run. Default: 'auto' "
+                          "(ties: lowest validation loss, then nearest the middle of the candidates, log scale) "
+                          "trains the run. Default: 'auto' "
                           "for --method lora/adapter with a mask and no --learning_rate, else off."},
     )
     lr_search_fraction: float = field(
@@ -542,11 +543,12 @@ def planned_steps(training_args: TrainingArguments, train_rows: int) -> int:
 
 
 def search_learning_rate(method_args: MethodArguments, training_args: TrainingArguments, train_rows: int,
-                         train_candidate, validation_accuracy) -> dict[str, Any]:
+                         train_candidate, validate) -> dict[str, Any]:
     """Train each candidate lr for `--lr_search_fraction` of the run's steps (`train_candidate(args)` builds a
     trainer on a fresh model; same seed, masks and data order for all) and score it with
-    `validation_accuracy(trainer)`. Returns the picked lr (best accuracy; ties: nearest the middle of the
-    candidates in log scale) and every candidate's steps, train loss and validation accuracy."""
+    `validate(trainer)` (validation accuracy, and loss where the task has one, else None). Returns the picked lr
+    (best accuracy; ties, e.g. every candidate still at the majority class: lowest validation loss, then nearest
+    the middle of the candidates in log scale) and every candidate's steps, train loss and validation scores."""
     lrs = lr_candidates(method_args, training_args.learning_rate)
     middle = statistics.fmean(math.log(lr) for lr in lrs)
     steps = max(1, round(method_args.lr_search_fraction * planned_steps(training_args, train_rows)))
@@ -559,13 +561,16 @@ def search_learning_rate(method_args: MethodArguments, training_args: TrainingAr
                                        push_to_hub=False, report_to="none")  # no tracker run per candidate
             trainer = train_candidate(args)
             loss = trainer.train().training_loss
+            accuracy, validation_loss = validate(trainer)
             candidates.append({"learning_rate": lr, "steps": trainer.state.global_step, "train_loss": loss,
-                               "validation_accuracy": validation_accuracy(trainer)})
+                               "validation_accuracy": accuracy, "validation_loss": validation_loss})
             del trainer
-    picked = max(candidates, key=lambda c: (c["validation_accuracy"], -abs(math.log(c["learning_rate"]) - middle)))
+    picked = max(candidates, key=lambda c: (c["validation_accuracy"], -(c["validation_loss"] or 0.0),
+                                            -abs(math.log(c["learning_rate"]) - middle)))
     for c in candidates:
-        logger.info("lr search: lr %-9g validation accuracy %.4f  train loss %.4f%s", c["learning_rate"],
-                    c["validation_accuracy"], c["train_loss"], "  <- picked" if c is picked else "")
+        logger.info("lr search: lr %-9g validation accuracy %.4f  validation loss %s  train loss %.4f%s",
+                    c["learning_rate"], c["validation_accuracy"], "–" if c["validation_loss"] is None else
+                    f"{c['validation_loss']:.4f}", c["train_loss"], "  <- picked" if c is picked else "")
     return {"picked": picked["learning_rate"], "fraction": method_args.lr_search_fraction, "candidates": candidates}
 
 
@@ -674,11 +679,12 @@ def main(args: Sequence[str] | None = None) -> dict[str, Any]:
     search = None
     if method_args.lr_search is not None:
 
-        def validation_accuracy(trained) -> float:
+        def validate(trained) -> tuple[float, float | None]:
             if fmt is None:
-                return trained.evaluate(eval_dataset=encoded["validation"], metric_key_prefix="eval")["eval_accuracy"]
+                scores = trained.evaluate(eval_dataset=encoded["validation"], metric_key_prefix="eval")
+                return scores["eval_accuracy"], scores["eval_loss"]
             return evaluate_generation(trained.model, fmt, data["validation"],
-                                       training_args.per_device_eval_batch_size, "eval")["eval_accuracy"]
+                                       training_args.per_device_eval_batch_size, "eval")["eval_accuracy"], None
 
         def train_candidate(args: TrainingArguments):
             return build_trainer(method_args, args, fresh_model(), peft_config, tokenizer, encoded["train"],
@@ -686,7 +692,7 @@ def main(args: Sequence[str] | None = None) -> dict[str, Any]:
 
         model = None  # freed while the candidates train
         search = search_learning_rate(method_args, training_args, len(encoded["train"]), train_candidate,
-                                      validation_accuracy)
+                                      validate)
         training_args.learning_rate = search["picked"]
         model = fresh_model()  # the run starts where every candidate started
     trainer = build_trainer(method_args, training_args, model, peft_config, tokenizer, encoded["train"],

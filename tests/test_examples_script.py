@@ -133,12 +133,15 @@ def test_lr_search_picks_on_validation_and_the_run_trains_like_its_candidate(tmp
     candidates = results["lr_search"]["candidates"]
     assert [c["learning_rate"] for c in candidates] == [1e-7, 0.3, 0.05] and all(c["steps"] == 2 for c in candidates)
     best = max(c["validation_accuracy"] for c in candidates)
-    # ties: the candidate nearest the middle of the candidates in log scale
+    # ties: the lowest validation loss, then the candidate nearest the middle of the candidates in log scale
     middle = np.mean(np.log([1e-7, 0.3, 0.05]))
-    nearest = min((c for c in candidates if c["validation_accuracy"] == best),
+    tied = [c for c in candidates if c["validation_accuracy"] == best]
+    lowest = min(c["validation_loss"] for c in tied)
+    nearest = min((c for c in tied if c["validation_loss"] == lowest),
                   key=lambda c: abs(np.log(c["learning_rate"]) - middle))
     assert results["lr_search"]["picked"] == results["learning_rate"] == nearest["learning_rate"]
     assert results["train_loss"] == nearest["train_loss"] and results["eval_accuracy"] == best
+    assert results["eval_loss"] == nearest["validation_loss"]
 
 
 @pytest.mark.parametrize(
@@ -360,6 +363,7 @@ def test_decoder_lr_search_scores_candidates_by_generation(tmp_path, tiny_decode
     picked = next(c for c in candidates if c["learning_rate"] == results["learning_rate"])
     assert picked["validation_accuracy"] == max(c["validation_accuracy"] for c in candidates)
     assert results["eval_accuracy"] == picked["validation_accuracy"]  # the run trained like its candidate
+    assert all(c["validation_loss"] is None for c in candidates)  # scored by generation: no loss to break ties
 
 
 def test_sft_refuses_an_encoder(tmp_path, monkeypatch):
