@@ -17,7 +17,8 @@ Per setting (model, task, masked part) this script runs the script three times, 
     python -m benchmarks.lr_search --smoke --out DIR                    # MiniLM, a few dozen examples, 2 steps
     python -m benchmarks.lr_search --report-only                        # rebuild results.md / the figure
 
-Every finished invocation is appended to `<out>/runs.jsonl` at once; a rerun skips those found there.
+Every finished invocation is appended to `<out>/runs.jsonl` at once; a rerun skips those found there (read before
+each run, so two processes may share the work with `--settings`).
 """
 
 from __future__ import annotations
@@ -187,12 +188,12 @@ def main(argv: list[str] | None = None) -> int:
     path = out / "runs.jsonl"
     if not args.report_only:
         log = harness.logger(out / "sweep.log")
-        done = {(r["setting"], r["mode"]) for r in load_records(path)}
         for setting in settings:
             if args.settings and setting.key not in args.settings:
                 continue
             for mode in MODES:
-                if (setting.key, mode) in done:
+                # read before every run: another process may be running other settings into the same file
+                if any(r["setting"] == setting.key and r["mode"] == mode for r in load_records(path)):
                     continue
                 record = run(setting, mode)
                 append_record(path, record)
