@@ -8,9 +8,10 @@ decades (3e-4 ... 3e-2). For a sparse delta (fixed default 5e-3) the search is o
 Per setting (model, task, masked part) this script runs the script three times, in-process, same seed:
 - `default`: no search, the method's fixed default lr;
 - `quarter`: the search as shipped (`--lr_search auto`, fraction 0.25);
+- `half`: the same with `--lr_search_fraction 0.5`;
 - `full`: the same candidates each trained for the whole run (`--lr_search_fraction 1`): the validation curve of
-  complete runs, against which the quarter-length pick is judged (its regret: best full-length validation accuracy
-  minus the full-length validation accuracy at the lr the quarter search picked).
+  complete runs, against which the shorter searches' picks are judged (regret: best full-length validation accuracy
+  minus the full-length validation accuracy at the lr the shorter search picked).
 
     nice python -m benchmarks.lr_search --threads 1                    # writes benchmarks/results/lr_search/
     python -m benchmarks.lr_search --settings minilm-rotten_tomatoes-lora-discrete20000   # some settings only
@@ -32,7 +33,8 @@ from benchmarks import harness
 from benchmarks.harness import append_record, load_records
 from examples import run_apet
 
-MODES = ("default", "quarter", "full")
+MODES = ("default", "quarter", "half", "full")
+SEARCH_FRACTIONS = {"quarter": 0.25, "half": 0.5, "full": 1.0}
 
 
 @dataclass(frozen=True)
@@ -64,7 +66,7 @@ class Setting:
             args += ["--max_steps", str(self.max_steps)]
         if mode == "default":
             return args + ["--learning_rate", str(run_apet.METHOD_LEARNING_RATES[self.method])]
-        return args + ["--lr_search", "auto", "--lr_search_fraction", "0.25" if mode == "quarter" else "1"]
+        return args + ["--lr_search", "auto", "--lr_search_fraction", str(SEARCH_FRACTIONS[mode])]
 
 
 ENCODER = dict(train=2000, validation=500, test=1000)
@@ -94,15 +96,17 @@ def run(setting: Setting, mode: str) -> dict:
 
 
 def summarise(setting: Setting, records: list[dict]) -> dict | None:
-    """The three modes of one setting side by side, with the quarter search's regret on the full-length curve."""
+    """The modes of one setting side by side, with the shorter searches' regrets on the full-length curve."""
     by_mode = {r["mode"]: r for r in records if r["setting"] == setting.key}
     if not by_mode:
         return None
-    row = {"setting": setting.key, "default_lr": run_apet.METHOD_LEARNING_RATES[setting.method], "modes": by_mode}
-    full, quarter = by_mode.get("full"), by_mode.get("quarter")
-    if full and quarter:
-        curve = {c["learning_rate"]: c["validation_accuracy"] for c in full["lr_search"]["candidates"]}
-        row["regret"] = max(curve.values()) - curve[quarter["learning_rate"]]
+    row = {"setting": setting.key, "default_lr": run_apet.METHOD_LEARNING_RATES[setting.method], "modes": by_mode,
+           "regret": {}}
+    if "full" in by_mode:
+        curve = {c["learning_rate"]: c["validation_accuracy"] for c in by_mode["full"]["lr_search"]["candidates"]}
+        for mode in ("quarter", "half"):
+            if mode in by_mode:
+                row["regret"][mode] = max(curve.values()) - curve[by_mode[mode]["learning_rate"]]
     return row
 
 
@@ -128,14 +132,14 @@ def table(rows: list[dict]) -> str:
 
 def figure(rows: list[dict], path: Path, stamp_line: str) -> None:
     plt = harness.pyplot()
-    rows = [r for r in rows if any(m in r["modes"] for m in ("quarter", "full"))]
+    rows = [r for r in rows if any(m in r["modes"] for m in SEARCH_FRACTIONS)]
     if not rows:
         return
     cols = min(3, len(rows))
     fig, axes = plt.subplots(math.ceil(len(rows) / cols), cols, figsize=(4.2 * cols, 3.2 * math.ceil(len(rows) / cols)),
                              squeeze=False)
     for ax, row in zip(axes.flat, rows):
-        for mode, style in (("full", "o-"), ("quarter", "s--")):
+        for mode, style in (("full", "o-"), ("half", "^-."), ("quarter", "s--")):
             r = row["modes"].get(mode)
             if r:
                 cands = r["lr_search"]["candidates"]
@@ -159,16 +163,18 @@ def write_report(out: Path, settings: tuple[Setting, ...], command: str, records
             "settings": [s.__dict__ for s in settings], "missing": missing}
     harness.write_json(out / "results.json", {"meta": meta, "summary": rows}, end="\n")
     figure(rows, out / "lr_search.png", harness.stamp(meta["written"], command))
-    regrets = [f"{r['setting']}: {100 * r['regret']:.1f} points" for r in rows if "regret" in r]
+    regrets = [f"{r['setting']}: " + ", ".join(f"{mode} {100 * v:.1f} points" for mode, v in r["regret"].items())
+               for r in rows if r["regret"]]
     (out / "results.md").write_text(
         "# The example script's lr search (`--lr_search auto`)\n\n"
         f"`{command}`, written {meta['written']}; {harness.machine_line()}. Each setting: "
         "`examples/run_apet.py` with the method's fixed default lr (`default`), with the shipped search (`quarter`: "
-        "5 candidates, a quarter of the run's steps each) and with every candidate trained for the whole run "
-        "(`full`). One seed (42); validation and test are the script's splits cut to the counts in results.json.\n\n"
+        "5 candidates, a quarter of the run's steps each), with half the steps (`half`) and with every candidate "
+        "trained for the whole run (`full`); a mode not run for a setting is listed as such. One seed (42); "
+        "validation and test are the script's splits cut to the counts in results.json.\n\n"
         + table(rows) + "\n\n![validation accuracy vs lr](lr_search.png)\n\n"
-        + "Regret of the quarter search (best full-length validation accuracy minus the full-length validation "
-          "accuracy at the quarter search's pick): " + ("; ".join(regrets) or "none measured yet") + ".\n\n"
+        + "Regret of the shorter searches (best full-length validation accuracy minus the full-length validation "
+          "accuracy at the shorter search's pick): " + ("; ".join(regrets) or "none measured yet") + ".\n\n"
         + (f"Not run: {', '.join(missing)}.\n" if missing else "Every planned run finished.\n"))
 
 

@@ -25,9 +25,9 @@ def _records(out: Path) -> list[dict]:
 
 def test_each_mode_runs_the_example_script_as_documented(smoke):
     by_mode = {r["mode"]: r for r in _records(smoke)}
-    assert sorted(by_mode) == ["default", "full", "quarter"]
+    assert sorted(by_mode) == ["default", "full", "half", "quarter"]
     assert by_mode["default"]["lr_search"] is None and by_mode["default"]["learning_rate"] == 3e-4
-    for mode, steps in (("quarter", 1), ("full", 2)):  # a quarter of 2 steps (at least 1), or all of them
+    for mode, steps in (("quarter", 1), ("half", 1), ("full", 2)):  # a fraction of 2 steps (at least 1), or all
         search = by_mode[mode]["lr_search"]
         assert [c["learning_rate"] for c in search["candidates"]] == [3e-4, 9.49e-4, 3e-3, 9.49e-3, 3e-2]
         assert all(c["steps"] == steps for c in search["candidates"])
@@ -42,14 +42,15 @@ def test_regret_is_read_off_the_full_length_curve(smoke):
     curve = {c["learning_rate"]: c["validation_accuracy"] for c in by_mode["full"]["lr_search"]["candidates"]}
     summary = json.loads((smoke / "results.json").read_text())["summary"]
     assert len(summary) == 1
-    assert summary[0]["regret"] == pytest.approx(max(curve.values()) - curve[by_mode["quarter"]["learning_rate"]])
+    for mode in ("quarter", "half"):
+        assert summary[0]["regret"][mode] == pytest.approx(max(curve.values()) - curve[by_mode[mode]["learning_rate"]])
     # the full-length search's own pick trains the run like its candidate: its validation accuracy is the best
     assert by_mode["full"]["eval_accuracy"] == max(curve.values())
 
 
 def test_report_and_figure(smoke):
     text = (smoke / "results.md").read_text()
-    for mode in ("default", "quarter", "full"):
+    for mode in ("default", "quarter", "half", "full"):
         assert f"| minilm-rotten_tomatoes-lora-discrete1000 | {mode} |" in text
     assert "Every planned run finished." in text and (smoke / "lr_search.png").stat().st_size > 0
 
@@ -62,7 +63,7 @@ def test_a_rerun_resumes_without_training(smoke, monkeypatch):
 
     monkeypatch.setattr(lr_search, "run", refuse)
     assert lr_search.main(["--smoke", "--out", str(smoke)]) == 0
-    assert len(_records(smoke)) == 3
+    assert len(_records(smoke)) == 4
 
 
 def test_unknown_settings_are_refused(tmp_path, capsys):
