@@ -208,8 +208,8 @@ class MethodArguments:
                           "or comma-separated values. Each candidate trains --lr_search_fraction of the run's steps "
                           "from the same start (same masks, seed and data order); the best validation accuracy "
                           "(ties: lowest validation loss, then nearest the middle of the candidates, log scale) "
-                          "trains the run. Default: 'auto' "
-                          "for --method lora/adapter with a mask and no --learning_rate, else off."},
+                          "trains the run. Default: 'auto' for --method lora/adapter with a mask and no "
+                          "--learning_rate, else off."},
     )
     lr_search_fraction: float = field(
         default=0.25, metadata={"help": "Fraction (0, 1] of the run's optimizer steps each lr candidate trains."}
@@ -224,7 +224,7 @@ class MethodArguments:
             raise ValueError(f"--trainer must be one of {list(TRAINERS)}, got {self.trainer!r}")
         if self.lr_search is not None and self.lr_search != "auto":
             try:
-                values = [float(v) for v in _csv(self.lr_search) or []]
+                values = self.listed_learning_rates()
             except ValueError:
                 values = []
             if not values or min(values) <= 0:
@@ -250,6 +250,15 @@ class MethodArguments:
     @property
     def apet_mask(self) -> str | None:
         return None if self.mask in (None, "none") else self.mask
+
+    def listed_learning_rates(self) -> list[float]:
+        """The learning rates of `--lr_search LR,LR,...` (ValueError if one is not a number)."""
+        return [float(v) for v in _csv(self.lr_search) or []]
+
+    @property
+    def masked_pair(self) -> bool:
+        """A masked two-matrix part (LoRA A/B, adapter down/up): no fixed lr fits it (`SEARCH_BY_DEFAULT`)."""
+        return self.method in SEARCH_BY_DEFAULT and self.apet_mask is not None
 
 
 @dataclass
@@ -527,9 +536,8 @@ def build_trainer(method_args, training_args, model, peft_config, tokenizer, tra
 def lr_candidates(method_args: MethodArguments, default: float) -> list[float]:
     """The learning rates `--lr_search` tries; 'auto' spreads decades from the method's `default`."""
     if method_args.lr_search != "auto":
-        return [float(v) for v in _csv(method_args.lr_search)]
-    masked_pair = method_args.method in SEARCH_BY_DEFAULT and method_args.apet_mask is not None
-    decades = MASKED_PAIR_LR_SEARCH_DECADES if masked_pair else LR_SEARCH_DECADES
+        return method_args.listed_learning_rates()
+    decades = MASKED_PAIR_LR_SEARCH_DECADES if method_args.masked_pair else LR_SEARCH_DECADES
     return [float(f"{default * 10 ** d:.3g}") for d in decades]
 
 
@@ -614,8 +622,7 @@ def main(args: Sequence[str] | None = None) -> dict[str, Any]:
         # Saving looks the base model's Hub id up to see whether the vocabulary was resized; offline that lookup
         # fails and PEFT warns. This script never resizes the vocabulary, so the warning says nothing here.
         warnings.filterwarnings("ignore", message="Could not find a config file in .* vocabulary was not modified")
-        if (method_args.lr_search is None and training_args.learning_rate is None
-                and method_args.method in SEARCH_BY_DEFAULT and method_args.apet_mask):
+        if method_args.lr_search is None and training_args.learning_rate is None and method_args.masked_pair:
             method_args.lr_search = "auto"
         if method_args.lr_search is not None:
             if training_args.learning_rate is not None:
