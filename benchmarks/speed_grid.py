@@ -13,7 +13,10 @@ methods train the same k per layer: APET discrete and adjacent deltas exactly `r
 least 1), PEFT LoRA and SHiRA the rank `r = round(k / (in + out)) >= 1` of each layer (so at low density they
 train more: their exact counts are reported), SpaRTA (`peft-sparta`, when installed) a Bernoulli sample of the
 same density of each targeted weight, and the floor one trainable bias in the first layer (the backward pass still
-runs through every layer). Full fine-tuning runs once per (model, tokens), beside its own floor, where it fits.
+runs through every layer). The floor and full fine-tuning (where it fits) run once per (model, tokens), at its
+reference point; every point's overheads are taken over that floor. LoRA and SHiRA at a point whose per-layer ranks
+equal those of an earlier point of the same (model, tokens, targets) are the same model doing the same work (at
+densities 1e-4 and 1e-3 every rank rounds up to 1): their record is reused, marked `shared_from`, not measured again.
 
 Peak memory: on CPU the largest RSS seen by the harness's sampler during injection and all steps, less the RSS
 before injection, with glibc's mmap threshold fixed at 1 MiB from the start of the run (`harness.fix_mmap_threshold`;
@@ -124,9 +127,11 @@ DEFAULT_ORDER = [("bert-base", 512), ("bert-base", 2048), ("llama-0.5b", 512), (
                  ("llama-0.5b", 2048)]
 MODES = {
     "smoke": Mode("smoke", (Point("tiny-bert", 2, 8), Point("tiny-bert", 2, 8, "all-linear", 1 / 8),
-                            Point("tiny-llama", 2, 8, "qv", 1 / 64)), rounds=1, warmup=1, measured=1),
-    # One measured step per method, no warm-up: on 2 shared cores (1 thread) BERT-base steps took 2-23 s and the
-    # 0.5B Llama's 12-41 s, and this grid still takes about 2.5 h (benchmarks/results/speed_grid/discussion.md).
+                            Point("tiny-llama", 2, 8), Point("tiny-llama", 2, 8, "qv", 1 / 64),
+                            Point("tiny-llama", 2, 8, "qv", 1e-3)),  # the last: the same ranks as 1/64
+                 rounds=1, warmup=1, measured=1),
+    # One measured step per method, no warm-up: with 2 threads BERT-base steps take up to ~25 s and the 0.5B
+    # Llama's up to ~50 s, and this grid takes about an hour (benchmarks/results/speed_grid/discussion.md).
     "default": Mode("default", grid(DEFAULT_ORDER), rounds=1, warmup=0, measured=1),
     "reduced": Mode("reduced", grid([("bert-base", 2048), ("llama-0.5b", 2048)], densities=(1e-3, 1 / 8)),
                     rounds=2, warmup=1, measured=2),  # gpu_check.sh
@@ -186,7 +191,7 @@ def per_layer_plan(layers: dict[str, tuple[int, int]], density: float) -> dict[s
 def methods_of(point: Point, sparta: bool) -> list[str]:
     if point.targets is None:
         return ["floor", "full"]
-    out = ["floor", "peft-lora", "shira", "apet-discrete", "apet-adjacent"]
+    out = ["peft-lora", "shira", "apet-discrete", "apet-adjacent"]
     return out + ["sparta"] if sparta else out
 
 
@@ -342,7 +347,33 @@ def measure(method: str, base: BaseWeights, point: Point, plan: dict, ids, mode:
     return record
 
 
-def run_point(point: Point, base: BaseWeights, mode: Mode, args, log) -> dict:
+RANK_METHODS = ("peft-lora", "shira")  # their work depends on the per-layer ranks only
+
+
+def ranks_of(plan: dict[str, dict]) -> dict[str, int]:
+    return {name: p["r"] for name, p in plan.items()}
+
+
+def shared_record(method: str, point: Point, plan: dict, done: dict[str, dict]) -> dict | None:
+    """A copy of `method`'s record at an earlier point of `done` (stored runs) with the same model, tokens, targets
+    and per-layer ranks, marked `shared_from`; None when `method` is not LoRA/SHiRA or no such point ran."""
+    if method not in RANK_METHODS:
+        return None
+    ranks = ranks_of(plan)
+    for key, run in done.items():
+        p = run["point"]
+        if ((p["model"], p["batch"], p["seq"], p["targets"]) != (point.model, point.batch, point.seq, point.targets)
+                or {n: layer["r"] for n, layer in run["layers"].items()} != ranks):
+            continue
+        for rec in run["records"]:
+            if rec["method"] == method and "error" not in rec and "shared_from" not in rec:
+                return {**rec, "shared_from": key}
+    return None
+
+
+def run_point(point: Point, base: BaseWeights, mode: Mode, args, log, done: dict[str, dict] | None = None) -> dict:
+    """Every method of `point`, in interleaved rounds; LoRA/SHiRA records reused from `done` where they would repeat
+    an earlier point's work (see `shared_record`)."""
     spec = base.spec
     sparta = _has_sparta()
     methods = methods_of(point, sparta)
@@ -355,6 +386,12 @@ def run_point(point: Point, base: BaseWeights, mode: Mode, args, log) -> dict:
             notes.append(f"full fine-tuning not run: {why}")
     ids = make_batch(spec, point, args.device)
     records = []
+    for method in [m for m in methods if point.targets is not None]:
+        rec = shared_record(method, point, plan, done or {})
+        if rec is not None:
+            log(f"  {point.key} {method}: same ranks as {rec['shared_from']}, its record reused")
+            records.append(rec)
+            methods.remove(method)
     for round_ in range(mode.rounds):
         for method in methods if round_ % 2 == 0 else methods[::-1]:
             try:
@@ -367,6 +404,8 @@ def run_point(point: Point, base: BaseWeights, mode: Mode, args, log) -> dict:
                 trim_memory()
             rec["round"] = round_
             records.append(rec)
+    order = methods_of(point, sparta)
+    records.sort(key=lambda r: order.index(r["method"]))  # stable: rounds keep their order
     layers = {name: {"shape": p["shape"], "k": p["k"], "r": p["r"]} for name, p in plan.items()}
     return {"point": point.__dict__, "key": point.key, "notes": notes, "records": records,
             "repeats": {"rounds": mode.rounds, "warmup": mode.warmup, "measured": mode.measured},
@@ -433,7 +472,7 @@ def main(argv: list[str] | None = None) -> int:
             trim_memory()
             bases[point.model] = BaseWeights(MODELS[point.model], args.device)
         t = time.perf_counter()
-        saved["runs"][point.key] = run_point(point, bases[point.model], mode, args, log)
+        saved["runs"][point.key] = run_point(point, bases[point.model], mode, args, log, done=saved["runs"])
         saved["runs"][point.key].update(wall_s=time.perf_counter() - t, date=harness.now(),
                                         load_average=os.getloadavg(), command=command,
                                         mmap_threshold=harness.MMAP_THRESHOLD if mmap_threshold else None)

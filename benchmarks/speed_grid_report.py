@@ -1,8 +1,10 @@
 """The analysis and report of `benchmarks.speed_grid`: per grid point, medians and ratios per method, issue 14's
 targets (met or missed, by how much), `results.md` and the `summary`/`targets` of `results.json`.
 
-Every ratio is taken within one grid point (one run of interleaved rounds). A method's overhead is its median step
-time less the floor's (the frozen backbone with one trainable bias) of the same point. Peak memory is the CPU RSS
+Every ratio is taken within one grid point (one run of interleaved rounds; LoRA and SHiRA records may be shared
+with an earlier point of the same ranks, see `speed_grid.shared_record`). A method's overhead is its median step
+time less the floor's (the frozen backbone with one trainable bias), measured at the reference point of the same
+model and tokens. Peak memory is the CPU RSS
 peak (or CUDA `max_memory_allocated`) over the RSS (allocation) before injection, in MiB; "saved MiB" is what
 autograd kept for backward in a method's first step (distinct non-parameter storages; points run before it was
 recorded show "–").
@@ -18,8 +20,24 @@ from benchmarks import harness
 APET = ("apet-discrete", "apet-adjacent")
 
 
-def summarise(run: dict) -> dict[str, dict]:
-    """`{method: row}` of one point: median step (ms), exact trainable count, peak (MiB), ratios and overheads."""
+def _median_step_ms(records: list[dict]) -> float:
+    return 1e3 * statistics.median([s for r in records for s in r["step_s"]])
+
+
+def reference_floors(runs: dict[str, dict]) -> dict[tuple, float]:
+    """`{(model, batch, seq): floor's median step (ms)}` from the reference points of `runs`."""
+    floors = {}
+    for run in runs.values():
+        p = run["point"]
+        ok = [r for r in run["records"] if r["method"] == "floor" and "error" not in r]
+        if p["targets"] is None and ok:
+            floors[p["model"], p["batch"], p["seq"]] = _median_step_ms(ok)
+    return floors
+
+
+def summarise(run: dict, floor_ms: float | None) -> dict[str, dict]:
+    """`{method: row}` of one point: median step (ms), exact trainable count, peak (MiB), ratios to LoRA, overheads
+    over `floor_ms` (the reference floor's median step of the same model and tokens; None: no overheads)."""
     rows: dict[str, dict] = {}
     for method in dict.fromkeys(r["method"] for r in run["records"]):
         recs = [r for r in run["records"] if r["method"] == method]
@@ -29,19 +47,19 @@ def summarise(run: dict) -> dict[str, dict]:
             continue
         peak_key = "cuda_peak_delta" if "cuda_peak_delta" in ok[0] else "peak_delta"
         rows[method] = {"method": method, "trainable": ok[0]["trainable"],
-                        "step_ms": 1e3 * statistics.median([s for r in ok for s in r["step_s"]]),
+                        "step_ms": _median_step_ms(ok), "shared_from": ok[0].get("shared_from"),
                         "steps_measured": sum(len(r["step_s"]) for r in ok),
                         "peak_mib": statistics.median([r[peak_key] for r in ok]) / 2**20,
                         "saved_mib": (ok[0]["saved_for_backward"] / 2**20 if "saved_for_backward" in ok[0]
                                       else None),
                         "routes": ok[0].get("routes", {})}
     ok_rows = {m: r for m, r in rows.items() if "error" not in r}
-    lora, floor = ok_rows.get("peft-lora"), ok_rows.get("floor")
+    lora = ok_rows.get("peft-lora")
     for row in ok_rows.values():
         if lora:
             row["vs_lora"] = row["step_ms"] / lora["step_ms"]
-        if floor:
-            row["overhead_ms"] = row["step_ms"] - floor["step_ms"]
+        if floor_ms is not None:
+            row["overhead_ms"] = row["step_ms"] - floor_ms
     for name in ("shira", "sparta"):
         other = ok_rows.get(name)
         for method in APET:
@@ -87,7 +105,9 @@ def _routes(routes: dict[str, int]) -> str:
 def write_report(out: Path, saved: dict) -> None:
     """`results.md` and the summary/targets in `results.json` from the stored runs (`saved["runs"]`)."""
     runs = saved.get("runs", {})
-    summary = {key: summarise(run) for key, run in runs.items()}
+    floors = reference_floors(runs)
+    summary = {key: summarise(run, floors.get((run["point"]["model"], run["point"]["batch"], run["point"]["seq"])))
+               for key, run in runs.items()}
     checks = [t for key, rows in summary.items() for t in targets(key, rows)]
     saved["summary"], saved["targets"] = summary, checks
     harness.write_json(out / "results.json", saved, end="\n")
@@ -129,7 +149,9 @@ def write_report(out: Path, saved: dict) -> None:
             if "error" in row:
                 lines.append(f"| {row['method']} | FAILED: {row['error'][:120]} | | | | | | |")
                 continue
-            lines.append(f"| {row['method']} | {row['trainable']:,} | {row['step_ms']:.0f} | {_f(row.get('vs_lora'))}"
+            shared = f" (shared with {row['shared_from']})" if row.get("shared_from") else ""
+            lines.append(f"| {row['method']}{shared} | {row['trainable']:,} | {row['step_ms']:.0f} | "
+                         f"{_f(row.get('vs_lora'))}"
                          f" | {_f(row.get('overhead_ms'), '.0f')} | {row['peak_mib']:.0f} | "
                          f"{_f(row.get('saved_mib'), '.0f')} | {_routes(row['routes'])} |")
         missed = [t for t in checks if t["point"] == key and not t["met"]]

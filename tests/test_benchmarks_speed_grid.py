@@ -1,8 +1,9 @@
 """Smoke test of `python -m benchmarks.speed_grid`: tiny random models, three grid points, one measured step.
 
 Checks what the benchmark claims about its runs, never timings: every method of every point ran and trains the
-count it was asked for (APET exactly the plan's k, LoRA/SHiRA r * (in + out) per layer, the floor one bias), the
-report has a row per point and method, its ratios follow from the records, and a rerun resumes.
+count it was asked for (APET exactly the plan's k, LoRA/SHiRA r * (in + out) per layer, the floor one bias), LoRA
+and SHiRA are measured once per set of ranks, the report has a row per point and method, its ratios and overheads
+follow from the records, and a rerun resumes.
 """
 
 from __future__ import annotations
@@ -46,8 +47,8 @@ def test_trainable_counts_follow_the_plan(results):
         point = speed_grid.Point(**run["point"])
         spec = speed_grid.MODELS[point.model]
         by = {r["method"]: r for r in run["records"]}
-        assert by["floor"]["trainable"] == spec.config["hidden_size"]  # one bias of the first layer
         if point.targets is None:
+            assert by["floor"]["trainable"] == spec.config["hidden_size"]  # one bias of the first layer
             assert by["full"]["trainable"] > by["floor"]["trainable"]
             continue
         layers = run["layers"]
@@ -68,6 +69,8 @@ def test_trainable_counts_follow_the_plan(results):
 def test_report_ratios_follow_from_the_records(smoke, results):
     text = (smoke / "results.md").read_text()
     assert "## Summary per point" in text and "## Targets" in text
+    floors = {run["point"]["model"]: statistics.median(run["records"][0]["step_s"])
+              for run in results["runs"].values() if run["point"]["targets"] is None}
     for key, run in results["runs"].items():
         assert f"### {key}" in text
         median = {r["method"]: statistics.median(r["step_s"]) for r in run["records"]}
@@ -76,10 +79,27 @@ def test_report_ratios_follow_from_the_records(smoke, results):
             assert row["step_ms"] == pytest.approx(1e3 * median[method])
             if "peft-lora" in median:
                 assert row["vs_lora"] == pytest.approx(median[method] / median["peft-lora"])
-            assert row["overhead_ms"] == pytest.approx(1e3 * (median[method] - median["floor"]))
+            assert row["overhead_ms"] == pytest.approx(1e3 * (median[method] - floors[run["point"]["model"]]))
     for target in results["targets"]:
         assert target["met"] == (target["value"] <= target["limit"])
     assert {t["point"] for t in results["targets"]} == {k for k, r in results["runs"].items() if r["layers"]}
+
+
+def test_lora_and_shira_are_measured_once_per_set_of_ranks(smoke, results):
+    runs = results["runs"]
+    first, second = "tiny-llama/2x8/qv/d=0.015625", "tiny-llama/2x8/qv/d=0.001"
+    assert {n: layer["r"] for n, layer in runs[first]["layers"].items()} == {
+        n: layer["r"] for n, layer in runs[second]["layers"].items()}
+    assert runs[first]["layers"] != runs[second]["layers"]  # APET's k differs
+    log = (smoke / "run.log").read_text()
+    for method in speed_grid.RANK_METHODS:
+        measured = next(r for r in runs[first]["records"] if r["method"] == method)
+        reused = next(r for r in runs[second]["records"] if r["method"] == method)
+        assert "shared_from" not in measured and reused == {**measured, "shared_from": first}
+        assert f"{second} {method}: same ranks as {first}, its record reused" in log
+        assert f"{method} (shared with {first})" in (smoke / "results.md").read_text()
+    apet = [r for run in runs.values() for r in run["records"] if r["method"].startswith("apet-")]
+    assert apet and all("shared_from" not in r for r in apet)  # measured at every point
 
 
 def test_a_rerun_skips_finished_points(smoke, results):
