@@ -37,7 +37,6 @@ reported, never asserted (see benchmarks/results/cost/results.md for the targets
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import tempfile
 import time
@@ -355,15 +354,7 @@ def full_ft_fits(num_params: int, device: str) -> tuple[bool, str]:
     """Full fine-tuning needs about 16 bytes per parameter (weights, gradients, two AdamW moments) on top of the
     base copy kept for rebuilding, plus activations: run it only where that fits with 25% to spare."""
     need = 20 * num_params + 2**30
-    if device.startswith("cuda"):
-        free = torch.cuda.mem_get_info()[0]
-    else:
-        try:
-            import psutil
-
-            free = psutil.virtual_memory().available
-        except ImportError:
-            free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    free = harness.available_memory(device)
     return need * 1.25 < free, f"needs ~{need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB available"
 
 

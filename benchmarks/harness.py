@@ -274,6 +274,20 @@ def nearest_rank(per_rank: int, k: int) -> tuple[int, int]:
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
+def available_memory(device: str = "cpu") -> int:
+    """Bytes new tensors can take: CUDA's free memory on `device`, else the kernel's MemAvailable (free memory plus
+    the page cache it can reclaim; `os.sysconf`'s free pages, without the cache, where /proc is missing)."""
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.mem_get_info()[0]
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
 def current_rss() -> int:
     """Resident set size of this process in bytes."""
     try:

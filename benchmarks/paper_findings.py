@@ -413,18 +413,20 @@ def lr_pick_specs(model_name: str, task_name: str, mode: Mode) -> list[RunSpec]:
 
 
 def sweep(mode: Mode, out: Path, log: Callable[[str], None], command: str = "", part: str = "paper",
-          device: str = "cpu", run_models: tuple[str, ...] | None = None) -> dict:
+          device: str = "cpu", run_models: tuple[str, ...] | None = None,
+          run_seeds: tuple[int, ...] | None = None) -> dict:
     """Run one part of the sweep (resuming from `<out>/runs/`); returns the plan, also written to `<out>/plan.json`.
 
     Part "paper" plans `runs` (the lr pick, then Figures 5-7); parts "pairing" and "sizes" plan `pairing_runs` /
     `sizes_runs` and keep what the plan file already says about the other parts. All pick the lr first (runs
-    already stored are reused). `run_models` runs only those models' runs of the part (the plan still lists every
-    run), so two processes can share a sweep by model."""
+    already stored are reused). `run_models` / `run_seeds` run only those models' / seeds' runs of the part (the plan
+    still lists every run), so processes can share a sweep by model and seed."""
     store = Store(out)
     tasks: dict[tuple[str, str], Task] = {}
 
     def to_run(specs: list[RunSpec]) -> list[RunSpec]:
-        return [s for s in specs if run_models is None or s.model in run_models]
+        return [s for s in specs if (run_models is None or s.model in run_models)
+                and (run_seeds is None or s.seed in run_seeds)]
 
     def get_task(model: str, task: str) -> Task:
         if (model, task) not in tasks:
@@ -485,6 +487,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-models", default=None,
                         help="comma-separated models (e.g. minilm): run only their runs of the part; the plan and "
                              "report keep every run, so two processes can share a sweep")
+    parser.add_argument("--run-seeds", default=None, type=lambda v: tuple(int(s) for s in v.split(",")),
+                        help="comma-separated seeds (e.g. 1): run only their runs of the part, like --run-models")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is visible to torch here (torch.cuda.is_available() is False)")
@@ -499,7 +503,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.report_only:
         log(f"start {command} ({mode.name})")
         run_models = tuple(args.run_models.split(",")) if args.run_models else None
-        sweep(mode, out, log, command, args.part, args.device, run_models)
+        sweep(mode, out, log, command, args.part, args.device, run_models, args.run_seeds)
     records = Store(out).all()
     meta = report(out, command, records)
     plan = json.loads((out / "plan.json").read_text()) if (out / "plan.json").exists() else {}

@@ -182,6 +182,28 @@ def test_sizes_part_plans_references_and_both_delta_curves_and_reuses_runs(smoke
     assert plan["runs"] and plan["sizes_command"].endswith("--part sizes --out " + str(smoke) + " --threads 1")
 
 
+def test_run_models_and_run_seeds_split_a_sweep(smoke, tmp_path):
+    from benchmarks import paper_findings
+
+    out = tmp_path / "split"
+    shutil.copytree(smoke, out)
+    assert paper_findings.main(["--smoke", "--part", "sizes", "--out", str(out), "--threads", "1"]) == 0
+    sizes = json.loads((out / "plan.json").read_text())["sizes_runs"]
+    by_key = {r["key"]: p for p in (out / "runs").glob("*.json") for r in [json.loads(p.read_text())]}
+    for key in sizes:
+        by_key[key].unlink()
+
+    def stored() -> set[str]:
+        return {r["key"] for r in _records(out)} & set(sizes)
+
+    for other in (["--run-seeds", "1"], ["--run-models", "another-model"]):  # the smoke sizes runs are seed 0
+        assert paper_findings.main(["--smoke", "--part", "sizes", "--out", str(out), "--threads", "1", *other]) == 0
+        assert stored() == set()
+    assert paper_findings.main(["--smoke", "--part", "sizes", "--out", str(out), "--threads", "1", "--run-seeds",
+                                "0", "--run-models", "tiny-bert"]) == 0
+    assert stored() == set(sizes)
+
+
 def _record(model: str, method: str, accuracy: float, budget: int | None = None, mask: str | None = None,
             total: int = 1000) -> dict:
     return {"model": model, "task": "rt", "method": method, "structure": "delta" if budget else None, "mask": mask,

@@ -9,12 +9,13 @@ follow from the records, and a rerun resumes.
 from __future__ import annotations
 
 import json
+import os
 import statistics
 from pathlib import Path
 
 import pytest
 
-from benchmarks import speed_grid
+from benchmarks import harness, speed_grid
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +41,17 @@ def test_every_point_ran_every_method(results):
             assert "error" not in r, (key, r)
             assert len(r["step_s"]) == 1 and r["step_s"][0] > 0 and r["peak_delta"] is not None
             assert r["saved_for_backward"] > 0  # every method's backward runs through every layer
+
+
+def test_each_model_and_token_count_ran_in_a_child_process_of_its_own(smoke, results):
+    log = (smoke / "run.log").read_text()
+    groups = list(dict.fromkeys(speed_grid._group(p) for p in speed_grid.MODES["smoke"].points))
+    assert len(groups) == 2
+    for group in groups:
+        assert log.count(f"{group}: child process done") == 1
+    assert log.count("(child process)") == len(groups)
+    command = results["meta"]["command"]
+    assert "--only" not in command and all(run["command"] == command for run in results["runs"].values())
 
 
 def test_trainable_counts_follow_the_plan(results):
@@ -107,3 +119,14 @@ def test_a_rerun_skips_finished_points(smoke, results):
     again = json.loads((smoke / "results.json").read_text())
     assert again["runs"] == results["runs"]
     assert (smoke / "run.log").read_text().count("done before, skipped") == len(results["runs"])
+
+
+def test_full_fine_tuning_runs_where_the_floors_step_plus_its_optimizer_state_fits():
+    free = harness.available_memory("cpu")
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    assert 0 < free <= total
+    params = 1000
+    assert speed_grid.full_ft_fits(params, "cpu", floor_peak=free // 2)[0]
+    fits, why = speed_grid.full_ft_fits(params, "cpu", floor_peak=free - 6 * params)  # + 12 B/param: too much
+    assert not fits and why.startswith("needs ~") and why.endswith("GiB available")
+    assert not speed_grid.full_ft_fits(free // 16, "cpu", floor_peak=None)[0]  # 16 B/param + 2 GiB
