@@ -50,6 +50,7 @@ def test_each_model_and_token_count_ran_in_a_child_process_of_its_own(smoke, res
     for group in groups:
         assert log.count(f"{group}: child process done") == 1
     assert log.count("(child process)") == len(groups)
+    assert [line.split("] ")[1].split(":")[0] for line in log.splitlines() if "warm-up floor step" in line] == groups
     command = results["meta"]["command"]
     assert "--only" not in command and all(run["command"] == command for run in results["runs"].values())
 
