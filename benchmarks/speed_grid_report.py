@@ -115,8 +115,8 @@ def write_report(out: Path, saved: dict) -> None:
     lines = ["# Speed grid: step time and peak memory at realistic shapes (issue 14)", "",
              f"Written {harness.now()} from runs of `{meta.get('command', '?')}` ({meta.get('device', 'cpu')}"
              f"{', bf16 autocast' if meta.get('bf16') else ''}; {meta.get('rounds')} round(s) x "
-             f"({meta.get('warmup')} warm-up + {meta.get('measured')} measured) steps per method, after one untimed floor "
-             f"step per model and token count; machine: "
+             f"({meta.get('warmup')} warm-up + {meta.get('measured')} measured) steps per method, after one untimed "
+             f"floor step per model and token count; machine: "
              f"{meta.get('machine', {}).get('cpu', '?')}, torch threads {meta.get('machine', {}).get('torch_threads')}"
              f"). {len(runs)} points. Ratios are of median step times within one point.", "",
              "## Summary per point", "",
