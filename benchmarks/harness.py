@@ -278,8 +278,6 @@ def available_memory(device: str = "cpu") -> int:
     """Bytes new tensors can take: CUDA's free memory on `device`, else the kernel's MemAvailable (free memory plus
     the page cache it can reclaim; `os.sysconf`'s free pages, without the cache, where /proc is missing)."""
     if device.startswith("cuda"):
-        import torch
-
         return torch.cuda.mem_get_info()[0]
     try:
         with open("/proc/meminfo") as f:

@@ -368,7 +368,7 @@ def shared_record(method: str, point: Point, plan: dict, done: dict[str, dict]) 
     for key, run in done.items():
         p = run["point"]
         if ((p["model"], p["batch"], p["seq"], p["targets"]) != (point.model, point.batch, point.seq, point.targets)
-                or {n: layer["r"] for n, layer in run["layers"].items()} != ranks):
+                or ranks_of(run["layers"]) != ranks):
             continue
         for rec in run["records"]:
             if rec["method"] == method and "error" not in rec and "shared_from" not in rec:
