@@ -7,7 +7,8 @@ For each layer shape `(out, in)`, token count and density of the grid, a sorted 
 drawn and each route of `peft_apet.routes` is timed on random fp32 data (the minimum of 3-10 runs after a warm-up,
 index arrays built beforehand, as `functional.layout_of` keeps them): the forward product `x W~^T` and the input
 gradient `g W~` by `gather`, `csr_strided`, `csr_contiguous`, `composed` (building `W + W~` only: the matmul with
-it replaces the frozen layer's own) and `dense_delta` (the side path's `W~` and its matmul), and the value
+it replaces the frozen layer's own), `patched` (adding the k values into `W` in place and writing its k entries
+back, likewise without the matmul) and `dense_delta` (the side path's `W~` and its matmul), and the value
 gradients by `gather`, `sampled_csr` and `dense`. Gathers are skipped where `tokens * k` exceeds 2·10⁷ (there they
 are 10-1000x slower than the best route, measured once by hand). The constants of each route are fitted by
 non-negative least squares on the relative error, over the features of `routes.features`.
@@ -33,7 +34,7 @@ from scipy.optimize import nnls
 
 from benchmarks import harness
 from peft_apet import routes
-from peft_apet.functional import _composed, _delta_dense
+from peft_apet.functional import _composed, _delta_dense, _effective_weight
 from peft_apet.masks import discrete_mask
 from peft_apet.sparse_kernels import SparseLayout, add_g_w, add_x_wt, values_grad
 
@@ -69,6 +70,7 @@ def time_point(out_f: int, in_f: int, tokens: int, density: float) -> dict:
     y, gx = torch.zeros(tokens, out_f), torch.zeros(tokens, in_f)
     small = tokens * k <= MAX_GATHER_WORK
     times = {"matmul": best_of(lambda: F.linear(x, w)), "composed": best_of(lambda: _composed(w, layout, v)),
+             "patched": best_of(lambda: _patch_and_restore(w, layout, v)),
              "dense_delta": best_of(lambda: y.add_(F.linear(x, _delta_dense(layout, v, x.dtype)))),
              "dense_delta (grad_x)": best_of(lambda: gx.add_(g @ _delta_dense(layout, v, g.dtype)))}
     for route in ("gather", "csr_strided", "csr_contiguous"):
@@ -81,6 +83,11 @@ def time_point(out_f: int, in_f: int, tokens: int, density: float) -> dict:
     return {"out": out_f, "in": in_f, "tokens": tokens, "density": density, "k": k, "seconds": times}
 
 
+def _patch_and_restore(w: torch.Tensor, layout: SparseLayout, v: torch.Tensor) -> None:
+    with _effective_weight(w, layout, v, "patched"):
+        pass
+
+
 def _rows(records: list[dict], route: str) -> tuple[np.ndarray, np.ndarray]:
     """Features and seconds of every timing of `route` (both directions of a product route)."""
     feats, secs = [], []
@@ -88,8 +95,8 @@ def _rows(records: list[dict], route: str) -> tuple[np.ndarray, np.ndarray]:
         case = routes.Case(rec["out"], rec["in"], rec["tokens"], rec["k"])
         for key, transposed in ((route, False), (f"{route} (grad_x)", True)):
             s = rec["seconds"].get(key)
-            if s is None and key == f"{route} (grad_x)" and route == "composed":
-                s = rec["seconds"]["composed"]  # one W + W~ serves both directions
+            if s is None and key == f"{route} (grad_x)" and route in ("composed", "patched"):
+                s = rec["seconds"][route]  # one W + W~ serves both directions
             if s is not None:
                 feats.append(routes.features(route, case, transposed))
                 secs.append(s)
@@ -121,7 +128,7 @@ def fixed_rules(out_f: int, in_f: int, tokens: int, k: int) -> routes.Routes:
     return routes.Routes(product, product, "dense" if k >= numel / 8 else "sampled_csr" if csr else "gather")
 
 
-_KEYS = {"forward": lambda r: r, "grad_x": lambda r: r if r == "composed" else f"{r} (grad_x)",
+_KEYS = {"forward": lambda r: r, "grad_x": lambda r: r if r in ("composed", "patched") else f"{r} (grad_x)",
          "values": lambda r: f"values {r}"}
 
 
@@ -134,10 +141,12 @@ def choices(records: list[dict], constants: dict[str, list[float]]) -> list[dict
     try:
         rows = []
         for rec in records:
-            case = routes.Case(rec["out"], rec["in"], rec["tokens"], rec["k"], csr_products=True, csr_values=True)
+            case = routes.Case(rec["out"], rec["in"], rec["tokens"], rec["k"], csr_products=True, csr_values=True,
+                               patchable=True)
             picked, fixed = routes.cheapest(case), fixed_rules(rec["out"], rec["in"], rec["tokens"], rec["k"])
             for what, key in _KEYS.items():
-                candidates = routes.VALUES_ROUTES if what == "values" else routes.PRODUCT_ROUTES[:4]
+                candidates = routes.VALUES_ROUTES if what == "values" else [
+                    r for r in routes.PRODUCT_ROUTES if r != "dense_delta"]
                 measured = {r: rec["seconds"][key(r)] for r in candidates if rec["seconds"].get(key(r)) is not None}
                 fastest, pick, old = min(measured, key=measured.get), getattr(picked, what), getattr(fixed, what)
                 rows.append({"out": rec["out"], "in": rec["in"], "tokens": rec["tokens"], "density": rec["density"],
@@ -165,9 +174,10 @@ def report(meta: dict, errors: dict[str, float], rows: list[dict]) -> str:
               f"{worst['fastest_s'] * 1e3:.2f} ms: {worst['out']} × {worst['in']}, {worst['tokens']} tokens, density "
               f"{worst['density']:.4g}, {worst['what']}).", "",
               "## Per layer: the model's routes against 0.1.0's fixed rules", "",
-              "Forward product, input gradient and value gradients of one layer, summed (ms; `composed` counts "
-              "building `W + W~` once per direction; nan: a route not timed there). 0.1.0's sampled CSR ran in one "
-              "pass over the tokens, timed here in the blocks of this version, so its column is a lower bound.", "",
+              "Forward product, input gradient and value gradients of one layer, summed (ms; `composed` and "
+              "`patched` count building `W + W~` once per direction; nan: a route not timed there). 0.1.0's sampled "
+              "CSR ran in one pass over the tokens, timed here in the blocks of this version, so its column is a "
+              "lower bound.", "",
               "| out × in | tokens | density | 0.1.0's routes | ms | the model's routes | ms | model / 0.1.0 |",
               "|---|---|---|---|---|---|---|---|"]
     for i in range(0, len(rows), 3):

@@ -272,3 +272,88 @@ def test_whole_rows_keep_only_what_the_needed_gradients_read(frozen):
         torch.testing.assert_close(x.grad, x_ref.grad)
     else:
         torch.testing.assert_close(delta.values.grad, values.grad)
+
+
+# The `patched` route adds W~ into the base weight for one matmul and writes W's entries back after it.
+@pytest.mark.parametrize("adapters", [1, 2])  # two: repeated positions are possible in the joint layout
+def test_patched_route_equals_the_formula_and_leaves_the_base_weight_bit_for_bit(adapters):
+    model, layer = _adapted(300, torch.float32, adapters)
+    weight = layer.get_base_layer().weight
+    before, version = weight.detach().clone(), weight._version
+    with peft_apet.routes.forced(forward="patched", grad_x="patched"):
+        _assert_matches_dense_formula(model, layer, torch.float32)
+    assert torch.equal(weight, before) and weight._version == version
+
+
+def test_patched_and_composed_routes_give_identical_outputs_and_gradients():
+    model, layer = _adapted(300, torch.float32)
+    x = torch.randn(2, 2, IN)
+    results = []
+    for route in ("composed", "patched"):
+        layer.apet_weights["default"]["delta"].values.grad = None
+        x_in = x.clone().requires_grad_(True)
+        with peft_apet.routes.forced(forward=route, grad_x=route):
+            out = model(x_in)
+            out.pow(2).sum().backward()
+        results.append((out.detach(), x_in.grad, layer.apet_weights["default"]["delta"].values.grad.clone()))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_a_patched_weight_that_another_node_saved_raises_no_inplace_error():
+    """The base layer applied twice in one graph, and its weight saved by a plain matmul in between: the in-place
+    patch is written through `.data`, so autograd sees no modification and every gradient is right."""
+    model, layer = _adapted(300, torch.float32)
+    weight = layer.get_base_layer().weight
+    x = torch.randn(3, IN, requires_grad=True)
+    with peft_apet.routes.forced(forward="patched", grad_x="patched"):
+        hidden = F.linear(x, weight)  # saves `weight` for the input gradient
+        out = model(torch.cat([hidden, hidden[:, :IN - OUT]], dim=1))
+        out = model(out.repeat(1, 2)[:, :IN])
+        out.sum().backward()
+    x_ref = x.detach().clone().requires_grad_(True)
+    dense = torch.zeros(OUT * IN).index_add(0, layer.apet_weights["default"]["delta"].flat_indices(),
+                                            layer.apet_weights["default"]["delta"].values.detach()).view(OUT, IN)
+    base = layer.get_base_layer()
+    hidden = F.linear(x_ref, weight)
+    out = F.linear(torch.cat([hidden, hidden[:, :IN - OUT]], dim=1), base.weight + dense, base.bias)
+    F.linear(out.repeat(1, 2)[:, :IN], base.weight + dense, base.bias).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad)
+
+
+def test_an_error_inside_a_patched_product_restores_the_base_weight(monkeypatch):
+    model, layer = _adapted(300, torch.float32)
+    weight = layer.get_base_layer().weight
+    before = weight.detach().clone()
+
+    def failing_linear(*args, **kwargs):
+        raise RuntimeError("out of memory (simulated)")
+
+    monkeypatch.setattr(peft_apet.functional.F, "linear", failing_linear)
+    with peft_apet.routes.forced(forward="patched"), pytest.raises(RuntimeError, match="simulated"):
+        model(torch.randn(2, IN, requires_grad=True))
+    assert torch.equal(weight, before)
+
+
+def test_the_base_weight_is_patched_only_where_autograd_records_the_call(monkeypatch):
+    """Under `no_grad` (inference, where threads may share a model) and on a non-contiguous weight the patched
+    route is not available; in training, at a density where it is the cheapest, it is picked."""
+    chosen, choose = [], peft_apet.routes.choose
+
+    def recorded(case):
+        chosen.append(case)
+        return choose(case)
+
+    monkeypatch.setattr(peft_apet.routes, "choose", recorded)
+    model, layer = _adapted(300, torch.float32)
+    x = torch.randn(2, IN, requires_grad=True)
+    with torch.no_grad():
+        model(x)
+    model(x)
+    assert [c.patchable for c in chosen] == [False, True]
+    weight = torch.randn(IN, OUT).t()  # an (out, in) view, as GPT-2's Conv1D weight
+    delta = layer.apet_weights["default"]["delta"]
+    peft_apet.functional.masked_delta_linear(x, weight, None, [delta])
+    assert not chosen[-1].patchable
+    with pytest.raises(ValueError, match="not all available"), peft_apet.routes.forced(forward="patched"):
+        peft_apet.functional.masked_delta_linear(x, weight, None, [delta])

@@ -49,7 +49,7 @@ def _run(layout: SparseLayout, tokens: int, precision: str, side: bool, force: d
         if side:
             out = _AddSparseDelta.apply(F.linear(x, weight, bias).clone(), x, layout, values)
         else:
-            out = _DiscreteDeltaLinear.apply(x, weight, bias, layout, values)
+            out = _DiscreteDeltaLinear.apply(x, weight, bias, layout, values, True)
     out.to(dtype).backward(grad_out)
 
     values_ref = values.detach().double().requires_grad_(True)
@@ -67,7 +67,7 @@ def _case(layout: SparseLayout, tokens: int, precision: str, side: bool) -> rout
     dtype = torch.float64 if precision == "fp64" else torch.float32
     k = layout.flat.numel()
     return routes.case_of(*layout.shape, tokens, k, dtype=dtype, device="cpu", autocast=precision == "bf16",
-                          strictly_sorted=k > 0 and layout.strictly_sorted, side=side)
+                          strictly_sorted=k > 0 and layout.strictly_sorted, side=side, patchable=True)
 
 
 @pytest.mark.parametrize("side", [False, True], ids=["linear", "side path"])
@@ -90,7 +90,7 @@ def test_every_route_equals_the_dense_formula(precision, unsorted, side):
             _run(layout, tokens, precision, side, {"values": route})
             ran.add(("values", route))
     csr = not unsorted and precision != "bf16"
-    expected = {("product", r) for r in ("gather", "dense_delta" if side else "composed")} | {
+    expected = {("product", r) for r in (("gather", "dense_delta") if side else ("gather", "composed", "patched"))} | {
         ("product", r) for r in ("csr_strided", "csr_contiguous") if csr} | {
         ("values", r) for r in ("gather", "dense")} | ({("values", "sampled_csr")} if not unsorted else set())
     assert ran == expected
@@ -104,9 +104,10 @@ def test_a_forced_route_that_does_not_apply_is_refused():
         _run(_layout(40, 48, 300, unsorted=False), 4, "fp32", False, {"forward": "dense_delta"})
 
 
-CHOOSER_CASES = [routes.Case(o, i, t, max(1, round(d * o * i)), csr, csr, side)
+CHOOSER_CASES = [routes.Case(o, i, t, max(1, round(d * o * i)), csr, csr, side, patch)
                  for o, i in ((768, 768), (3072, 768), (128, 896), (40, 48)) for t in (1, 64, 512, 8192)
-                 for d in (1e-4, 1e-3, 1 / 64, 1 / 8, 1) for csr in (False, True) for side in (False, True)]
+                 for d in (1e-4, 1e-3, 1 / 64, 1 / 8, 1) for csr in (False, True) for side in (False, True)
+                 for patch in (False, True)]
 
 
 def test_the_chooser_is_deterministic_and_picks_the_cheapest_available_route():

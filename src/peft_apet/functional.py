@@ -21,7 +21,8 @@ keep for backward the input (trained rows) or only its trained columns (trained 
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import torch
@@ -36,13 +37,17 @@ if TYPE_CHECKING:  # annotations only: this module imports nothing of the packag
 
 class _DiscreteDeltaLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, layout: SparseLayout, values):
-        # weight: (out, in) view of the frozen base weight (may be strided, e.g. transposed Conv1D weights)
+    def forward(ctx, x, weight, bias, layout: SparseLayout, values, recorded: bool = False):
+        # weight: (out, in) view of the frozen base weight (may be strided, e.g. transposed Conv1D weights);
+        # recorded: grad mode was on at the call (forward itself runs without it), so this is a training step
         out_f, in_f = weight.shape
         xs = x.reshape(-1, in_f)
-        chosen = _routes_of(layout, xs, weight.dtype)
-        if chosen.forward == "composed":
-            out = F.linear(x, _composed(weight, layout, values), bias)
+        # checked before `_patchable`, whose `is_inference` would break a traced graph
+        patchable = recorded and not torch.compiler.is_compiling() and _patchable(weight)
+        chosen = _routes_of(layout, xs, weight.dtype, patchable=patchable)
+        if chosen.forward in ("composed", "patched"):
+            with _effective_weight(weight, layout, values, chosen.forward) as effective:
+                out = F.linear(x, effective, bias)
         else:  # x W^T + b, then the k entries of x W~^T added in place: no dense copy of W
             out = F.linear(x, weight, bias)
             add_x_wt(out.view(-1, out_f), xs, layout, values, chosen.forward)
@@ -58,8 +63,9 @@ class _DiscreteDeltaLinear(torch.autograd.Function):
         g = grad_out.reshape(-1, out_f)  # the dtype of the forward's output (the autocast dtype under autocast)
         grad_x = grad_bias = grad_values = None
         if ctx.needs_input_grad[0]:
-            if chosen.grad_x == "composed":
-                grad_x = grad_out @ _composed(weight, layout, values).to(grad_out.dtype)
+            if chosen.grad_x in ("composed", "patched"):
+                with _effective_weight(weight, layout, values, chosen.grad_x) as effective:
+                    grad_x = grad_out @ effective.to(grad_out.dtype)
             else:
                 grad_x = grad_out @ weight.to(grad_out.dtype)
                 add_g_w(grad_x.view(-1, in_f), g, layout, values, chosen.grad_x)
@@ -69,7 +75,7 @@ class _DiscreteDeltaLinear(torch.autograd.Function):
             grad_bias = g.sum(0)
         if ctx.needs_input_grad[4]:
             grad_values = _values_grad(g, kept_x, layout, chosen.values).to(values.dtype)
-        return grad_x, None, grad_bias, None, grad_values
+        return grad_x, None, grad_bias, None, grad_values, None
 
 
 def _kept_input(x: torch.Tensor, layout: SparseLayout) -> torch.Tensor:
@@ -93,15 +99,17 @@ def _values_grad(g: torch.Tensor, kept_x: torch.Tensor, layout: SparseLayout, ro
     return values_grad(g, kept_x.reshape(-1, kept_x.shape[-1]), layout if compact is None else compact[1], route)
 
 
-def _routes_of(layout: SparseLayout, xs: torch.Tensor, out_dtype: torch.dtype, side: bool = False) -> routes.Routes:
+def _routes_of(layout: SparseLayout, xs: torch.Tensor, out_dtype: torch.dtype, side: bool = False,
+               patchable: bool = False) -> routes.Routes:
     """The routes of a delta with `layout` on activations `xs` `(tokens, in)` whose product is of `out_dtype`
-    (`routes.choose`). While `torch.compile` traces, the CSR routes are off and nothing data-dependent is read."""
+    (`routes.choose`); `patchable`: the base weight may be patched in place (`_patchable`, and autograd records the
+    call). While `torch.compile` traces, the CSR and patched routes are off and nothing data-dependent is read."""
     k = layout.flat.numel()
     device = xs.device.type
     csr = not torch.compiler.is_compiling() and k > 0 and device == "cpu" and layout.strictly_sorted
     case = routes.case_of(*layout.shape, xs.shape[0], k, dtype=xs.dtype, device=device, strictly_sorted=csr,
                           autocast=csr and torch.is_autocast_enabled(device), same_dtype=out_dtype == xs.dtype,
-                          side=side)
+                          side=side, patchable=patchable)
     return routes.choose(case)
 
 
@@ -110,6 +118,36 @@ def _composed(weight: torch.Tensor, layout: SparseLayout, values: torch.Tensor) 
     effective = weight.clone(memory_format=torch.contiguous_format)
     effective.view(-1).index_add_(0, layout.flat, values.to(effective.dtype))
     return effective
+
+
+def _patchable(weight: torch.Tensor) -> bool:
+    """Whether the `patched` route may add `W~` to `weight` in place for one product: a contiguous plain tensor (not
+    a subclass such as FSDP's DTensor shards) that is not an inference tensor."""
+    return weight.is_contiguous() and type(weight.data) is torch.Tensor and not weight.is_inference()
+
+
+@contextmanager
+def _effective_weight(weight: torch.Tensor, layout: SparseLayout, values: torch.Tensor,
+                      route: str) -> Iterator[torch.Tensor]:
+    """`W + W~` `(out, in)` for the length of the block.
+
+    `composed`: a transient contiguous copy, `O(out * in)`. `patched`: `W` itself with the `k` values added at their
+    positions, and the `k` entries it held written back on exit, also on error: `O(k)`, no copy, and `W` leaves the
+    block bit for bit as it entered (the sum `W + W~` is that of `composed`). Chosen only where autograd records the
+    call (training), never for inference under `no_grad`, where threads may share a model: while the block runs, a
+    concurrent reader of `W` would see `W + W~`. Written through `.data`, whose version counter is its own, so
+    autograd nodes that saved `W` (a layer applied twice, tied weights) do not see an in-place change: `W` is restored
+    before their backward runs."""
+    if route == "composed":
+        yield _composed(weight, layout, values)
+        return
+    flat = weight.data.view(-1)
+    held = flat.index_select(0, layout.flat)  # repeated positions (several adapters) hold the same entry
+    flat.index_add_(0, layout.flat, values.to(flat.dtype))
+    try:
+        yield flat.view(weight.shape)
+    finally:
+        flat.index_copy_(0, layout.flat, held)
 
 
 def _joint_layout(deltas: list[MaskedWeight], values: list[torch.Tensor] | None,
@@ -134,7 +172,7 @@ def masked_delta_linear(
     """`x (W + sum_i W~_i)^T + b` for discrete or unmasked deltas; `weight` is `(out, in)`, `x` is `(..., in)`;
     `values`: the `(k_i,)` values to use for each delta (default: its own)."""
     layout, joint = _joint_layout(deltas, values, weight.device)
-    return _DiscreteDeltaLinear.apply(x, weight, bias, layout, joint)
+    return _DiscreteDeltaLinear.apply(x, weight, bias, layout, joint, torch.is_grad_enabled())
 
 
 def adjacent_delta_output(x: torch.Tensor, delta: MaskedWeight, result: torch.Tensor,

@@ -6,8 +6,10 @@ A layer `y = x (W + W~)^T + b` on `tokens` rows needs three things, each with se
   products written into transposed views, or through transposed contiguous copies of the source and the product:
   `O(tokens * k)` plus `O(tokens * (out + in))` copies), and `composed` (a transient contiguous `W + W~`, `O(out *
   in)`, then the one matmul the frozen layer does anyway: freed after use, so no dense `(out, in)` tensor is kept
-  between forward and backward). The side path of quantized bases (`side=True`) has no `W` to compose with: its
-  dense route `dense_delta` builds `W~` alone and pays an extra `(tokens, in) x (in, out)` matmul.
+  between forward and backward), and `patched` (the same matmul on `W` itself with the k values added in place and
+  its k entries written back after it: `O(k)`, no copy; only where autograd records the call, on a contiguous plain
+  weight, see `functional._effective_weight`). The side path of quantized bases (`side=True`) has no `W` to compose
+  with: its dense route `dense_delta` builds `W~` alone and pays an extra `(tokens, in) x (in, out)` matmul.
 - the value gradients `(g^T x)[rows, cols]` (`VALUES_ROUTES`): `gather` (k gathered dot products), `sampled_csr`
   (`torch.sparse.sampled_addmm` at the k sorted positions, in fp32/fp64) and `dense` (the full `g^T x`, a weight
   gradient formed transiently, then gathered).
@@ -38,7 +40,7 @@ from functools import lru_cache
 
 import torch
 
-PRODUCT_ROUTES = ("gather", "csr_strided", "csr_contiguous", "composed", "dense_delta")
+PRODUCT_ROUTES = ("gather", "csr_strided", "csr_contiguous", "composed", "dense_delta", "patched")
 VALUES_ROUTES = ("gather", "sampled_csr", "dense")
 _CSR_DTYPES = (torch.float32, torch.float64)
 
@@ -54,6 +56,7 @@ class Case:
     csr_products: bool = False  # CSR products apply (see the module docstring)
     csr_values: bool = False  # the sampled CSR value gradient applies
     side: bool = False  # the side path of a quantized base: no W to compose `W + W~` with
+    patchable: bool = False  # `W` may be patched in place for a product (the `patched` route)
 
     @property
     def numel(self) -> int:
@@ -79,6 +82,7 @@ def features(route: str, case: Case, transposed: bool = False) -> tuple[float, .
         "csr_strided": (1.0, t * k, t * src, t * dst, k),
         "csr_contiguous": (1.0, t * k, t * src, t * dst, k),
         "composed": (1.0, numel, k),
+        "patched": (1.0, k),
         "dense_delta": (1.0, numel, k, t * numel),
         "values gather": (1.0, t * k),
         "values sampled_csr": (1.0, t * k, t * (case.out + case.in_), k),
@@ -87,17 +91,18 @@ def features(route: str, case: Case, transposed: bool = False) -> tuple[float, .
 
 
 # Seconds per count of `features`, fitted by `benchmarks/route_calibration.py` (CPU, fp32, one thread; run of
-# 2026-11-29, rounded to 4 digits: benchmarks/results/route_calibration/constants.json; its results.md: the model
-# picks the fastest measured route in 208 of 225 choices, and its picks take 1.012x the fastest routes' time).
+# 2026-11-30, rounded to 4 digits: benchmarks/results/route_calibration/constants.json; its results.md: the model
+# picks the fastest measured route in 211 of 225 choices, and its picks take 1.015x the fastest routes' time).
 COSTS: dict[str, tuple[float, ...]] = {
-    "gather": (1.211e-05, 1.905e-09),
-    "csr_strided": (4.91e-06, 8.654e-10, 2.561e-10, 5.632e-10, 0.0),
-    "csr_contiguous": (0.0, 1.564e-10, 1.008e-09, 1.555e-09, 0.0),
-    "composed": (2.878e-06, 1.259e-10, 1.573e-09),
-    "dense_delta": (0.0, 0.0, 0.0, 3.125e-11),
-    "values gather": (1.541e-05, 1.511e-09),
-    "values sampled_csr": (0.0, 1.262e-10, 1.01e-09, 0.0),
-    "values dense": (0.0, 3.085e-11, 9.37e-11),
+    "gather": (1.169e-05, 1.616e-09),
+    "csr_strided": (1.171e-05, 5.467e-10, 1.944e-10, 5.075e-10, 1.297e-09),
+    "csr_contiguous": (0.0, 1.196e-10, 7.804e-10, 1.678e-09, 0.0),
+    "composed": (1.203e-06, 1.218e-10, 1.376e-09),
+    "patched": (1.11e-05, 3.933e-09),
+    "dense_delta": (5.482e-06, 1.385e-10, 1.237e-09, 2.036e-11),
+    "values gather": (1.444e-05, 1.302e-09),
+    "values sampled_csr": (2.296e-05, 8.455e-11, 7.483e-10, 0.0),
+    "values dense": (1.595e-05, 2.018e-11, 2.574e-09),
 }
 
 
@@ -109,7 +114,7 @@ def cost(route: str, case: Case, transposed: bool = False) -> float:
 def available(case: Case) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """The product routes and the value-gradient routes that apply to `case`."""
     products = ("gather",) + (("csr_strided", "csr_contiguous") if case.csr_products else ()) + (
-        ("dense_delta",) if case.side else ("composed",))
+        ("dense_delta",) if case.side else ("composed",)) + (("patched",) if case.patchable and not case.side else ())
     values = ("gather",) + (("sampled_csr",) if case.csr_values else ()) + ("dense",)
     return products, values
 
@@ -152,13 +157,14 @@ def forced(forward: str | None = None, grad_x: str | None = None, values: str | 
 
 
 def case_of(out: int, in_: int, tokens: int, k: int, *, dtype: torch.dtype, device: str, autocast: bool,
-            strictly_sorted: bool, same_dtype: bool = True, side: bool = False) -> Case:
+            strictly_sorted: bool, same_dtype: bool = True, side: bool = False, patchable: bool = False) -> Case:
     """The `Case` of a delta `(out, in)` with `k` entries on `tokens` rows of activations of `dtype` on the device
     of type `device` ("cpu", "cuda", ...); `autocast`: autocast is on there; `same_dtype`: the layer's output has the
-    activations' dtype; `strictly_sorted`: the positions are in strictly increasing row-major order."""
+    activations' dtype; `strictly_sorted`: the positions are in strictly increasing row-major order; `patchable`: the
+    base weight may be patched in place (`functional._patchable`, in a call autograd records)."""
     csr_values = device == "cpu" and strictly_sorted and k > 0 and not torch.compiler.is_compiling()
     csr_products = csr_values and dtype in _CSR_DTYPES and same_dtype and not autocast
-    return Case(out, in_, tokens, k, csr_products, csr_values, side)
+    return Case(out, in_, tokens, k, csr_products, csr_values, side, patchable)
 
 
 def choose(case: Case) -> Routes:
