@@ -1,5 +1,8 @@
 """The analysis and report of `benchmarks.speed_grid`: per grid point, medians and ratios per method, issue 14's
-targets (met or missed, by how much), `results.md` and the `summary`/`targets` of `results.json`.
+targets (met or missed, by how much), `results.md` and the `summary`/`targets` of `results.json`; and the comparison of
+two runs of the grid point by point:
+
+    python -m benchmarks.speed_grid_report --compare OLD_FOLDER NEW_FOLDER   # writes NEW_FOLDER/comparison.md
 
 Every ratio is taken within one grid point (one run of interleaved rounds; LoRA and SHiRA records may be shared
 with an earlier point of the same ranks, see `speed_grid.shared_record`). A method's overhead is its median step
@@ -12,6 +15,8 @@ recorded show "–").
 
 from __future__ import annotations
 
+import argparse
+import json
 import statistics
 from pathlib import Path
 
@@ -102,6 +107,58 @@ def _routes(routes: dict[str, int]) -> str:
     return ", ".join(f"{name} {count}" for name, count in sorted(routes.items())) or "–"
 
 
+# Rows of the per-group table: label, method, field of `summarise`'s row, target (value <= limit; None: no target).
+_RANGES = (("APET discrete / PEFT LoRA (target ≤ 1.0)", "apet-discrete", "vs_lora", 1.0),
+           ("APET adjacent / PEFT LoRA (target ≤ 1.0)", "apet-adjacent", "vs_lora", 1.0),
+           ("APET discrete / SHiRA (target ≤ 0.85)", "apet-discrete", "step_vs_shira", 0.85),
+           ("adjacent / discrete (target ≤ 1.0)", "apet-adjacent", "vs_discrete", 1.0),
+           ("peak memory, discrete / SHiRA (target < 1)", "apet-discrete", "peak_vs_shira", 1.0),
+           ("peak memory, discrete / SpaRTA (target < 1)", "apet-discrete", "peak_vs_sparta", 1.0),
+           ("peak memory, adjacent / SHiRA (target < 1)", "apet-adjacent", "peak_vs_shira", 1.0),
+           ("peak memory, adjacent / SpaRTA (target < 1)", "apet-adjacent", "peak_vs_sparta", 1.0))
+
+
+def _label(point: dict) -> str:
+    density = point["density"]
+    fractions = {1 / 64: "1/64", 1 / 8: "1/8"}
+    name = next((f for d, f in fractions.items() if abs(density - d) < 1e-12), f"{density:.0e}".replace("e-0", "e-"))
+    return f"{point['targets']} {name}"
+
+
+def group_ranges(summary: dict[str, dict], runs: dict[str, dict]) -> list[str]:
+    """Markdown table, one column per (model, tokens): per quantity of `_RANGES` the range over the points where the
+    target is met, and each miss with its point; then the floor's step and full fine-tuning's ratio to it."""
+    groups: dict[str, list[str]] = {}
+    for key, run in runs.items():
+        p = run["point"]
+        groups.setdefault(f"{p['model']}, {p['batch'] * p['seq']:,} tokens", []).append(key)
+    lines = ["| at equal k per layer | " + " | ".join(groups) + " |", "|---|" + "---|" * len(groups)]
+    for label, method, field, limit in _RANGES:
+        cells = []
+        for keys in groups.values():
+            values = [(summary[k].get(method, {}).get(field), runs[k]["point"]) for k in keys
+                      if runs[k]["point"]["targets"] is not None]
+            values = [(v, p) for v, p in values if v is not None]
+            met = [v for v, _ in values if v <= limit]  # as `targets` counts them
+            missed = [(v, q) for v, q in values if v > limit]
+            low, high = (f"{min(met):.2f}", f"{max(met):.2f}") if met else ("", "")
+            span = low if low == high else f"{low}-{high}"
+            cell = f"{span} at {len(met)} of {len(values)}" if met else f"none of {len(values)} met"
+            if missed:
+                cell += "; **" + ", ".join(f"{v:.2f}" for v, _ in missed) + "** (" + ", ".join(
+                    _label(q) for _, q in missed) + ")"
+            cells.append(cell if values else "–")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    floor_cells = []
+    for keys in groups.values():
+        ref = next((summary[k] for k in keys if runs[k]["point"]["targets"] is None), {})
+        floor, full = ref.get("floor", {}).get("step_ms"), ref.get("full", {}).get("step_ms")
+        floor_cells.append(f"{floor / 1e3:.1f}; {full / floor:.2f}" if floor and full else
+                           f"{floor / 1e3:.1f}; –" if floor else "–")
+    lines.append("| floor step (s); full fine-tuning / floor | " + " | ".join(floor_cells) + " |")
+    return lines
+
+
 def write_report(out: Path, saved: dict) -> None:
     """`results.md` and the summary/targets in `results.json` from the stored runs (`saved["runs"]`)."""
     runs = saved.get("runs", {})
@@ -160,5 +217,56 @@ def write_report(out: Path, saved: dict) -> None:
             lines += ["", "Missed: " + "; ".join(f"{t['target']}: {t['value']:.2f}" for t in missed)]
         lines.append("")
     met = sum(t["met"] for t in checks)
-    lines += ["## Targets", "", f"{met} of {len(checks)} target checks met.", ""]
+    lines += ["## Ranges per model and token count", "",
+              "Per quantity and group: the range over the points where the target is met, then each miss (bold) "
+              "and its point.", "", *group_ranges(summary, runs), "",
+              "## Targets", "", f"{met} of {len(checks)} target checks met.", ""]
     (out / "results.md").write_text("\n".join(lines))
+
+
+_COMPARED = (("disc/LoRA", "apet-discrete", "vs_lora", ".2f"), ("adj/LoRA", "apet-adjacent", "vs_lora", ".2f"),
+             ("disc/SHiRA", "apet-discrete", "step_vs_shira", ".2f"),
+             ("disc overhead (ms)", "apet-discrete", "overhead_ms", ".0f"),
+             ("LoRA overhead (ms)", "peft-lora", "overhead_ms", ".0f"),
+             ("disc peak / SHiRA's", "apet-discrete", "peak_vs_shira", ".2f"))
+
+
+def compare(old: dict, new: dict, old_name: str, new_name: str) -> str:
+    """Markdown: per grid point present in both `results.json` contents (`old`, `new`, as `write_report` leaves them),
+    each quantity of `_COMPARED` in the old and the new run, the discrete delta's routes in the new one, and each
+    run's count of targets met over those points."""
+    lines = [f"# Speed grid: {new_name} against {old_name}", "",
+             f"Per point: old → new (old: `{old.get('meta', {}).get('command', '?')}` of "
+             f"{old.get('meta', {}).get('date', '?')}; new: `{new.get('meta', {}).get('command', '?')}` of "
+             f"{new.get('meta', {}).get('date', '?')}). Ratios are within each run's point.", "",
+             "| point | " + " | ".join(name for name, *_ in _COMPARED) + " | discrete routes (new) |",
+             "|---|" + "---|" * (len(_COMPARED) + 1)]
+    keys = [k for k in new.get("summary", {}) if k in old.get("summary", {})
+            and new["runs"][k]["point"]["targets"] is not None]
+    for key in keys:
+        cells = []
+        for _, method, field, fmt in _COMPARED:
+            a, b = (run["summary"][key].get(method, {}).get(field) for run in (old, new))
+            cells.append(f"{_f(a, fmt)} → {_f(b, fmt)}")
+        routes = new["summary"][key].get("apet-discrete", {}).get("routes", {})
+        lines.append(f"| {key} | " + " | ".join(cells) + f" | {_routes(routes)} |")
+    met = [sum(t["met"] for t in run.get("targets", []) if t["point"] in keys) for run in (old, new)]
+    total = [sum(1 for t in run.get("targets", []) if t["point"] in keys) for run in (old, new)]
+    lines += ["", f"Targets met over these {len(keys)} points: {met[0]} of {total[0]} ({old_name}), {met[1]} of "
+              f"{total[1]} ({new_name})."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Compare two runs of the speed grid point by point.")
+    parser.add_argument("--compare", nargs=2, metavar=("OLD_FOLDER", "NEW_FOLDER"), required=True,
+                        help="results folders of `python -m benchmarks.speed_grid` (each with results.json)")
+    args = parser.parse_args(argv)
+    old_dir, new_dir = (Path(f) for f in args.compare)
+    old, new = (json.loads((d / "results.json").read_text()) for d in (old_dir, new_dir))
+    (new_dir / "comparison.md").write_text(compare(old, new, old_dir.name, new_dir.name))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

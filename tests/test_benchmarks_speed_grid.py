@@ -131,3 +131,49 @@ def test_full_fine_tuning_runs_where_the_floors_step_plus_its_optimizer_state_fi
     fits, why = speed_grid.full_ft_fits(params, "cpu", floor_peak=free - 6 * params)  # + 12 B/param: too much
     assert not fits and why.startswith("needs ~") and why.endswith("GiB available")
     assert not speed_grid.full_ft_fits(free // 16, "cpu", floor_peak=None)[0]  # 16 B/param + 2 GiB
+
+
+def test_two_runs_compare_point_by_point(smoke, results, tmp_path):
+    """`speed_grid_report --compare OLD NEW`: a row per compared point with old → new values from each run's summary
+    (here a copy of the run with the discrete delta's ratio to LoRA halved), and each run's targets met."""
+    from benchmarks import speed_grid_report
+
+    new = json.loads(json.dumps(results))
+    compared = [k for k, r in new["runs"].items() if r["point"]["targets"] is not None]
+    for key in compared:
+        new["summary"][key]["apet-discrete"]["vs_lora"] /= 2
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / "results.json").write_text(json.dumps(new))
+    assert speed_grid_report.main(["--compare", str(smoke), str(tmp_path / "new")]) == 0
+    text = (tmp_path / "new" / "comparison.md").read_text()
+    for key in compared:
+        old = results["summary"][key]["apet-discrete"]["vs_lora"]
+        (row,) = [line for line in text.splitlines() if line.startswith(f"| {key} |")]
+        assert row.split(" | ")[1] == f"{old:.2f} → {old / 2:.2f}"
+    met = sum(t["met"] for t in results["targets"] if t["point"] in compared)
+    assert f"{met} of {sum(t['point'] in compared for t in results['targets'])}" in text
+
+
+def test_the_ranges_table_counts_every_point_of_each_group(smoke, results):
+    """results.md's table per (model, tokens): for each quantity, the points where its target is met (as `targets`
+    counts them) and each miss with its value, over all of the group's grid points."""
+    from benchmarks.speed_grid_report import _RANGES
+
+    text = (smoke / "results.md").read_text()
+    table = text.split("## Ranges per model and token count")[1].split("## Targets")[0]
+    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ")[1:] for line in table.splitlines()
+            if line.startswith("| ") and not line.startswith("| at equal")}
+    groups = {}
+    for key, run in results["runs"].items():
+        p = run["point"]
+        if p["targets"] is not None:
+            groups.setdefault((p["model"], p["batch"] * p["seq"]), []).append(key)
+    for label, method, field, limit in _RANGES:
+        for cell, keys in zip(rows[label], groups.values()):
+            values = [results["summary"][k][method][field] for k in keys
+                      if field in results["summary"][k].get(method, {})]
+            met = sum(v <= limit for v in values)
+            assert (f"at {met} of {len(values)}" if met else f"none of {len(values)} met") in cell
+            for v in values:
+                if v > limit:
+                    assert f"{v:.2f}" in cell.split("**")[1]

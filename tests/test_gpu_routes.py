@@ -2,7 +2,8 @@
 this machine has (CPU always, CUDA when available), in fp32 and under bf16 autocast.
 
 `benchmarks/gpu_check.sh` runs this file on a GPU machine. The routes (`peft_apet.routes`): CSR products (CPU
-fp32 only; strided or through contiguous copies), gathered products, a transient `W + W~` (or, on the side path
+fp32 only; strided or through contiguous copies), gathered products, a transient `W + W~`, `W` patched in place
+for its matmul (or, on the side path
 `add_sparse_delta` of quantized bases, a transient `W~` and its matmul), and value gradients by gathers, sampled CSR
 (CPU only) or a dense `g^T x`; and the adjacent delta's line products (whole and partial rows or columns). Each case
 runs the route the cost model picks (asserted, per device and precision, so that a change of dispatch shows here)
@@ -84,7 +85,7 @@ def _adjacent_dense(delta, values: torch.Tensor) -> torch.Tensor:
 
 def _case(device: str, precision: str, k: int, side: bool) -> routes.Case:
     return routes.case_of(OUT, IN, TOKENS, k, dtype=torch.float32, device=device, autocast=precision == "bf16",
-                          strictly_sorted=True, side=side)
+                          strictly_sorted=True, side=side, patchable=True)  # a training step
 
 
 def _counted(chosen: routes.Routes) -> dict[str, int]:
