@@ -6,16 +6,17 @@ The three operations of the paper reduce to:
 - `lora_output`: `scaling · dropout(x) A~^T B~^T` (Concatenate, low-rank path);
 - `adapter_output`: `y + σ(y D~^T) U~^T` (Plugin).
 
-Discrete deltas use a custom autograd function so that no dense `(out, in)` tensor is kept between forward
-and backward. The forward is `x W^T + b` plus the k-sparse product `x W~^T`, or `x (W + W~)^T + b` through a
-transient composed copy of `W + W~` (freed after the matmul); the backward is `g W + g W~` or `g (W + W~)` (again a
-transient copy), and the `k` value gradients: k-sparse products, or the dense weight gradient `g^T x` formed
-transiently and gathered. `routes.choose` picks each of the three per call from the layer's shape, token count,
-`k`, dtype and device (`sparse_kernels` runs the sparse ones). For the value gradients a layer keeps its input `x`
-`(tokens, in)`, or, when the k entries use at most a quarter of the `in` columns, a copy of only those columns
-(`SparseLayout.compact`): at small k a delta then keeps O(tokens * k) of activations per layer, not
-O(tokens * in). Adjacent deltas are dense blocks of whole lines, so they run as one small matmul per layer and
-keep for backward the input (trained rows) or only its trained columns (trained columns).
+Discrete deltas use a custom autograd function so that no dense `(out, in)` tensor is kept between forward and
+backward. The forward is `x W^T + b` plus the k-sparse product `x W~^T`, or `x (W + W~)^T + b` through a transient
+composed copy of `W + W~` (freed after the matmul) or, in a training step, through `W` itself with the k values
+added for the matmul and its entries written back after it (`_effective_weight`); the backward is `g W + g W~`
+or `g (W + W~)` (again a transient copy, or `W` patched again), and the `k` value gradients: k-sparse products, or the
+dense weight gradient `g^T x` formed transiently and gathered. `routes.choose` picks each of the three per call from
+the layer's shape, token count, `k`, dtype and device (`sparse_kernels` runs the sparse ones). For the value
+gradients a layer keeps its input `x` `(tokens, in)`, or, when the k entries use at most a quarter of the `in`
+columns, a copy of only those columns (`SparseLayout.compact`): at small k a delta then keeps O(tokens * k) of
+activations per layer, not O(tokens * in). Adjacent deltas are dense blocks of whole lines, so they run as one small
+matmul per layer and keep for backward the input (trained rows) or only its trained columns (trained columns).
 """
 
 from __future__ import annotations
