@@ -176,4 +176,5 @@ def pairing_report(out: Path, command: str, records: list[dict], plan: dict, met
     stamp = harness.stamp(meta["date"], command)
     return [plot(rows, out / f"fig6_pairing_{model}_{task}.png",
                  f"Figure 6 with both pairings — {model}, {task} (solid: aligned, dashed: independent)", stamp)
-            for (model, task), rows in analysis.items()]
+            for (model, task), rows in analysis.items()
+            if any(r["structure"] != "delta" for r in rows)]  # a model with delta runs only has nothing to pair
