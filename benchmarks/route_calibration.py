@@ -95,7 +95,7 @@ def _rows(records: list[dict], route: str) -> tuple[np.ndarray, np.ndarray]:
         case = routes.Case(rec["out"], rec["in"], rec["tokens"], rec["k"])
         for key, transposed in ((route, False), (f"{route} (grad_x)", True)):
             s = rec["seconds"].get(key)
-            if s is None and key == f"{route} (grad_x)" and route in ("composed", "patched"):
+            if s is None and key == f"{route} (grad_x)" and route in routes.WEIGHT_ROUTES:
                 s = rec["seconds"][route]  # one W + W~ serves both directions
             if s is not None:
                 feats.append(routes.features(route, case, transposed))
@@ -128,7 +128,7 @@ def fixed_rules(out_f: int, in_f: int, tokens: int, k: int) -> routes.Routes:
     return routes.Routes(product, product, "dense" if k >= numel / 8 else "sampled_csr" if csr else "gather")
 
 
-_KEYS = {"forward": lambda r: r, "grad_x": lambda r: r if r in ("composed", "patched") else f"{r} (grad_x)",
+_KEYS = {"forward": lambda r: r, "grad_x": lambda r: r if r in routes.WEIGHT_ROUTES else f"{r} (grad_x)",
          "values": lambda r: f"values {r}"}
 
 

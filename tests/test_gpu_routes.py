@@ -1,13 +1,12 @@
 """Every route of a discrete or adjacent delta against the dense formula `y = x (W + W~)^T + b`, on every device
 this machine has (CPU always, CUDA when available), in fp32 and under bf16 autocast.
 
-`benchmarks/gpu_check.sh` runs this file on a GPU machine. The routes (`peft_apet.routes`): CSR products (CPU
-fp32 only; strided or through contiguous copies), gathered products, a transient `W + W~`, `W` patched in place
-for its matmul (or, on the side path
-`add_sparse_delta` of quantized bases, a transient `W~` and its matmul), and value gradients by gathers, sampled CSR
-(CPU only) or a dense `g^T x`; and the adjacent delta's line products (whole and partial rows or columns). Each case
-runs the route the cost model picks (asserted, per device and precision, so that a change of dispatch shows here)
-and then every route available on that device and precision, forced.
+`benchmarks/gpu_check.sh` runs this file on a GPU machine. The routes (`peft_apet.routes`): CSR products (CPU fp32
+only; strided or through contiguous copies), gathered products, a transient `W + W~`, `W` patched in place for its
+matmul (or, on the side path `add_sparse_delta` of quantized bases, a transient `W~` and its matmul), and value
+gradients by gathers, sampled CSR (CPU only) or a dense `g^T x`; and the adjacent delta's line products (whole and
+partial rows or columns). Each case runs the route the cost model picks (asserted, per device and precision, so that
+a change of dispatch shows here) and then every route available on that device and precision, forced.
 """
 
 from __future__ import annotations

@@ -46,7 +46,7 @@ class _DiscreteDeltaLinear(torch.autograd.Function):
         # checked before `_patchable`, whose `is_inference` would break a traced graph
         patchable = recorded and not torch.compiler.is_compiling() and _patchable(weight)
         chosen = _routes_of(layout, xs, weight.dtype, patchable=patchable)
-        if chosen.forward in ("composed", "patched"):
+        if chosen.forward in routes.WEIGHT_ROUTES:
             with _effective_weight(weight, layout, values, chosen.forward) as effective:
                 out = F.linear(x, effective, bias)
         else:  # x W^T + b, then the k entries of x W~^T added in place: no dense copy of W
@@ -64,7 +64,7 @@ class _DiscreteDeltaLinear(torch.autograd.Function):
         g = grad_out.reshape(-1, out_f)  # the dtype of the forward's output (the autocast dtype under autocast)
         grad_x = grad_bias = grad_values = None
         if ctx.needs_input_grad[0]:
-            if chosen.grad_x in ("composed", "patched"):
+            if chosen.grad_x in routes.WEIGHT_ROUTES:
                 with _effective_weight(weight, layout, values, chosen.grad_x) as effective:
                     grad_x = grad_out @ effective.to(grad_out.dtype)
             else:

@@ -41,6 +41,8 @@ from functools import lru_cache
 import torch
 
 PRODUCT_ROUTES = ("gather", "csr_strided", "csr_contiguous", "composed", "dense_delta", "patched")
+# Product routes that run the frozen layer's own matmul on `W + W~` (built once per direction, serving it whole).
+WEIGHT_ROUTES = ("composed", "patched")
 VALUES_ROUTES = ("gather", "sampled_csr", "dense")
 _CSR_DTYPES = (torch.float32, torch.float64)
 
