@@ -350,14 +350,6 @@ def measure(method: Method, base: BaseWeights, run: Run, batch: dict, device: st
 
 
 # ---------------------------------------------------------------------------------------------- runs
-def full_ft_fits(num_params: int, device: str) -> tuple[bool, str]:
-    """Full fine-tuning needs about 16 bytes per parameter (weights, gradients, two AdamW moments) on top of the
-    base copy kept for rebuilding, plus activations: run it only where that fits with 25% to spare."""
-    need = 20 * num_params + 2**30
-    free = harness.available_memory(device)
-    return need * 1.25 < free, f"needs ~{need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB available"
-
-
 def measure_run(run: Run, device: str, log) -> dict:
     spec = MODELS[run.model]
     log(f"{run.what} run on {spec.name} ({run.rounds} round(s) x {run.measured} measured steps)")
@@ -366,7 +358,7 @@ def measure_run(run: Run, device: str, log) -> dict:
     log(f"  base model: {base.num_params / 1e6:.1f}M parameters, built in {time.perf_counter() - t:.1f} s")
     notes = []
     if run.what == "grid" and run.full_ft:
-        fits, why = full_ft_fits(base.num_params, device)
+        fits, why = harness.full_ft_fits(base.num_params, device)
         if not fits:
             run = replace(run, full_ft=False)
             notes.append(f"full fine-tuning skipped: {why}")

@@ -286,6 +286,16 @@ def available_memory(device: str = "cpu") -> int:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
+def full_ft_fits(num_params: int, device: str, floor_peak: int | None = None) -> tuple[bool, str]:
+    """Whether full fine-tuning of `num_params` parameters fits now, and why (for the log): a measured step of the
+    frozen model (`floor_peak` bytes: the model copy and the activations) plus 12 B per parameter (fp32 gradients
+    and two AdamW moments), within `available_memory(device)`; without a floor measurement, 16 B per parameter
+    + 2 GiB."""
+    need = floor_peak + 12 * num_params if floor_peak else 16 * num_params + 2 * 2**30
+    free = available_memory(device)
+    return need < free, f"needs ~{need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB available"
+
+
 def current_rss() -> int:
     """Resident set size of this process in bytes."""
     try:

@@ -73,9 +73,10 @@ class Settings:
 SETTINGS = {
     # batch 8 of up to 64 review tokens plus the template: about 400 padded tokens per step on Rotten Tomatoes'
     # short sentences (recorded per step), where 0.1's 4 x 16 measured per-call overheads more than the work; a
-    # step of the 4-bit 135M model takes about 3 s on one of these CPU cores, so 4 measured steps and 2 rounds
+    # step of the 4-bit 135M model takes about 3 s on one of these CPU cores, so 4 measured steps and 3 rounds
+    # (peaks of one method varied by up to 44 MiB between rounds) keep the run near 25 minutes
     "default": Settings("default", (10_000, 100_000, 1_000_000), batch_size=8, max_len=64, warmup=1, steps=4,
-                        test_size=64, rounds=2),
+                        test_size=64, rounds=3),
     "smoke": Settings("smoke", (200, 2_000), batch_size=4, max_len=8, warmup=1, steps=2, test_size=16),
 }
 
@@ -355,6 +356,7 @@ def main(argv: list[str] | None = None) -> int:
                                threads=1)
     parser.add_argument("--budgets", default=None, help="comma-separated k (default 1e4,1e5,1e6)")
     parser.add_argument("--steps", type=int, default=None, help="measured steps per method")
+    parser.add_argument("--rounds", type=int, default=None, help="rounds (every method at every k once per round)")
     parser.add_argument("--in-process", action="store_true", help="run every method in this process (smoke default)")
     parser.add_argument("--one", nargs=2, default=None, help=argparse.SUPPRESS)  # METHOD K: a child of run_isolated
     parser.add_argument("--record", type=Path, default=None, help=argparse.SUPPRESS)
@@ -367,6 +369,8 @@ def main(argv: list[str] | None = None) -> int:
         settings = Settings(**{**asdict(settings), "budgets": tuple(int(float(b)) for b in args.budgets.split(","))})
     if args.steps:
         settings = Settings(**{**asdict(settings), "steps": args.steps})
+    if args.rounds:
+        settings = Settings(**{**asdict(settings), "rounds": args.rounds})
     out = args.out or harness.results_folder("quantized", settings.name)
     command = harness.start("quantized", argv, out, args.threads)
     log = harness.logger(out / "sweep.log", append=False)

@@ -396,7 +396,7 @@ def run_point(point: Point, base: BaseWeights, mode: Mode, args, log, done: dict
         for method in methods if round_ % 2 == 0 else methods[::-1]:
             if method == "full":
                 floor = next((r for r in records if r["method"] == "floor" and "error" not in r), None)
-                fits, why = full_ft_fits(base.num_params, args.device, floor and floor["peak_delta"])
+                fits, why = harness.full_ft_fits(base.num_params, args.device, floor and floor["peak_delta"])
                 if not fits:
                     notes.append(f"full fine-tuning not run in round {round_}: {why}")
                     continue
@@ -424,15 +424,6 @@ def _has_sparta() -> bool:
     except ImportError:
         return False
     return True
-
-
-def full_ft_fits(num_params: int, device: str, floor_peak: int | None) -> tuple[bool, str]:
-    """Whether full fine-tuning fits now: what the floor's step took at this point (`floor_peak` bytes: the model
-    copy and the activations) plus 12 B per parameter (fp32 gradients and two AdamW moments), within the memory
-    available; without a floor measurement, 16 B per parameter + 2 GiB."""
-    need = floor_peak + 12 * num_params if floor_peak else 16 * num_params + 2 * 2**30
-    free = harness.available_memory(device)
-    return need < free, f"needs ~{need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB available"
 
 
 # ---------------------------------------------------------------------------------------------- main

@@ -142,6 +142,22 @@ def test_pairing_learnable_counts_all_for_aligned_and_fewer_for_independent_adja
             assert learnable[key]["learnable"] < 100, key
 
 
+def test_pairing_report_plots_no_model_whose_runs_are_deltas_only(pairing, tmp_path):
+    """A model with delta runs only (MPNet's sizes part) has nothing to pair: it gets table rows but no figure."""
+    from benchmarks.paper_findings_pairing import pairing_report
+
+    plan = json.loads((pairing / "plan.json").read_text())
+    records = _records(pairing)
+    deltas = [{**r, "model": "delta-only", "key": f"{r['key']}-delta-only"} for r in records
+              if r["method"] == "apet" and r["structure"] == "delta" and r["budget"] == 100]
+    assert deltas
+    shutil.copy(pairing / "learnable.json", tmp_path)
+    meta = json.loads((pairing / "pairing.json").read_text())["meta"]
+    pngs = pairing_report(tmp_path, "test", records + deltas, plan, meta)
+    assert [p.name for p in pngs] == ["fig6_pairing_tiny-bert_rotten_tomatoes.png"]
+    assert "delta-only/rotten_tomatoes" in json.loads((tmp_path / "pairing.json").read_text())["rows"]
+
+
 def test_main_figures_leave_out_aligned_runs(pairing):
     from benchmarks.paper_findings_report import analyse
 

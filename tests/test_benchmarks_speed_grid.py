@@ -127,10 +127,10 @@ def test_full_fine_tuning_runs_where_the_floors_step_plus_its_optimizer_state_fi
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     assert 0 < free <= total
     params = 1000
-    assert speed_grid.full_ft_fits(params, "cpu", floor_peak=free // 2)[0]
-    fits, why = speed_grid.full_ft_fits(params, "cpu", floor_peak=free - 6 * params)  # + 12 B/param: too much
+    assert harness.full_ft_fits(params, "cpu", floor_peak=free // 2)[0]
+    fits, why = harness.full_ft_fits(params, "cpu", floor_peak=free - 6 * params)  # + 12 B/param: too much
     assert not fits and why.startswith("needs ~") and why.endswith("GiB available")
-    assert not speed_grid.full_ft_fits(free // 16, "cpu", floor_peak=None)[0]  # 16 B/param + 2 GiB
+    assert not harness.full_ft_fits(free // 16, "cpu", floor_peak=None)[0]  # 16 B/param + 2 GiB
 
 
 def test_two_runs_compare_point_by_point(smoke, results, tmp_path):
