@@ -15,7 +15,7 @@ from .plan import AdapterPlan, count_trainable_parameters, plan_adapter
 from .registration import is_registered, register_apet
 from .strategies import register_mask_strategy
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
 
 register_apet()
 
