@@ -35,7 +35,7 @@ from transformers import (  # noqa: E402
 )
 
 from peft_apet import APETConfig  # noqa: E402
-from peft_apet.functional import add_sparse_delta  # noqa: E402
+from peft_apet.functional import add_sparse_delta, layout_of  # noqa: E402
 from peft_apet.layer import APETLayer  # noqa: E402
 from peft_apet.quantized import dequantized_weight  # noqa: E402
 
@@ -474,6 +474,10 @@ def test_which_path_a_quantized_delta_takes(llama_dir, quant, tokens, composed, 
         mask="discrete", num_trainable_params=400, target_modules=["q_proj"], init_weights=False))
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
     delta = layer.apet_weights["default"]["delta"]
+    # index arrays made at injection: CSR for every side path, the transposed CSR of the input gradient only where
+    # training steps take the side path (8-bit); a 4-bit layer makes it on first use, as for one token here
+    layout = layout_of(delta)
+    assert "csr" in vars(layout) and ("transposed" in vars(layout)) == (quant == "int8")
     x = torch.randn(tokens, HIDDEN, requires_grad=True)
     out = layer(x)
     g = torch.randn_like(out)

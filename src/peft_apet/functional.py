@@ -363,18 +363,23 @@ def add_sparse_delta(result: torch.Tensor, x: torch.Tensor, deltas: list[MaskedW
     return _AddSparseDelta.apply(result, x, layout, joint)
 
 
-def prepare_layouts(deltas: list[MaskedWeight]) -> None:
+def prepare_layouts(deltas: list[MaskedWeight], input_gradients: bool = True) -> None:
     """Build the index arrays the side path of these discrete deltas will use, now rather than in the first forward
     pass: made there, these small long-lived arrays land between the large transient buffers in which bitsandbytes
     dequantizes each weight, and glibc then keeps the freed buffers (measured on SmolLM2-135M in nf4 at k = 1e4:
     RSS after the first forward 468 MiB instead of 292 MiB). The routes depend on the token count, not known yet:
-    sorted masks get their CSR arrays, and masks below the layer's width (or unsorted) their rows and columns."""
+    sorted masks get their CSR arrays, and masks below the layer's width (or unsorted) their rows and columns.
+    `input_gradients=False` leaves out the transposed CSR arrays (8 bytes per entry) of the input gradient's sparse
+    product: for 4-bit layers, whose training steps add the delta to the dequantized weight instead (made on first
+    use where a side path does need them, e.g. one-token training inputs)."""
     for delta in deltas:
         if delta.mask != "discrete" or delta.index.is_meta or delta.index.device.type != "cpu":
             continue
         layout = layout_of(delta)
         if layout.strictly_sorted:
-            layout.csr, layout.transposed  # noqa: B018 - cached properties, computed here
+            layout.csr  # noqa: B018 - a cached property, computed here
+            if input_gradients:
+                layout.transposed  # noqa: B018
         if not layout.strictly_sorted or delta.num_entries < max(layout.shape):
             layout.rows, layout.cols  # noqa: B018
         if layout.compact is not None:  # long-lived too: the used columns and their sub-layout's arrays

@@ -73,7 +73,8 @@ class APETLayer(BaseTunerLayer):
                 self.apet_dropout[adapter_name] = dropout
         self._move_adapter_to_device_of_base_layer(adapter_name)
         if is_bnb_quantized(self.get_base_layer()):
-            prepare_layouts([w for w in self.apet_weights[adapter_name].values()])
+            prepare_layouts(list(self.apet_weights[adapter_name].values()),
+                            input_gradients=quantization_of(self.get_base_layer()) != BNB_4BIT)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
     def replace_mask(self, adapter_name: str, tensor: TensorPlan, init_weights: bool = True) -> None:
