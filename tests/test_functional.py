@@ -351,9 +351,79 @@ def test_the_base_weight_is_patched_only_where_autograd_records_the_call(monkeyp
         model(x)
     model(x)
     assert [c.patchable for c in chosen] == [False, True]
+    # grad mode on but nothing needing a gradient (serving a frozen adapter without no_grad): not recorded
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    model(x.detach())
+    assert not chosen[-1].patchable
+    for parameter in layer.apet_weights.parameters():
+        parameter.requires_grad_(True)
     weight = torch.randn(IN, OUT).t()  # an (out, in) view, as GPT-2's Conv1D weight
     delta = layer.apet_weights["default"]["delta"]
     peft_apet.functional.masked_delta_linear(x, weight, None, [delta])
     assert not chosen[-1].patchable
     with pytest.raises(ValueError, match="not all available"), peft_apet.routes.forced(forward="patched"):
         peft_apet.functional.masked_delta_linear(x, weight, None, [delta])
+
+
+@pytest.mark.parametrize("offload", [False, True])  # save_on_cpu keeps the tensor itself on a CPU run
+def test_double_backward_through_the_patched_route_equals_the_formula(offload):
+    """A gradient penalty (`create_graph=True`): the backward's product saves `W + W~` for the second backward, so
+    under grad mode it composes a copy instead of patching `W` (a patched `W` would be restored under it)."""
+    import contextlib
+
+    model, layer = _adapted(300, torch.float32)
+    delta, base = layer.apet_weights["default"]["delta"], layer.get_base_layer()
+    mix = torch.nn.Parameter(torch.randn(IN, IN) / IN**0.5)
+    x = torch.randn(4, IN, requires_grad=True)
+    values = delta.values.detach().clone().requires_grad_(True)
+    dense = torch.zeros(OUT * IN).index_add(0, delta.flat_indices(), values).view(OUT, IN)
+    grads = []
+    for apet in (True, False):
+        offloading = torch.autograd.graph.save_on_cpu() if offload else contextlib.nullcontext()
+        with peft_apet.routes.forced(forward="patched", grad_x="patched"), offloading:
+            hidden = torch.tanh(F.linear(x, mix))
+            out = model(hidden) if apet else F.linear(hidden, base.weight + dense, base.bias)
+            (grad_x,) = torch.autograd.grad(out.pow(2).mean(), x, create_graph=True)
+            grad_x.pow(2).sum().backward()
+        grads.append([delta.values.grad if apet else values.grad, mix.grad.clone()])
+        mix.grad = None
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_threads_sharing_a_model_leave_the_base_weight_intact(train):
+    """Two threads on one model: training steps (multithreaded autograd; patched products on one weight are
+    serialized) and serving a frozen adapter with grad mode on (not recorded, so never patched). The base weight
+    ends bit for bit as it began and every served output is the formula's."""
+    import threading
+
+    model, layer = _adapted(300, torch.float32, shape=(512, 512))
+    base = layer.get_base_layer()
+    before = base.weight.detach().clone()
+    delta = layer.apet_weights["default"]["delta"]
+    dense = torch.zeros(512 * 512).index_add(0, delta.flat_indices(), delta.values.detach()).view(512, 512)
+    case = peft_apet.routes.case_of(512, 512, 256, 300, dtype=torch.float32, device="cpu", autocast=False,
+                                    strictly_sorted=True, patchable=True)
+    assert peft_apet.routes.choose(case).forward == "patched"  # what a training step here takes, unforced
+    if not train:
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+    wrong = []
+
+    def work(seed: int) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        for _ in range(40):
+            x = torch.randn(256, 512, generator=generator)
+            if train:
+                model(x).pow(2).mean().backward()
+            else:
+                wrong.append(not torch.allclose(model(x), F.linear(x, before + dense, base.bias), atol=1e-5))
+
+    threads = [threading.Thread(target=work, args=(seed,)) for seed in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert torch.equal(base.weight, before) and not any(wrong)

@@ -21,6 +21,7 @@ matmul per layer and keep for backward the input (trained rows) or only its trai
 
 from __future__ import annotations
 
+import threading
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -40,9 +41,11 @@ class _DiscreteDeltaLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, layout: SparseLayout, values, recorded: bool = False):
         # weight: (out, in) view of the frozen base weight (may be strided, e.g. transposed Conv1D weights);
-        # recorded: grad mode was on at the call (forward itself runs without it), so this is a training step
+        # recorded: grad mode was on at the call (forward itself runs without it); with some input needing a
+        # gradient, autograd records this call: a training step
         out_f, in_f = weight.shape
         xs = x.reshape(-1, in_f)
+        recorded = recorded and any(ctx.needs_input_grad)
         # checked before `_patchable`, whose `is_inference` would break a traced graph
         patchable = recorded and not torch.compiler.is_compiling() and _patchable(weight)
         chosen = _routes_of(layout, xs, weight.dtype, patchable=patchable)
@@ -65,7 +68,10 @@ class _DiscreteDeltaLinear(torch.autograd.Function):
         grad_x = grad_bias = grad_values = None
         if ctx.needs_input_grad[0]:
             if chosen.grad_x in routes.WEIGHT_ROUTES:
-                with _effective_weight(weight, layout, values, chosen.grad_x) as effective:
+                # under create_graph (grad mode on here) the product saves `W + W~` for the double backward: a
+                # patched `W` would be restored under it, so such a backward composes a copy
+                route = "composed" if torch.is_grad_enabled() else chosen.grad_x
+                with _effective_weight(weight, layout, values, route) as effective:
                     grad_x = grad_out @ effective.to(grad_out.dtype)
             else:
                 grad_x = grad_out @ weight.to(grad_out.dtype)
@@ -135,20 +141,34 @@ def _effective_weight(weight: torch.Tensor, layout: SparseLayout, values: torch.
     `composed`: a transient contiguous copy, `O(out * in)`. `patched`: `W` itself with the `k` values added at their
     positions, and the `k` entries it held written back on exit, also on error: `O(k)`, no copy, and `W` leaves the
     block bit for bit as it entered (the sum `W + W~` is that of `composed`). Chosen only where autograd records the
-    call (training), never for inference under `no_grad`, where threads may share a model: while the block runs, a
-    concurrent reader of `W` would see `W + W~`. Written through `.data`, whose version counter is its own, so
-    autograd nodes that saved `W` (a layer applied twice, tied weights) do not see an in-place change: `W` is restored
-    before their backward runs."""
+    call (a training step: grad mode on and some input needing a gradient), never for inference, where threads may
+    share a model. Patched blocks on one weight are serialized across threads (multithreaded training), but while
+    one runs, a reader of `W` outside APET's products in another thread (e.g. a tied embedding) would see `W + W~`.
+    Written through `.data`, whose version counter is its own, so autograd nodes that saved `W` (a layer applied
+    twice, tied weights) do not see an in-place change: `W` is restored before their backward runs."""
     if route == "composed":
         yield _composed(weight, layout, values)
         return
     flat = weight.data.view(-1)
-    held = flat.index_select(0, layout.flat)  # repeated positions (several adapters) hold the same entry
-    flat.index_add_(0, layout.flat, values.to(flat.dtype))
-    try:
-        yield flat.view(weight.shape)
-    finally:
-        flat.index_copy_(0, layout.flat, held)
+    with _patch_lock(flat):
+        held = flat.index_select(0, layout.flat)  # repeated positions (several adapters) hold the same entry
+        try:
+            flat.index_add_(0, layout.flat, values.to(flat.dtype))
+            yield flat.view(weight.shape)
+        finally:
+            flat.index_copy_(0, layout.flat, held)
+
+
+_PATCH_LOCKS: dict[tuple[str, int], threading.Lock] = {}
+_PATCH_LOCKS_GUARD = threading.Lock()
+
+
+def _patch_lock(flat: torch.Tensor) -> threading.Lock:
+    """The lock of the storage `flat` lives in (one per storage address and device, kept for the process: a lock
+    per patched weight, reused if the address is)."""
+    key = (str(flat.device), flat.untyped_storage().data_ptr())
+    with _PATCH_LOCKS_GUARD:
+        return _PATCH_LOCKS.setdefault(key, threading.Lock())
 
 
 def _joint_layout(deltas: list[MaskedWeight], values: list[torch.Tensor] | None,
