@@ -125,10 +125,12 @@ def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def raw_weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The stored (packed) quantized weights and their scales, copied."""
+    """The stored (packed) quantized weights, their scales and biases, copied."""
     out = {}
     for name, m in quantized_layers(model).items():
         out[name] = m.weight.data.clone()
+        if m.bias is not None:
+            out[name + ".bias"] = m.bias.data.clone()
         if isinstance(m, bnb.nn.Linear8bitLt):
             scb = m.weight.SCB if m.weight.SCB is not None else m.state.SCB
             out[name + ".SCB"] = scb.clone()
@@ -388,8 +390,11 @@ def test_bert_4bit_and_8bit(tmp_path):
         config = APETConfig.combine(APETConfig.bitfit(), APETConfig.delta(mask="discrete"),
                                     num_trainable_params=3000, task_type="SEQ_CLS")
         # the new classifier head trains in full (modules_to_save): keep it unquantized, as QLoRA does
-        model = get_peft_model(load(str(tmp_path), quant, AutoModelForSequenceClassification,
-                                    llm_int8_skip_modules=["classifier"]), config)
+        base = load(str(tmp_path), quant, AutoModelForSequenceClassification, llm_int8_skip_modules=["classifier"])
+        generator = torch.Generator().manual_seed(0)
+        for layer in quantized_layers(base).values():  # pretrained biases are not zero: (b + d) - d != b
+            layer.bias.data = (0.02 * torch.randn(layer.bias.shape, generator=generator)).to(layer.bias.dtype)
+        model = get_peft_model(base, config)
         opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
         model.train()
         first = float(model(**data).loss)
@@ -407,6 +412,40 @@ def test_bert_4bit_and_8bit(tmp_path):
         model.unmerge_adapter()
         assert_same(raw, raw_weights(model))
         assert torch.equal(logits(model, data), unmerged)
+
+
+@pytest.mark.parametrize("quant", ["nf4", "int8"])
+def test_merging_an_inactive_adapter_with_a_plugin_is_refused_before_any_change(llama_dir, quant):
+    """`adapter_names` names what merges, not the active adapters: an inactive adapter with an adapter plug-in is
+    refused before its mergeable lora changes a layer; an active one does not block merging another adapter."""
+    model = get_peft_model(load(llama_dir, quant), APETConfig.lora(r=4, target_modules=["q_proj"],
+                                                                   task_type="CAUSAL_LM"), adapter_name="a")
+    model.add_adapter("b", APETConfig.combine(APETConfig.lora(r=4, target_modules=["q_proj"]),
+                                              APETConfig.adapter(bottleneck=8, target_modules=["v_proj"]),
+                                              task_type="CAUSAL_LM"))
+    model.set_adapter("a")
+    before = raw_weights(model)
+    for merge in (model.merge_adapter, model.merge_and_unload):
+        with pytest.raises(ValueError, match="'b'.*not mergeable.*Nothing was changed"):
+            merge(adapter_names=["b"])
+        assert_same(before, raw_weights(model))
+        assert all(not m.merged for m in model.modules() if isinstance(m, APETLayer))
+    model.set_adapter("b")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.merge_adapter(adapter_names=["a"])
+    assert model.base_model.model.model.layers[0].self_attn.q_proj.merged_adapters == ["a"]
+
+
+@pytest.mark.parametrize("safe_merge", [False, True])
+def test_a_bias_part_on_a_norm_without_bias_is_refused_before_any_change(llama_dir, safe_merge):
+    model = get_peft_model(load(llama_dir, "nf4"), APETConfig.bitfit(
+        target_modules=["q_proj", "post_attention_layernorm"], task_type="CAUSAL_LM"))
+    before = raw_weights(model)
+    with pytest.raises(ValueError, match="post_attention_layernorm.*RMSNorm.*Nothing was changed"):
+        model.merge_adapter(safe_merge=safe_merge)
+    assert_same(before, raw_weights(model))
+    assert all(not m.merged for m in model.modules() if isinstance(m, APETLayer))
 
 
 # ---------------------------------------------------------------------------------------------- the sparse side path

@@ -213,12 +213,13 @@ class APETLayer(BaseTunerLayer):
             warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
         stash, self._quantized_stash = self._quantized_stash, None
+        if stash is not None:  # the quantized weight and the bias from before the merge, bit for bit
+            self.merged_adapters.clear()
+            restore_weight(self.get_base_layer(), stash)
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             if name in self.apet_weights:
-                self._merge_one(name, -1.0, safe_merge=False, with_weight=stash is None)
-        if stash is not None:  # the quantized weight from before the merge, bit for bit
-            restore_weight(self.get_base_layer(), stash)
+                self._merge_one(name, -1.0, safe_merge=False)
         if self._created_bias:
             self.get_base_layer().bias = None
             self._created_bias = False

@@ -162,14 +162,25 @@ class APETModel(BaseTuner):
     def _check_merge_allowed(self) -> None:
         super()._check_merge_allowed()
         check_quantized_mergeable(self.model)  # before any weight is dequantized and requantized
-        for name in self.active_adapters:
+
+    def _check_parts_mergeable(self, adapter_names: list[str]) -> None:
+        """Refuse, before anything changes, to merge an adapter with a part that cannot merge: a plug-in or a
+        prompt anywhere, or a bias part on a layer that has no bias to merge into (e.g. an RMSNorm)."""
+        for name in adapter_names:
             blocked = [p.operation for p in self.peft_config[name].parts if not p.mergeable]
             if blocked:
                 raise ValueError(
                     f"cannot merge APET adapter '{name}': its parts {blocked} are not mergeable (an adapter plug-in "
                     "is non-linear and a prompt changes the input sequence). Only lora, bias and delta parts merge; "
-                    "keep the adapter unmerged for inference instead."
+                    "keep the adapter unmerged for inference instead. Nothing was changed."
                 )
+        for key, module in self.model.named_modules():
+            if isinstance(module, APETLayer) and any(
+                    name in module.apet_weights and "bias" in module.apet_weights[name] for name in adapter_names):
+                try:
+                    module._bias_target(create=False)
+                except ValueError as e:
+                    raise ValueError(f"cannot merge into '{key}': {e} Nothing was changed.") from None
 
     def _check_merge_adds_no_parameter_under_zero3(self, adapter_names: list[str]) -> None:
         """Refuse, before anything changes, a merge that would give a ZeRO-3-partitioned layer a new parameter.
@@ -191,6 +202,7 @@ class APETModel(BaseTuner):
 
     def _check_before_merge(self, adapter_names: list[str], safe_merge: bool) -> None:
         """Whole-model checks of a merge, before any layer changes."""
+        self._check_parts_mergeable([name for name in adapter_names if name in self.peft_config])
         self._check_merge_adds_no_parameter_under_zero3(adapter_names)
         if safe_merge:  # check every layer first: a NaN in the last layer must not leave the first ones merged
             check_merge_is_finite(self.model, adapter_names)

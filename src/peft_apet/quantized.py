@@ -163,8 +163,10 @@ def requantize_(module: nn.Module, weight: torch.Tensor) -> None:
 
 
 def stash_weight(module: nn.Module) -> dict[str, Any]:
-    """What `restore_weight` needs to put the current quantized weight back bit for bit (references, no copies)."""
-    stash: dict[str, Any] = {"weight": module.weight}
+    """What `restore_weight` needs to put the current quantized weight back bit for bit (references, no copies),
+    and a copy of the bias (a merge adds to it in place; subtracting again would not restore it bit for bit)."""
+    bias = getattr(module, "bias", None)
+    stash: dict[str, Any] = {"weight": module.weight, "bias": None if bias is None else bias.data.clone()}
     if quantization_of(module) == BNB_4BIT:
         stash["quant_state"] = getattr(module, "quant_state", None)
     else:
@@ -173,7 +175,11 @@ def stash_weight(module: nn.Module) -> dict[str, Any]:
 
 
 def restore_weight(module: nn.Module, stash: dict[str, Any]) -> None:
+    """Put back what `stash_weight` took: the quantized weight and its state, and the bias's values (a bias the
+    merge created, absent from the stash, is the caller's to remove)."""
     module.weight = stash["weight"]
+    if stash["bias"] is not None:
+        module.bias.data = stash["bias"]
     if quantization_of(module) == BNB_4BIT:
         if hasattr(module, "quant_state"):
             module.quant_state = stash["quant_state"]
