@@ -4,6 +4,7 @@ and give the same outputs; today's code, given the same config and seed, writes 
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 from conftest import MODELS
 from peft import PeftModel
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from peft_apet import APETLayer
 
@@ -68,3 +69,18 @@ def test_save_load_save_is_byte_identical(name, tmp_path):
     PeftModel.from_pretrained(MODELS[model_name][0](), tmp_path / name).save_pretrained(tmp_path / "again")
     for file in ("adapter_config.json", "adapter_model.safetensors"):
         assert (tmp_path / "again" / file).read_bytes() == (tmp_path / name / file).read_bytes(), file
+
+
+def test_an_old_file_missing_a_mask_index_is_refused(tmp_path):
+    """A 0.1 per-module file without some `.index` tensors would load with masks drawn from the seed instead of
+    the saved ones: refused, naming the module."""
+    folder = tmp_path / "adapter"
+    shutil.copytree(FOLDER / "bert-delta-gradient-global", folder)
+    tensors = load_file(folder / "adapter_model.safetensors")
+    dropped = [key for key in tensors if key.endswith(".index") and tensors[key].numel()][:2]
+    save_file({k: v for k, v in tensors.items() if k not in dropped}, folder / "adapter_model.safetensors",
+              metadata={"format": "pt"})
+    base = MODELS[CASES["bert-delta-gradient-global"][0]][0]()
+    with pytest.raises(ValueError, match=r"no `index` tensor \(the discrete mask"):
+        PeftModel.from_pretrained(base, folder)
+    assert not any(isinstance(m, APETLayer) for m in base.modules())

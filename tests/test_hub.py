@@ -172,3 +172,35 @@ def test_model_card_is_idempotent_and_only_for_apet(tmp_path):
     lora.save_pretrained(tmp_path / "lora")
     card = (tmp_path / "lora" / "README.md").read_text()
     assert SECTION_START not in card and "apet" not in card and "library_name: peft" in card
+
+
+def test_model_card_survives_a_round_trip_and_counts_token_rows(tmp_path):
+    """save -> load -> save writes the same card (PEFT appends `modules_to_save` again on every load); token rows
+    of `trainable_token_indices` are in the card's count as in the budget; another adapter's snippet names its
+    subfolder."""
+    from peft import PeftModel
+
+    factory, task_type = MODELS["bert"]
+    model = get_peft_model(factory(), APETConfig.bitfit(mask="adjacent", num_trainable_params=77, task_type=task_type))
+    model.save_pretrained(tmp_path / "first")
+    again = PeftModel.from_pretrained(factory(), tmp_path / "first")
+    again.save_pretrained(tmp_path / "second")
+    card = (tmp_path / "second" / "README.md").read_text()
+    assert card == (tmp_path / "first" / "README.md").read_text()
+    assert "classifier, classifier" not in card
+
+    llama, llama_task = MODELS["llama"]
+    config = APETConfig.combine(APETConfig.lora(mask="discrete"), num_trainable_params=200,
+                                trainable_token_indices=[3, 5], task_type=llama_task)
+    model = get_peft_model(llama(), config)
+    model.save_pretrained(tmp_path / "tokens")
+    card = (tmp_path / "tokens" / "README.md").read_text()
+    rows = next(line for line in card.splitlines() if line.startswith("| token rows"))
+    total = next(line for line in card.splitlines() if "exact trainable adapter entries: " in line)
+    assert total.endswith(": 200") and rows.endswith(f"| {2 * model.get_base_model().config.hidden_size} |")
+
+    model = get_peft_model(llama(), APETConfig.lora(task_type=llama_task))
+    model.add_adapter("other", APETConfig.bitfit(task_type=llama_task))
+    model.save_pretrained(tmp_path / "two")
+    card = (tmp_path / "two" / "README.md").read_text()
+    assert 'subfolder="other", adapter_name="other"' in card and card.count("subfolder=") == 1

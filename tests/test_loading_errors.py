@@ -21,7 +21,7 @@ import pytest
 import torch
 from conftest import MODELS, VOCAB, model_inputs, model_output, tiny_bert, write_per_module
 from peft import AutoPeftModelForSequenceClassification, PeftConfig, PeftModel, get_peft_model
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import BertConfig, BertForSequenceClassification
 
 from peft_apet import APETConfig, APETLayer
@@ -385,3 +385,25 @@ def test_adapter_weights_are_read_with_safetensors_only(tmp_path, monkeypatch):
     shutil.copy(tmp_path / "adapter" / "adapter_config.json", tmp_path / "adapter_config.json")
     with pytest.raises(AssertionError, match="torch.load was called"):
         torch.load(tmp_path / "adapter_config.json")
+
+
+def test_a_failed_load_adapter_of_a_new_adapter_leaves_the_model_as_it_was(tmp_path):
+    """A checkpoint without its `modules_to_save` head fails inside PEFT after the new adapter was injected: it is
+    taken out again (layers, config, head copy, `requires_grad` flags), so a later save cannot write it."""
+    save_adapter(tmp_path / "a", lora(r=4))
+    save_adapter(tmp_path / "b", lora(r=4))
+    tensors = load_file(tmp_path / "b" / WEIGHTS)
+    save_file({k: v for k, v in tensors.items() if "classifier" not in k}, tmp_path / "b" / WEIGHTS,
+              metadata={"format": "pt"})
+    model = PeftModel.from_pretrained(tiny_bert(), tmp_path / "a").eval()
+    before, output = snapshot(model), model_output(model, model_inputs("bert"))
+    with pytest.raises(KeyError, match="classifier"):
+        model.load_adapter(tmp_path / "b", "other")
+    after = snapshot(model)
+    assert list(model.peft_config) == ["default"] and model.active_adapters == ["default"]
+    assert after["modules"] == before["modules"] and after["requires_grad"] == before["requires_grad"]
+    assert after["state"].keys() == before["state"].keys()
+    assert all(torch.equal(after["state"][k], v) for k, v in before["state"].items())
+    assert torch.equal(model_output(model, model_inputs("bert")), output)
+    model.save_pretrained(tmp_path / "c")
+    assert not (tmp_path / "c" / "other").exists()

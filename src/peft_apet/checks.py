@@ -120,7 +120,10 @@ def _problems(expected: Mapping[tuple[str, str], TensorPlan | nn.Module], checkp
                             f"({spec.num_entries},) in this model (the trainable entries of a {tuple(spec.shape)} "
                             "tensor)")
         index = tensors.get("index")
-        problem = index_problem(spec, index) if isinstance(index, torch.Tensor) else None
+        if index is None and spec.mask is not None:
+            problem = f"no `index` tensor (the {spec.mask} mask of its {spec.num_entries} entries)"
+        else:
+            problem = index_problem(spec, index) if isinstance(index, torch.Tensor) else None
         if problem:
             problems.append(f"{module} ({role}): {problem}")
     for key, shape in checkpoint.other.items():

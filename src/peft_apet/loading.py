@@ -1,4 +1,4 @@
-"""A refused `PeftModel.from_pretrained` or `load_adapter` leaves the base model as it was.
+"""A refused `PeftModel.from_pretrained` or `load_adapter` leaves the model as it was.
 
 When `from_pretrained` or `load_adapter` reads the config from the adapter folder, the tuner plans the adapter and
 `peft_apet.checks.check_checkpoint_fits_plan` refuses a checkpoint that does not fit before any module is replaced:
@@ -7,7 +7,9 @@ names the folder (PEFT passes the tuner only the config). With `config=` given, 
 first and only then reads the weights, so a checkpoint that `check_state_fits_model` refuses would leave empty APET
 layers (and frozen parameters) in the caller's model: if loading an APET adapter raises, the wrapped
 `from_pretrained` puts the model's module tree, the `requires_grad` flags of its parameters and its attributes back
-as they were before the call, then the error propagates.
+as they were before the call, then the error propagates. A `load_adapter` of a new APET adapter that fails after
+PEFT injected it (a Hub id, whose files are not read before; a checkpoint missing a head of `modules_to_save`)
+deletes that adapter again and restores the `requires_grad` flags, so a later `save_pretrained` cannot write it.
 """
 
 from __future__ import annotations
@@ -57,6 +59,17 @@ def _restore(model: nn.Module, snapshot: tuple[list[tuple[nn.Module, dict]], dic
         delattr(model, name)
 
 
+def _remove_failed_adapter(model: PeftModel, adapter_name: str, flags: dict[nn.Parameter, bool]) -> None:
+    """Take out what a failed `load_adapter` of the new adapter `adapter_name` injected (its layers' tensors, its
+    config, a `modules_to_save` copy), and put back the `requires_grad` flags of the parameters from before."""
+    active = model.active_adapters
+    model.delete_adapter(adapter_name)
+    for param, requires_grad in flags.items():
+        param.requires_grad_(requires_grad)
+    if model.active_adapters != active:
+        model.set_adapter(active if len(active) > 1 else active[0])
+
+
 def install_from_pretrained_hook() -> None:
     """Wrap `PeftModel.from_pretrained` so that a refused APET load leaves `model` unchanged, and it and
     `PeftModel.load_adapter` so that the tuner knows the folder it loads (idempotent)."""
@@ -83,9 +96,14 @@ def install_from_pretrained_hook() -> None:
     @functools.wraps(original_load_adapter)
     def load_adapter(self: PeftModel, model_id: Any, adapter_name: str, *args: Any, **kwargs: Any) -> Any:
         new = adapter_name not in self.peft_config  # PEFT then reads the config from the folder and injects it
+        flags = {p: p.requires_grad for p in self.parameters()}
         token = _FOLDER.set(_folder(model_id, kwargs.get("subfolder")) if new else None)
         try:
             return original_load_adapter(self, model_id, adapter_name, *args, **kwargs)
+        except Exception:
+            if new and adapter_name in self.peft_config and isinstance(self.peft_config[adapter_name], APETConfig):
+                _remove_failed_adapter(self, adapter_name, flags)
+            raise
         finally:
             _FOLDER.reset(token)
 

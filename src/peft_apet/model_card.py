@@ -19,6 +19,7 @@ from peft import PeftModel
 from .config import APETConfig
 from .layer import APETLayer
 from .operations import OPERATION_OF_ROLE
+from .tokens import TOKENS_ROLE, token_layers
 
 SECTION_START = "<!-- peft-apet:start -->"
 SECTION_END = "<!-- peft-apet:end -->"
@@ -49,6 +50,9 @@ def _entries_by_operation(model: PeftModel, adapter_name: str) -> tuple[dict[str
                 operation = OPERATION_OF_ROLE[role].name
                 entries[operation] += weight.num_entries
                 modules[operation].add(module_name)
+    for module_name, layer in token_layers(model, adapter_name):  # rows of `trainable_token_indices`, in the budget
+        entries[TOKENS_ROLE] += layer.trainable_tokens_delta[adapter_name].numel()
+        modules[TOKENS_ROLE].add(module_name)
     return dict(entries), {op: len(names) for op, names in modules.items()}
 
 
@@ -73,7 +77,7 @@ def card_section(model: PeftModel, adapter_names: list[str] | None = None) -> st
                   f"- task type: `{config.task_type}`",
                   f"- exact trainable adapter entries: {sum(entries.values()):,}",
                   f"- modules trained in full besides the adapter (`modules_to_save`): "
-                  f"{', '.join(sorted(config.modules_to_save or [])) or 'none'}", "",
+                  f"{', '.join(sorted(set(config.modules_to_save or []))) or 'none'}", "",
                   "| part | targets | modules | mask | trainable entries |", "|---|---|---|---|---|"]
         for part in config.parts:
             targets = part.target_modules if part.target_modules is not None else "default"
@@ -83,10 +87,15 @@ def card_section(model: PeftModel, adapter_names: list[str] | None = None) -> st
                 mask += f" (axis {part.mask_axis})"
             lines.append(f"| {part.operation} | {targets} | {modules.get(part.operation, 0)} | {mask} | "
                          f"{entries.get(part.operation, 0):,} |")
+        if TOKENS_ROLE in entries:
+            lines.append(f"| token rows (`trainable_token_indices`) | embeddings | {modules[TOKENS_ROLE]} | "
+                         f"none (whole rows) | {entries[TOKENS_ROLE]:,} |")
+        where_saved = "" if name == "default" else f', subfolder="{name}", adapter_name="{name}"'
+
         lines += ["", "```python", "import peft_apet  # registers the APET PEFT type", "from peft import PeftModel",
                   f"from transformers import {auto_class}", "",
                   f'base = {auto_class}.from_pretrained("{base_name}")',
-                  'model = PeftModel.from_pretrained(base, "<this repository or folder>")', "```", ""]
+                  f'model = PeftModel.from_pretrained(base, "<this repository or folder>"{where_saved})', "```", ""]
     metrics = model.__dict__.get(_METRICS_ATTRIBUTE)
     if metrics:
         lines += ["### Metrics", "", "| metric | value |", "|---|---|"]
