@@ -407,3 +407,18 @@ def test_a_failed_load_adapter_of_a_new_adapter_leaves_the_model_as_it_was(tmp_p
     assert torch.equal(model_output(model, model_inputs("bert")), output)
     model.save_pretrained(tmp_path / "c")
     assert not (tmp_path / "c" / "other").exists()
+
+
+def test_a_folder_with_both_weight_files_says_which_is_loaded(tmp_path):
+    """A later `save_pretrained(safe_serialization=False)` into the same folder leaves the earlier safetensors
+    file, which PEFT loads: the load warns, naming both and the newer."""
+    model = save_adapter(tmp_path, lora(r=4))
+    for weights in model.base_model.model.modules():
+        if isinstance(weights, APETLayer):
+            for masked in weights.apet_weights["default"].values():
+                masked.values.data += 1.0
+    os.utime(tmp_path / WEIGHTS, (1, 1))  # the first save, older
+    model.save_pretrained(tmp_path, safe_serialization=False)
+    with pytest.warns(UserWarning, match=r"both adapter_model.safetensors and adapter_model.bin \(the newer is "
+                                         r"adapter_model.bin\)"):
+        PeftModel.from_pretrained(tiny_bert(), tmp_path)

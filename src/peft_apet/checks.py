@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -191,6 +192,17 @@ def _read_pickle_checkpoint(path: str) -> dict[str, torch.Tensor]:
     return dict(state)
 
 
+def _warn_if_two_weight_files(folder: str) -> None:
+    """PEFT reads `adapter_model.safetensors` where a folder also holds an `adapter_model.bin` (a later
+    `save_pretrained(safe_serialization=False)` into the same folder leaves the other file): say which is read."""
+    safe, pickle = os.path.join(folder, SAFETENSORS_WEIGHTS_NAME), os.path.join(folder, WEIGHTS_NAME)
+    if os.path.isfile(pickle):
+        newer = WEIGHTS_NAME if os.path.getmtime(pickle) > os.path.getmtime(safe) else SAFETENSORS_WEIGHTS_NAME
+        warnings.warn(f"{folder} holds both {SAFETENSORS_WEIGHTS_NAME} and {WEIGHTS_NAME} (the newer is {newer}); "
+                      f"{SAFETENSORS_WEIGHTS_NAME} is loaded, as PEFT does. Delete the file of the save you do not "
+                      "want.", stacklevel=3)
+
+
 def check_checkpoint_fits_plan(folder: str | None, plan: AdapterPlan, model: nn.Module) -> None:
     """Check that the weights in the adapter folder `folder` fit `plan` (planned on `model`, nothing injected yet);
     raise ValueError / FileNotFoundError naming the file or the modules otherwise. Nothing to check if `folder` is
@@ -200,6 +212,7 @@ def check_checkpoint_fits_plan(folder: str | None, plan: AdapterPlan, model: nn.
         return
     path = os.path.join(folder, SAFETENSORS_WEIGHTS_NAME)
     if os.path.isfile(path):
+        _warn_if_two_weight_files(folder)
         items = _read_checkpoint(path)
     elif os.path.isfile(os.path.join(folder, WEIGHTS_NAME)):
         # `save_pretrained(safe_serialization=False)`: PEFT reads it with torch.load(weights_only=True); so do we.
