@@ -176,3 +176,19 @@ def test_same_rows_and_count_as_peft_lora(name, indices):
     inputs = model_inputs(name)
     inputs["input_ids"][:, :3] = torch.tensor(IDS)
     torch.testing.assert_close(model_output(apet, inputs), model_output(lora, inputs))
+
+
+def test_a_key_matching_two_modules_that_share_a_weight_is_refused():
+    """T5's encoder and decoder `embed_tokens` share `shared`'s weight, but PEFT wraps each with rows of its own:
+    one count for two row sets made the budget wrong and the saved adapter unloadable. Refused, naming the owner."""
+    factory, task_type = MODELS["t5"]
+    config = APETConfig.combine(APETConfig.delta(mask="discrete"), num_trainable_params=500, task_type=task_type,
+                                trainable_token_indices={"embed_tokens": [3, 4]})
+    base = factory()
+    modules = [(n, type(m)) for n, m in base.named_modules()]
+    with pytest.raises(ValueError, match=r"encoder.embed_tokens and decoder.embed_tokens share one weight.*'shared'"):
+        get_peft_model(base, config)
+    assert [(n, type(m)) for n, m in base.named_modules()] == modules
+    config = APETConfig.combine(APETConfig.delta(mask="discrete"), num_trainable_params=500, task_type=task_type,
+                                trainable_token_indices={"shared": [3, 4]})
+    assert get_peft_model(factory(), config).get_nb_trainable_parameters()[0] == 500

@@ -125,6 +125,7 @@ def plan_trainable_tokens(model: nn.Module, config: APETConfig, modules_to_save:
                          "each module to one of them.")
     modules = _named_modules(model)
     output_embedding = _output_embedding(model)
+    by_name = dict(modules)
     owners: dict[int, TokenPlan] = {}  # id(weight) -> rows; tied modules share one weight
     for key, ids in targets.items():
         matched = [(name, module) for name, module in modules if name.endswith(key)]
@@ -137,6 +138,14 @@ def plan_trainable_tokens(model: nn.Module, config: APETConfig, modules_to_save:
                 raise ValueError(f"`trainable_token_indices`: id {max(ids)} is out of range for {name}, which has "
                                  f"{rows} rows (resize the embedding first, e.g. `model.resize_token_embeddings`).")
             plan = owners.setdefault(id(module.weight), TokenPlan(name, tuple(ids), dim))
+            owner = by_name[plan.name]
+            if plan.name != name and output_embedding not in (module, owner):
+                raise ValueError(
+                    f"`trainable_token_indices`: {plan.name} and {name} share one weight, but PEFT would train "
+                    "separate rows for each (two diverging copies of one tied weight; only an output embedding is "
+                    f"tied to the input embedding's rows). Give the module that owns the weight instead"
+                    + (f", e.g. {{{_get_input_embeddings_name(model, None)!r}: ids}} or a list of ids."
+                       if _get_input_embeddings_name(model, None) else "."))
             if plan.token_ids != tuple(ids):
                 raise ValueError(f"`trainable_token_indices` gives {plan.name} and {name} different ids, but they "
                                  "share one weight (tied embeddings): give both the same ids, or only the input "
