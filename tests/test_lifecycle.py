@@ -11,7 +11,7 @@ import importlib
 
 import pytest
 import torch
-from conftest import MODELS, model_inputs, model_output
+from conftest import MODELS, model_inputs, model_output, tiny_gpt2
 from peft import get_peft_model
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 
@@ -216,3 +216,22 @@ def test_importing_twice_is_harmless():
     factory, task_type = MODELS["bert"]
     model = get_peft_model(factory(), peft_apet.APETConfig.lora(task_type=task_type))
     assert any(isinstance(m, peft_apet.APETLayer) for m in model.modules())
+
+
+@pytest.mark.parametrize("merge", ["merge_adapter", "merge_and_unload"])
+def test_merging_into_a_tied_weight_is_refused_before_any_change(merge):
+    """GPT-2's lm_head shares its weight with the input embedding: a lora merged into it would change the
+    embedding too. Refused, naming the tied parameters; an adapter on untied layers still merges."""
+    model = get_peft_model(tiny_gpt2(), APETConfig.lora(r=4, target_modules=["c_attn", "lm_head"],
+                                                       task_type="CAUSAL_LM", init_weights=False)).eval()
+    inputs = model_inputs("gpt2")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    output = model_output(model, inputs)
+    with pytest.raises(ValueError, match=r"lm_head.*tied to .*wte.weight.*Nothing was changed"):
+        getattr(model, merge)()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert torch.equal(model_output(model, inputs), output)
+    untied = get_peft_model(tiny_gpt2(), APETConfig.lora(r=4, target_modules=["c_attn"], task_type="CAUSAL_LM",
+                                                        init_weights=False)).eval()
+    expected = model_output(untied, inputs)
+    torch.testing.assert_close(model_output(untied.merge_and_unload(), inputs), expected)

@@ -22,12 +22,24 @@ from .config import APETConfig
 from .export import modules_gaining_a_bias, warn_new_biases
 from .layer import APETLayer, Linear, OutputLayer, PromptEmbedding
 from .loading import adapter_folder_being_loaded
+from .operations import OPERATION_OF_ROLE
 from .packing import is_packed_key, pack_entries
 from .plan import AdapterPlan, ModulePlan, TensorPlan, plan_adapter, record_mask_counts, summary_table
 from .prompt import prepend_prompt
 from .quantized import check_quantized_mergeable
 from .strategies import is_data_driven
 from .tokens import TOKENS_ROLE, token_layers
+
+
+def _storage_key(tensor: torch.Tensor) -> tuple[str, int] | None:
+    """Where `tensor`'s data lives (device, storage address), or None where that says nothing (meta tensors, or
+    tensor subclasses without one storage)."""
+    if tensor.device.type == "meta":
+        return None
+    try:
+        return str(tensor.device), tensor.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError, TypeError):
+        return None
 
 LAYER_CLASSES = {"linear": Linear, "output": OutputLayer, "embedding": PromptEmbedding}
 
@@ -174,13 +186,30 @@ class APETModel(BaseTuner):
                     "is non-linear and a prompt changes the input sequence). Only lora, bias and delta parts merge; "
                     "keep the adapter unmerged for inference instead. Nothing was changed."
                 )
+        owners: dict[tuple[str, int], list[str]] = {}  # a weight's storage -> the parameters that hold it
+        for param_name, param in self.model.named_parameters(remove_duplicate=False):
+            storage = _storage_key(param)
+            if storage is not None:
+                owners.setdefault(storage, []).append(param_name)
         for key, module in self.model.named_modules():
-            if isinstance(module, APETLayer) and any(
-                    name in module.apet_weights and "bias" in module.apet_weights[name] for name in adapter_names):
+            if not isinstance(module, APETLayer):
+                continue
+            merging = [module.apet_weights[n] for n in adapter_names if n in module.apet_weights]
+            if any("bias" in weights for weights in merging):
                 try:
                     module._bias_target(create=False)
                 except ValueError as e:
                     raise ValueError(f"cannot merge into '{key}': {e} Nothing was changed.") from None
+            weight = getattr(module.get_base_layer(), "weight", None)
+            if weight is not None and any(OPERATION_OF_ROLE[role].merges_into == "weight"
+                                          for weights in merging for role in weights):
+                sharing = owners.get(_storage_key(weight), [])
+                if len(sharing) > 1:
+                    raise ValueError(
+                        f"cannot merge into '{key}': its weight is tied to {sharing} (one tensor), so merging would "
+                        "change those modules too (e.g. the input embedding of a tied output layer). Untie it first "
+                        "(e.g. `config.tie_word_embeddings=False` and a copy of the weight) or keep the adapter "
+                        "unmerged. Nothing was changed.")
 
     def _check_merge_adds_no_parameter_under_zero3(self, adapter_names: list[str]) -> None:
         """Refuse, before anything changes, a merge that would give a ZeRO-3-partitioned layer a new parameter.
