@@ -84,3 +84,19 @@ def test_unknown_fields_from_a_newer_version_are_refused(tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps(data))
     with pytest.raises(ValueError, match="future_option"):
         PeftConfig.from_pretrained(tmp_path)
+
+
+def test_combine_refuses_config_level_settings_of_its_configs():
+    """combine takes the config-level settings (seed, scope, heads, token rows, task type) from its own arguments:
+    one set on a combined config and not passed again would be dropped silently, so it is refused, naming it."""
+    inner = APETConfig.delta(mask="discrete", num_trainable_params=50, seed=7, selection_scope="global",
+                             mask_strategy="magnitude", modules_to_save=["pooler"])
+    with pytest.raises(ValueError, match=r"config 0 sets seed=7, modules_to_save=\['pooler'\], selection_scope="):
+        APETConfig.combine(inner, APETConfig.bitfit())
+    combined = APETConfig.combine(inner, APETConfig.bitfit(), seed=7, selection_scope="global",
+                                  modules_to_save=["pooler"])
+    assert combined.seed == 7 and combined.selection_scope == "global"
+    with pytest.raises(ValueError, match=r"task_type='SEQ_CLS'"):
+        APETConfig.combine(APETConfig.lora(task_type="SEQ_CLS"), APETConfig.bitfit())
+    assert APETConfig.combine(APETConfig.lora(task_type="SEQ_CLS"), APETConfig.bitfit(),
+                              task_type="SEQ_CLS").task_type == "SEQ_CLS"

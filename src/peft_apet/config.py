@@ -23,7 +23,7 @@ import enum
 import functools
 import inspect
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, Field, asdict, dataclass, field, fields
 from typing import Any
 
 from peft import PeftConfig
@@ -350,13 +350,32 @@ class APETConfig(PeftConfig):
         Args:
             *configs: Configs whose parts are copied, in order (at most one part per operation in all).
             **config_kwargs: Config-level settings (`num_trainable_params`, `task_type`, `seed`, ...); those of
-                the combined configs are not used.
+                the combined configs are not used, so a combined config that sets one to another value than the
+                result has is refused (`ValueError` naming it): pass it here instead.
 
         Returns:
             An APETConfig with a copy of every part of `configs`.
         """
         parts = [type(p)(**asdict(p)) for c in configs for p in c.parts]  # asdict copies lists and dicts
-        return cls(parts=parts, **config_kwargs)
+        combined = cls(parts=parts, **config_kwargs)
+        for i, config in enumerate(configs):
+            dropped = {f.name: getattr(config, f.name) for f in fields(config)
+                       if f.name not in _NOT_COMBINED and getattr(config, f.name) != _default(f)
+                       and getattr(config, f.name) != getattr(combined, f.name)}
+            if dropped:
+                given = ", ".join(f"{k}={v!r}" for k, v in dropped.items())
+                raise ValueError(f"APETConfig.combine: config {i} sets {given}: config-level settings, which combine "
+                                 f"does not take from its configs; pass them to combine itself: combine(..., {given}).")
+        return combined
+
+
+# Fields of a combined config that are not settings of the user's (PEFT bookkeeping, or the parts themselves).
+_NOT_COMBINED = ("parts", "peft_type", "auto_mapping", "peft_version", "revision", "base_model_name_or_path",
+                 "inference_mode", "runtime_config")
+
+
+def _default(f: Field) -> Any:
+    return f.default_factory() if f.default_factory is not MISSING else f.default
 
 
 
