@@ -165,7 +165,7 @@ def test_every_field_has_a_bad_value_case():
 @pytest.mark.parametrize("make,allowed", [
     (lambda: APETPart(operation="lora", rank=4), "'r'"),
     (lambda: APETConfig(parts=_PART, rank=4), "'parts'"),
-    (lambda: APETConfig.lora(rank=4), "'parts'"),
+    (lambda: APETConfig.lora(rank=4), "'r', 'lora_alpha'.*'seed'"),  # the preset's own and the config's
 ])
 def test_unknown_fields_are_a_type_and_value_error_listing_the_allowed_ones(make, allowed):
     """A TypeError like PEFT's configs (PEFT's own tests rely on it) and a ValueError like every other bad field."""
@@ -280,3 +280,14 @@ def test_exclude_modules_understands_the_special_sets():
     model = get_peft_model(factory(), APETConfig.bitfit(exclude_modules="all-linear", task_type=task_type))
     wrapped = [type(m.get_base_layer()) for m in model.modules() if isinstance(m, APETLayer)]
     assert wrapped and set(wrapped) == {nn.LayerNorm}
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda: APETConfig.lora(mask_strategy="magnitude"), r"part 'lora': mask_strategy='magnitude' is a setting of"),
+    (lambda: APETConfig.bitfit(mask_axis=1), r"the bias preset does not take `mask_axis`"),
+    (lambda: APETConfig.prompt(target_modules=["query"]), r"the prompt preset does not take `target_modules`"),
+])
+def test_a_preset_names_the_part_that_a_misplaced_argument_belongs_to(make, message):
+    """A part field given to a preset that does not take it: the parts' own message, not an unknown config field."""
+    with pytest.raises(ValueError, match=message):
+        make()

@@ -39,6 +39,7 @@ from .parts import (
     LoraPart,
     PromptPart,
     UnknownFieldError,
+    _declaring_class,
     args_block,
     check_budget,
     check_choice,
@@ -90,6 +91,27 @@ def _preset_fields(part_class: type[BasePart]) -> list:
     return sorted((f for f in fields(part_class) if f.name not in ("operation", "mask_counts")), key=rank)
 
 
+def _check_preset_kwargs(part_class: type[BasePart], config_kwargs: dict[str, Any], own: list[str]) -> None:
+    """Refuse a preset keyword that is neither its part's nor a config field: a field of other parts gets their
+    error (which parts use it), anything else the preset's and the config's names."""
+    config_fields = {f.name for f in fields(APETConfig)}
+    operation = part_class.__dataclass_fields__["operation"].default
+    for name, value in config_kwargs.items():
+        if name in config_fields:
+            continue
+        declaring = None
+        try:
+            declaring = _declaring_class(name)
+        except StopIteration:
+            pass
+        if declaring is not None and not issubclass(part_class, declaring):
+            raise declaring._misplaced(operation, name, value)
+        if declaring is not None:  # a field of this part that the preset leaves out
+            raise ValueError(f"the {operation} preset does not take `{name}` (got {name}={value!r}); its own: {own}.")
+        raise UnknownFieldError(f"APETConfig.{operation} preset has no fields [{name!r}]; allowed: "
+                                f"{own + sorted(config_fields - set(_NOT_COMBINED) - set(own))}.")
+
+
 class _Preset(classmethod):
     """A preset `APETConfig.<name>(**part_fields, **config_kwargs)`: a config of one part of `part_class`.
 
@@ -112,6 +134,7 @@ class _Preset(classmethod):
             part = dict(values.arguments)
             config_kwargs = part.pop("config_kwargs")
             part.update((name, float(part[name])) for name in as_float)
+            _check_preset_kwargs(part_class, config_kwargs, [p.name for p in params[:-1]])
             return cls(parts=[part_class(**part)], **config_kwargs)
 
         preset.__signature__ = signature.replace(parameters=[inspect.Parameter("cls", kind), *params])
