@@ -8,7 +8,7 @@ from dataclasses import fields
 
 import pytest
 import torch
-from conftest import MODELS, model_inputs, model_output
+from conftest import MODELS, model_inputs, model_output, tiny_bert
 from peft import get_peft_model
 from torch import nn
 
@@ -220,7 +220,7 @@ PLAN_ERRORS = {
     "regex matches nothing": (lambda tt: APETConfig.adapter(target_modules=r".*\.nothing", task_type=tt),
                               r"`target_modules`=.*matched no module"),
     "everything excluded": (lambda tt: APETConfig.bitfit(target_modules="all-linear", exclude_modules="all-linear",
-                                                         task_type=tt), r"matched no module"),
+                                                         task_type=tt), r"leave out all of them"),
     "budget above capacity": (lambda tt: APETConfig.lora(mask="discrete", num_trainable_params=10**7, task_type=tt),
                               r"`part 'lora'.num_trainable_params` must be in \[1, \d+\]"),
     "masked part without budget": (lambda tt: APETConfig.delta(task_type=tt),
@@ -291,3 +291,10 @@ def test_a_preset_names_the_part_that_a_misplaced_argument_belongs_to(make, mess
     """A part field given to a preset that does not take it: the parts' own message, not an unknown config field."""
     with pytest.raises(ValueError, match=message):
         make()
+
+
+@pytest.mark.parametrize("exclude", [["query"], ".*"])
+def test_targets_all_excluded_name_exclude_modules(exclude):
+    with pytest.raises(ValueError, match=r"matches \[.*query.*\], but `exclude_modules`=.*leave out all of them"):
+        get_peft_model(tiny_bert(), APETConfig.lora(target_modules=["query"], exclude_modules=exclude,
+                                                    task_type="SEQ_CLS"))

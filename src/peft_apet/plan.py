@@ -186,7 +186,9 @@ def resolve_targets(
     exclude = part.exclude_modules
     matcher = SimpleNamespace(target_modules=targets, exclude_modules=None if exclude in special else exclude,
                               modules_to_save=modules_to_save, target_parameters=None)
-    chosen = []
+    unfiltered = SimpleNamespace(target_modules=targets, exclude_modules=None, modules_to_save=None,
+                                 target_parameters=None)
+    chosen, excluded = [], []
     for name, module in candidates:
         hit = check_target_module_exists(matcher, name)  # an _ExcludedModule (falsy) when `exclude` matches
         if targets in special:
@@ -195,6 +197,13 @@ def resolve_targets(
             hit = False
         if hit:
             chosen.append((name, module))
+        elif (_in_special_set(targets, name, module, heads) if targets in special
+              else check_target_module_exists(unfiltered, name)):
+            excluded.append(name)  # a target, left out by `exclude_modules` or `modules_to_save`
+    if not chosen and excluded:
+        raise ValueError(f"part '{part.operation}': `target_modules`={targets!r} matches {_names_of(excluded)}, but "
+                         f"`exclude_modules`={exclude!r} or `modules_to_save`={modules_to_save!r} leave out all of "
+                         "them: no module is left to train.")
     if not chosen:
         raise ValueError(
             f"part '{part.operation}': `target_modules`={targets!r} matched no module of the model "
@@ -217,6 +226,10 @@ def _module_kind(part: APETPart, module: nn.Module) -> str:
     if OPERATIONS[part.operation].acts_on == "input_embedding":
         return "embedding"
     return "linear" if is_linear(module) else "output"
+
+
+def _names_of(names: list[str], shown: int = 4) -> str:
+    return f"{names[:shown]}" + (f" ... ({len(names)} in all)" if len(names) > shown else "")
 
 
 def _in_special_set(spec: str, name: str, module: nn.Module, heads: set[str]) -> bool:
