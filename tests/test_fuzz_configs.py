@@ -176,7 +176,8 @@ def expected_entries(model_name: str, config: APETConfig) -> tuple[int | None, s
     with a regex of what the error must say."""
     caps = {p.operation: capacity(model_name, p) for p in config.parts}
     if None in caps.values():
-        return None, r"matched no module|leave out all of them|no default `target_modules`|no input embedding|needs nn\.Linear"
+        return None, (r"matched no module|leave out all of them|no default `target_modules`|no input embedding"
+                      r"|needs nn\.Linear")
     fixed, free = {}, []
     for part in config.parts:
         cap = caps[part.operation]
