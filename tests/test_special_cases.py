@@ -184,6 +184,17 @@ def test_prompt_initialised_from_text_embeddings(tmp_path):
     torch.testing.assert_close(table, words[[7, 8, 9, 7, 8, 9]])  # the text's tokens, repeated to length (PEFT)
 
 
+def test_a_prompt_tokenizer_that_cannot_load_is_a_value_error_before_any_change(tmp_path):
+    factory, task_type = MODELS["llama"]
+    config = APETConfig.prompt(num_virtual_tokens=6, prompt_init="text", prompt_init_text="classify the review",
+                               tokenizer_name_or_path=str(tmp_path / "no-such-tokenizer"), task_type=task_type)
+    base = factory()
+    modules = [(n, type(m)) for n, m in base.named_modules()]
+    with pytest.raises(ValueError, match=r"`tokenizer_name_or_path`=.*no-such-tokenizer.*cannot be loaded.*Nothing"):
+        get_peft_model(base, config)
+    assert [(n, type(m)) for n, m in base.named_modules()] == modules
+
+
 def test_combined_mergeable_parts_merge_and_unload(model_name):
     factory, task_type = MODELS[model_name]
     config = APETConfig.combine(APETConfig.lora(mask="discrete"), APETConfig.bitfit(mask="adjacent"),

@@ -31,6 +31,26 @@ from .strategies import is_data_driven
 from .tokens import TOKENS_ROLE, token_layers
 
 
+def _prompt_token_ids(config: APETConfig) -> list[int] | None:
+    """The `num_virtual_tokens` ids of `prompt_init_text` (repeated or cut to length) for a prompt part initialised
+    from text, else None; read before any module is replaced, so a tokenizer that cannot be loaded changes nothing."""
+    part = config.part("prompt")
+    if part is None or part.prompt_init != "text":
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(part.tokenizer_name_or_path)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"part 'prompt': `tokenizer_name_or_path`={part.tokenizer_name_or_path!r} cannot be loaded "
+                         f"for `prompt_init_text` ({type(e).__name__}: {e}). Nothing was changed.") from e
+    ids = tokenizer(part.prompt_init_text, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ValueError("part 'prompt': `prompt_init_text` encodes to no tokens.")
+    n = part.num_virtual_tokens
+    return (ids * (n // len(ids) + 1))[:n]
+
+
 def _storage_key(tensor: torch.Tensor) -> tuple[str, int] | None:
     """Where `tensor`'s data lives (device, storage address), or None where that says nothing (meta tensors, or
     tensor subclasses without one storage)."""
@@ -67,8 +87,10 @@ class APETModel(BaseTuner):
     def _prepare_adapter_config(self, peft_config: APETConfig, model_config: dict) -> APETConfig:
         return peft_config
 
-    # The plan of the adapter being injected: set by `_prepare_model`, read by `_create_and_replace`, None otherwise.
+    # The plan of the adapter being injected, and the token ids of a prompt initialised from text: set by
+    # `_prepare_model`, read by `_create_and_replace`, None otherwise.
     building_plan: AdapterPlan | None = None
+    prompt_ids: list[int] | None = None
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs: Any) -> None:
         config = self.peft_config[adapter_name]
@@ -81,7 +103,7 @@ class APETModel(BaseTuner):
             super().inject_adapter(model, adapter_name, **kwargs)  # plans in `_prepare_model`, then builds layers
             record_mask_counts(config, self.building_plan)
         finally:
-            self.building_plan = None
+            self.building_plan = self.prompt_ids = None
         self._warn_unlearnable(adapter_name)
 
     def replace_masks(self, adapter_name: str, chosen: list[tuple[str, TensorPlan]]) -> None:
@@ -98,6 +120,7 @@ class APETModel(BaseTuner):
         # Runs before PEFT matches or replaces any module: every target, budget and checkpoint error surfaces here.
         plan = plan_adapter(model, peft_config)
         check_checkpoint_fits_plan(adapter_folder_being_loaded(), plan, model)
+        self.prompt_ids = _prompt_token_ids(peft_config)
         self.building_plan = plan
 
     def _check_target_module_exists(self, peft_config: APETConfig, key: str) -> bool:
@@ -110,7 +133,7 @@ class APETModel(BaseTuner):
             raise ValueError(f"module {current_key} is not part of the APET adapter '{adapter_name}' planned for "
                              "this model (does the checkpoint belong to another base model?).")
         kwargs = dict(init_weights=peft_config.init_weights, inference_mode=peft_config.inference_mode,
-                      init_values=self._prompt_init_values(peft_config, target, plan))
+                      init_values=self._prompt_init_values(target, plan))
         if isinstance(target, APETLayer):
             target.update_layer(adapter_name, plan, **kwargs)
             return
@@ -151,20 +174,11 @@ class APETModel(BaseTuner):
         # weight (e.g. RoBERTa's classification head in modules_to_save).
         setattr(parent, child_name, new_module)
 
-    @staticmethod
-    def _prompt_init_values(config: APETConfig, target: nn.Module, plan: ModulePlan) -> dict | None:
-        """Prompt rows from the embeddings of `prompt_init_text` (repeated or cut to length), as PEFT does."""
-        part = config.part("prompt")
-        if "prompt" not in plan.tensors or part.prompt_init != "text":
+    def _prompt_init_values(self, target: nn.Module, plan: ModulePlan) -> dict | None:
+        """Prompt rows from the embeddings of `prompt_init_text` (`_prompt_token_ids`), as PEFT does."""
+        if "prompt" not in plan.tensors or self.prompt_ids is None:
             return None
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(part.tokenizer_name_or_path)
-        ids = tokenizer(part.prompt_init_text, add_special_tokens=False)["input_ids"]
-        if not ids:
-            raise ValueError("part 'prompt': `prompt_init_text` encodes to no tokens.")
-        n = part.num_virtual_tokens
-        ids = (ids * (n // len(ids) + 1))[:n]
+        ids = self.prompt_ids
         embedding = target.get_base_layer() if isinstance(target, APETLayer) else target
         with torch.no_grad():
             rows = embedding(torch.tensor(ids, device=embedding.weight.device)).detach().float().cpu()
