@@ -138,6 +138,8 @@ def part_kwargs(draw, operation: str) -> dict:
         kwargs["num_trainable_params"] = draw(st.sampled_from(COUNTS))
     elif budget == "density" and kwargs["mask"]:
         kwargs["density"] = draw(DENSITIES)
+    if operation == "bias" and kwargs["mask_axis"] == 1:  # checked after the budget: a bias vector has one axis
+        kwargs.setdefault("_invalid", r"a bias vector is one line")
     return kwargs
 
 

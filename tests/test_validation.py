@@ -298,3 +298,11 @@ def test_targets_all_excluded_name_exclude_modules(exclude):
     with pytest.raises(ValueError, match=r"matches \[.*query.*\], but `exclude_modules`=.*leave out all of them"):
         get_peft_model(tiny_bert(), APETConfig.lora(target_modules=["query"], exclude_modules=exclude,
                                                     task_type="SEQ_CLS"))
+
+
+def test_a_bias_part_refuses_a_mask_axis():
+    from peft_apet.parts import BiasPart
+
+    with pytest.raises(ValueError, match=r"`mask_axis`=1, but a bias vector is one line"):
+        BiasPart(mask="adjacent", mask_axis=1, num_trainable_params=10)
+    assert BiasPart(mask="adjacent", num_trainable_params=10).mask_axis == 0

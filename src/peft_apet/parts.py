@@ -421,6 +421,8 @@ class BiasPart(ScoredPart):
         if self.mask_strategy != "random" and self.mask == "adjacent":
             raise ValueError(f"{self._owner}: an adjacent mask on a bias vector trains its first entries (a vector is "
                              "one line); use mask='discrete' with a mask_strategy.")
+        if self.mask_axis != 0:
+            raise ValueError(f"{self._owner}: `mask_axis`={self.mask_axis!r}, but a bias vector is one line: only 0.")
 
 
 @with_args
