@@ -96,7 +96,7 @@ def install_from_pretrained_hook() -> None:
     @functools.wraps(original_load_adapter)
     def load_adapter(self: PeftModel, model_id: Any, adapter_name: str, *args: Any, **kwargs: Any) -> Any:
         new = adapter_name not in self.peft_config  # PEFT then reads the config from the folder and injects it
-        flags = {p: p.requires_grad for p in self.parameters()}
+        flags = {p: p.requires_grad for p in self.parameters()} if new else {}
         token = _FOLDER.set(_folder(model_id, kwargs.get("subfolder")) if new else None)
         try:
             return original_load_adapter(self, model_id, adapter_name, *args, **kwargs)

@@ -140,12 +140,12 @@ def plan_trainable_tokens(model: nn.Module, config: APETConfig, modules_to_save:
             plan = owners.setdefault(id(module.weight), TokenPlan(name, tuple(ids), dim))
             owner = by_name[plan.name]
             if plan.name != name and output_embedding not in (module, owner):
+                input_name = _get_input_embeddings_name(model, None)
                 raise ValueError(
                     f"`trainable_token_indices`: {plan.name} and {name} share one weight, but PEFT would train "
                     "separate rows for each (two diverging copies of one tied weight; only an output embedding is "
                     f"tied to the input embedding's rows). Give the module that owns the weight instead"
-                    + (f", e.g. {{{_get_input_embeddings_name(model, None)!r}: ids}} or a list of ids."
-                       if _get_input_embeddings_name(model, None) else "."))
+                    + (f", e.g. {{{input_name!r}: ids}} or a list of ids." if input_name else "."))
             if plan.token_ids != tuple(ids):
                 raise ValueError(f"`trainable_token_indices` gives {plan.name} and {name} different ids, but they "
                                  "share one weight (tied embeddings): give both the same ids, or only the input "
