@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from peft_apet.budget import allocate_budget, density_to_count, split_config_budget
+from peft_apet.budget import allocate_budget, avoid_unpaired_counts, density_to_count, split_config_budget
 
 
 def test_allocate_budget_largest_remainders_by_hand():
@@ -52,3 +52,15 @@ def test_split_config_budget_errors():
         split_config_budget(caps, {"lora": 400}, 300, None)
     with pytest.raises(ValueError, match="at least one masked part"):
         split_config_budget(caps, {"lora": 400, "delta": 10}, 500, None)
+
+
+@pytest.mark.parametrize("counts,mask,pull,expected", [
+    ([65, 64, 64, 64], "adjacent", True, [66, 63, 64, 64]),  # no module can take the lone entry: it takes one
+    ([65, 64, 64, 64], "adjacent", False, [65, 64, 64, 64]),  # rule 1 (saved adapters) leaves it
+    ([65, 10, 0, 64], "adjacent", True, [64, 11, 0, 64]),  # a module that can take it gets it
+    ([1, 256, 0, 0], "discrete", True, [2, 255, 0, 0]),  # the other is full: a partner comes from it
+    ([1, 0, 0, 0], "discrete", True, [1, 0, 0, 0]),  # nobody can give: stays (reported as unable to learn)
+])
+def test_unpaired_module_counts(counts, mask, pull, expected):
+    """Unit length 64 per module (LoRA A and B lines), capacity 256; the total never changes."""
+    assert avoid_unpaired_counts(counts, [256] * 4, [64] * 4, mask, pull) == expected

@@ -49,8 +49,10 @@ def unlearnable(first: torch.Tensor, second: torch.Tensor) -> int:
     return int(first[~second_units].sum() + second[:, ~first_units].sum())
 
 
-SMALL = [2, 3, 5, 9, 17, 40, 97, 191, 193, 500]
-LARGE = [1_000, 2_000, 3_071]  # LoRA capacity: 8 modules x 4 x 96 = 3,072
+# 769 = 8 x 96 + 1 and 2,305: one entry past whole units in a module that no other module can relieve of it (each
+# would then be one past whole units itself); it takes a partner's entry from another module instead.
+SMALL = [2, 3, 5, 9, 17, 40, 97, 191, 193, 500, 769]
+LARGE = [1_000, 2_000, 2_305, 3_071]  # LoRA capacity: 8 modules x 4 x 96 = 3,072
 
 
 @pytest.mark.parametrize("operation", ["lora", "adapter"])
@@ -155,6 +157,34 @@ def test_adapter_saved_without_the_field_loads_as_independent(tmp_path):
     reloaded = PeftModel.from_pretrained(tiny_bert(), tmp_path)
     assert reloaded.peft_config["default"].parts[0].mask_pairing == "independent"
     torch.testing.assert_close(reloaded(**inputs).logits, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("operation", ["lora", "adapter"])
+def test_adapter_saved_with_the_first_budget_split_reloads_with_it(tmp_path, operation):
+    """adapter_config.json without `budget_split_version` (peft-apet 0.1, 0.2.0.dev0) keeps the module split it was
+    saved with, one adjacent entry unable to learn included; new configs write version 2 and split without it."""
+    k = 8 * 96 + 1
+    old = preset(operation, "adjacent", k, task_type="SEQ_CLS", init_weights=False, budget_split_version=1)
+    model = get_peft_model(small_bert(), old)
+    assert model.base_model.learnable_entries() == (k - 1, k)
+    inputs = model_inputs("bert")
+    inputs["input_ids"] = inputs["input_ids"] % 96
+    expected = model(**inputs).logits
+    model.save_pretrained(tmp_path / "old")
+    assert "budget_split_version" not in json.loads((tmp_path / "old" / "adapter_config.json").read_text())
+    reloaded = PeftModel.from_pretrained(small_bert(), tmp_path / "old")
+    assert reloaded.peft_config["default"].budget_split_version == 1
+    assert reloaded.base_model.learnable_entries() == (k - 1, k)
+    torch.testing.assert_close(reloaded(**inputs).logits, expected, rtol=0, atol=0)
+
+    new = get_peft_model(small_bert(), preset(operation, "adjacent", k, task_type="SEQ_CLS", init_weights=False))
+    new.save_pretrained(tmp_path / "new")
+    assert json.loads((tmp_path / "new" / "adapter_config.json").read_text())["budget_split_version"] == 2
+    reloaded = PeftModel.from_pretrained(small_bert(), tmp_path / "new")
+    assert reloaded.base_model.learnable_entries() == (k, k)
+    torch.testing.assert_close(reloaded(**inputs).logits, new(**inputs).logits, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"`budget_split_version` must be one of \[1, 2\], got 3"):
+        APETConfig.lora(mask="adjacent", num_trainable_params=k, budget_split_version=3)
 
 
 def test_new_configs_are_aligned_and_round_trip(tmp_path):

@@ -122,6 +122,8 @@ BAD_CONFIG_FIELDS = [
     ("base_model_name_or_path", {"parts": _PART, "base_model_name_or_path": 5}, r"`base_model_name_or_path`.*str"),
     ("revision", {"parts": _PART, "revision": 5}, r"`revision`.*str or None"),
     ("selection_scope", {"parts": _PART, "selection_scope": "layer"}, r"`selection_scope`.*\['module', 'global'\]"),
+    ("budget_split_version", {"parts": _PART, "budget_split_version": 0}, r"`budget_split_version`.*\[1, 2\]"),
+    ("budget_split_version", {"parts": _PART, "budget_split_version": True}, r"`budget_split_version`.*\[1, 2\]"),
     ("selection_scope", {"parts": _PART, "selection_scope": "global"}, r"selection_scope='global'.*`mask_strategy`"),
     ("selection_scope", {"parts": [{"operation": "delta", "mask": "adjacent", "density": 0.1,
                                     "mask_strategy": "magnitude"}], "selection_scope": "global"},

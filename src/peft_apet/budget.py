@@ -88,8 +88,8 @@ def split_aligned_pair(k: int, units: int, first_line: int, second_line: int, ma
       k_second)` units can hold both sides (`k_first <= c * first_line`, `k_second <= c * second_line`);
     - `"adjacent"`: whole units, `c = ceil(k / (first_line + second_line))`; the last unit's row and column
       are both partial, split proportionally. With one entry past whole units (`k = (c - 1) L + 1`) that entry
-      has no partner: it goes to the first matrix and cannot learn (`peft_apet.plan` avoids such counts where
-      another module can take the entry).
+      has no partner: it goes to the first matrix and cannot learn (`avoid_unpaired_counts` avoids such module
+      counts wherever another module can take the entry or give one).
     `k < 2` gives `(k, 0)`: no pair fits.
     """
     if k < 2:
@@ -116,28 +116,42 @@ def split_aligned_pair(k: int, units: int, first_line: int, second_line: int, ma
     raise ValueError(f"no split of {k} entries fits a pair of {units} units")  # unreachable for k <= capacity
 
 
-def avoid_unpaired_counts(counts: list[int], capacities: list[int], unit_lengths: list[int], mask: str) -> list[int]:
+def avoid_unpaired_counts(counts: list[int], capacities: list[int], unit_lengths: list[int], mask: str,
+                          pull: bool = True) -> list[int]:
     """Move single entries between modules of a two-matrix part so that no module is left with an entry that
     has no partner: a count of 1 (discrete), or one entry past whole units (adjacent, `count % L == 1` with
     `L` the module's unit length `first_line + second_line`). The total stays exact. A module's lone entry goes
-    to the module with the most entries that can take it without becoming unpaired itself (ties in model order);
-    where none can, the count stays (and the entry is reported as unable to learn)."""
+    to the module with the most entries that can take it without becoming unpaired itself (ties in model order).
+    Where none can and `pull` is set, the module takes one entry from the module with the most entries that can
+    give one without becoming unpaired (so 65/64/64/64 with L = 64 becomes 66/63/64/64); where neither is
+    possible the count stays (and the entry is reported as unable to learn). `pull=False` is the rule of adapters
+    saved by peft-apet 0.1 and 0.2.0.dev0 (`APETConfig.budget_split_version` 1)."""
     counts = list(counts)
 
     def unpaired(i: int, c: int) -> bool:
         return c == 1 if mask == "discrete" else c % unit_lengths[i] == 1
 
     for i in range(len(counts)):
-        if unpaired(i, counts[i]):
-            move_lone_entry(counts, i, lambda j: 1 <= counts[j] < capacities[j] and not unpaired(j, counts[j] + 1))
+        if not unpaired(i, counts[i]):
+            continue
+        if move_lone_entry(counts, i, lambda j: 1 <= counts[j] < capacities[j] and not unpaired(j, counts[j] + 1)):
+            continue
+        if pull and counts[i] < capacities[i] and not unpaired(i, counts[i] + 1):
+            givers = [j for j in range(len(counts)) if j != i and counts[j] >= 1 and not unpaired(j, counts[j] - 1)]
+            if givers:
+                j = max(givers, key=lambda g: counts[g])  # max() keeps the first of equal counts
+                counts[j] -= 1
+                counts[i] += 1
     return counts
 
 
-def move_lone_entry(counts: list[int], i: int, can_take: Callable[[int], bool]) -> None:
+def move_lone_entry(counts: list[int], i: int, can_take: Callable[[int], bool]) -> bool:
     """Move one entry from `counts[i]` to the largest other count `j` with `can_take(j)` (ties: the first), in place;
-    leave `counts` as it is when none can take it."""
+    leave `counts` as it is when none can take it. Returns whether an entry moved."""
     takers = [j for j in range(len(counts)) if j != i and can_take(j)]
-    if takers:
-        j = max(takers, key=lambda t: counts[t])  # max() keeps the first of equal counts
-        counts[i] -= 1
-        counts[j] += 1
+    if not takers:
+        return False
+    j = max(takers, key=lambda t: counts[t])  # max() keeps the first of equal counts
+    counts[i] -= 1
+    counts[j] += 1
+    return True

@@ -49,6 +49,8 @@ from .parts import (
 )
 
 SELECTION_SCOPES = ("module", "global")
+BUDGET_SPLIT_VERSIONS = (1, 2)
+BUDGET_SPLIT_VERSION = 2  # of new configs; see `APETConfig.budget_split_version`
 
 
 class APETPeftType(str, enum.Enum):
@@ -203,6 +205,17 @@ class APETConfig(PeftConfig):
         },
     )
 
+    budget_split_version: int = field(
+        default=BUDGET_SPLIT_VERSION,
+        metadata={
+            "help": "Version of the rule that splits a part's budget across its modules (`peft_apet.plan`), kept "
+            "so that saved adapters reload with their shapes. 2 (default): where an aligned two-matrix part would "
+            "leave a module one entry without a partner and no other module can take that entry, the module takes "
+            "a partner's entry from another module. 1: the rule of adapters saved by peft-apet 0.1 and 0.2.0.dev0; "
+            "loading an adapter_config.json without this field sets it."
+        },
+    )
+
     def __post_init__(self) -> None:
         if self.task_type is not None and self.task_type not in list(TaskType):
             raise ValueError(f"`task_type` must be one of {[t.value for t in TaskType]}, got {self.task_type!r}.")
@@ -238,6 +251,7 @@ class APETConfig(PeftConfig):
             self.modules_to_save = list(self.modules_to_save)
         self.trainable_token_indices = _checked_token_indices(self.trainable_token_indices)
         check_choice("selection_scope", self.selection_scope, SELECTION_SCOPES)
+        check_choice("budget_split_version", self.budget_split_version, BUDGET_SPLIT_VERSIONS)
         if self.selection_scope == "global":
             scored = [p for p in parts if p.mask_strategy != "random"]
             if not scored:
@@ -280,6 +294,8 @@ class APETConfig(PeftConfig):
             # PeftModelForSequenceClassification appends its head names on every load: save each name once, so
             # that save -> load -> save writes the same adapter_config.json.
             out["modules_to_save"] = list(dict.fromkeys(out["modules_to_save"]))
+        if out["budget_split_version"] == 1:
+            del out["budget_split_version"]  # loads back as 1 (`check_kwargs`), and stays readable by peft-apet 0.1
         if out["trainable_token_indices"] is None:
             del out["trainable_token_indices"]  # adapters without token rows stay readable by peft-apet 0.1
         return out
@@ -316,6 +332,8 @@ class APETConfig(PeftConfig):
                 "adapter_config.json, it was probably saved by a newer peft-apet: upgrade with "
                 "`pip install -U peft-apet` rather than load it with those settings silently ignored."
             )
+        # an adapter saved before the field existed split its budget by rule 1; it must reload with those shapes
+        kwargs = {"budget_split_version": 1, **kwargs}
         parts = kwargs.get("parts")
         if isinstance(parts, list):  # PEFT's `from_pretrained` builds the config from what this returns
             # a part saved before mask pairing existed (peft-apet 0.1) drew its masks independently

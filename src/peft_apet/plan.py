@@ -316,7 +316,8 @@ def plan_adapter(model: nn.Module, config: APETConfig, adapter_name: str = "defa
     for part in config.parts:
         entries = per_part[part.operation]
         recorded = part.mask_counts if recorded_counts else None
-        module_counts = _module_counts(part, entries, part_counts[part.operation], recorded)
+        module_counts = _module_counts(part, entries, part_counts[part.operation], recorded,
+                                       pull=config.budget_split_version >= 2)
         for (name, module, shapes), count in zip(entries, module_counts):
             features = module.embedding_dim if kinds[name] == "embedding" else output_features(module) or 0
             plan = modules.setdefault(name, ModulePlan(name, kinds[name], features))
@@ -375,16 +376,18 @@ def _no_lone_entry_in_aligned_parts(config: APETConfig, counts: dict[str, int], 
 
 
 def _module_counts(part: APETPart, entries: list[tuple[str, nn.Module, dict[str, tuple[int, ...]]]],
-                   total: int, recorded: dict[str, int] | None) -> list[int]:
+                   total: int, recorded: dict[str, int] | None, pull: bool) -> list[int]:
     """Entries of each module of a part: split by capacity, or as a mask strategy chose them (`recorded`, the part's
-    `mask_counts`). `entries`: `(name, module, shape by role)` of each targeted module."""
+    `mask_counts`). `entries`: `(name, module, shape by role)` of each targeted module; `pull`: see
+    `peft_apet.budget.avoid_unpaired_counts`."""
     names = [name for name, _, _ in entries]
     capacities = [sum(math.prod(s) for s in shapes.values()) for _, _, shapes in entries]
     if recorded is None:
         counts = allocate_budget(capacities, total)
         if _is_aligned(part):  # a pair's first matrix holds one rank unit per row
             units = [next(iter(shapes.values()))[0] for _, _, shapes in entries]
-            counts = avoid_unpaired_counts(counts, capacities, [c // u for c, u in zip(capacities, units)], part.mask)
+            counts = avoid_unpaired_counts(counts, capacities, [c // u for c, u in zip(capacities, units)], part.mask,
+                                           pull)
         return counts
     if set(recorded) != set(names) or sum(recorded.values()) != total or any(
             recorded[n] > c for n, c in zip(names, capacities)):
