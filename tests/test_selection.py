@@ -21,7 +21,15 @@ from conftest import model_inputs, model_output, tiny_bert, tiny_llama
 from peft import get_peft_model
 from torch import nn
 
-from peft_apet import APETConfig, APETLayer, APETPart, calibrate_masks, plan_adapter, register_mask_strategy
+from peft_apet import (
+    APETConfig,
+    APETLayer,
+    APETPart,
+    calibrate_masks,
+    count_trainable_parameters,
+    plan_adapter,
+    register_mask_strategy,
+)
 from peft_apet.modules import base_tensor
 from peft_apet.selection import select_top_k
 
@@ -148,8 +156,11 @@ def test_magnitude_on_new_bias_vectors_is_refused_before_the_model_changes():
     base = tiny_llama()  # bias-free: a bias part adds new vectors, which have no magnitude
     config = APETConfig.bitfit(mask="discrete", num_trainable_params=10, mask_strategy="magnitude",
                                task_type="CAUSAL_LM")
-    with pytest.raises(ValueError, match=r"module model\.layers\.0\.self_attn\.q_proj: .*has no bias"):
+    refusal = r"module model\.layers\.0\.self_attn\.q_proj: .*has no bias"
+    with pytest.raises(ValueError, match=refusal):
         get_peft_model(base, config)
+    with pytest.raises(ValueError, match=refusal):
+        count_trainable_parameters(base, config)  # counts what get_peft_model accepts, nothing else
     assert not any(isinstance(m, APETLayer) for m in base.modules())
 
 

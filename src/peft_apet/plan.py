@@ -413,5 +413,10 @@ def count_trainable_parameters(model: nn.Module, config: APETConfig) -> int:
 
     Returns:
         The number of trainable parameters, exactly as `print_trainable_parameters` will report them.
+
+    Raises:
+        ValueError: for every config `get_peft_model` would refuse on `model` while planning (targets, budgets,
+            a data-free mask strategy that cannot score a target).
     """
-    return plan_adapter(model, config, select=False).num_trainable_params
+    # select=True scores data-free strategies as `get_peft_model` does, so a config it refuses is refused here too
+    return plan_adapter(model, config).num_trainable_params
