@@ -33,7 +33,9 @@ def test_the_plan_carries_the_masks_a_data_free_strategy_chose():
     assert config.parts[0].mask_counts is None  # planning does not write into the config
 
     model = get_peft_model(tiny_bert(), config)
-    assert config.parts[0].mask_counts == plan.mask_counts["delta"]  # recorded by the tuner after injection
+    # recorded by the tuner after injection, in the adapter's own copy of the config (the user's stays as given)
+    assert model.peft_config["default"].parts[0].mask_counts == plan.mask_counts["delta"]
+    assert config.parts[0].mask_counts is None
     assert model.base_model.building_plan is None
     for name, module in model.base_model.model.named_modules():
         if isinstance(module, APETLayer):

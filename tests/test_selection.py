@@ -6,6 +6,7 @@ gradients from one autograd call per example, and a linear-regression toy whose 
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import math
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import model_inputs, model_output, tiny_bert, tiny_llama
-from peft import get_peft_model
+from peft import PeftModel, get_peft_model
 from torch import nn
 
 from peft_apet import (
@@ -95,7 +96,7 @@ def test_every_strategy_trains_exactly_k_entries(strategy, scope):
     if scope == "module":
         assert counts == planned
     if strategy != "random":
-        assert config.parts[0].mask_counts == counts
+        assert model.peft_config["default"].parts[0].mask_counts == counts
 
 
 @pytest.mark.parametrize("strategy", ["magnitude", "sam"])
@@ -211,6 +212,43 @@ def test_data_driven_masks_match_an_autograd_per_example_reference():
                     assert_top_k({name: entries}, {name: references[strategy][name]}, len(entries))
 
 
+def test_token_label_losses_weigh_each_example_by_its_own_tokens():
+    """A causal LM averages its loss over the batch's labelled tokens: on padded batches, Fisher and SAM scores are
+    those of each example's own loss (the mean over its tokens), as one autograd call per example gives them."""
+    k, lengths = 300, torch.tensor([8, 2, 8, 3])
+    data = []
+    for seed in range(2):
+        batch = model_inputs("llama", batch=4, length=8, seed=seed)
+        batch["attention_mask"] = (torch.arange(8)[None] < lengths[:, None]).long()
+        batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        data.append(batch)
+    model = tiny_llama()
+    names = [n for n, m in model.named_modules() if n.endswith(("q_proj", "v_proj"))]
+    weights = [model.get_submodule(n).weight for n in names]
+    model.requires_grad_(False)
+    for w in weights:
+        w.requires_grad_(True)
+    total, squares = [torch.zeros_like(w) for w in weights], [torch.zeros_like(w) for w in weights]
+    for batch in data:
+        for i in range(4):
+            grads = torch.autograd.grad(model(**{key: v[i:i + 1] for key, v in batch.items()}).loss, weights)
+            for t, q, g in zip(total, squares, grads):
+                t += g
+                q += g * g
+    fisher = {n: q / 8 for n, q in zip(names, squares)}
+    lam = sum(float(f.sum()) for f in fisher.values()) / sum(f.numel() for f in fisher.values())
+    references = {"fisher": fisher,
+                  "sam": {n: (t / 8) ** 2 / (fisher[n] + lam) for n, t in zip(names, total)}}
+    for strategy, reference in references.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            peft_model = get_peft_model(tiny_llama(), APETConfig.delta(
+                num_trainable_params=k, mask_strategy=strategy, selection_scope="global", task_type="CAUSAL_LM",
+                target_modules=["q_proj", "v_proj"]))
+        calibrate_masks(peft_model, data)
+        assert_top_k({n: chosen_flat(w) for n, w in masked(peft_model).items()}, reference, k)
+
+
 class TwoRegressions(nn.Module):
     """`y = a·x_a + b·x_b` with zero weights: two modules so that global and per-module selection differ."""
 
@@ -287,7 +325,7 @@ def test_calibration_is_deterministic_for_fixed_data():
         config = APETConfig.delta(num_trainable_params=150, mask_strategy="sam", task_type="SEQ_CLS",
                                   selection_scope="global")
         model = calibrate_masks(peft_bert(config), batches())
-        return config.parts[0].mask_counts, [w.index.clone() for w in masked(model).values()]
+        return model.peft_config["default"].parts[0].mask_counts, [w.index.clone() for w in masked(model).values()]
 
     (counts_1, index_1), (counts_2, index_2) = run(), run()
     assert counts_1 == counts_2
@@ -307,6 +345,76 @@ def test_calibration_resets_values_and_restores_the_model_state():
     inputs = model_inputs("bert")
     model.eval()
     torch.testing.assert_close(model_output(model, inputs), model_output(tiny_bert(), inputs))  # identity at init
+
+
+def test_calibration_restores_each_module_training_mode():
+    model = peft_bert(APETConfig.delta(num_trainable_params=100, mask_strategy="fisher", task_type="SEQ_CLS"))
+    model.eval()
+    model.base_model.model.classifier.train()  # a user's mix: calibration must not flatten it to one mode
+    modes = {name: m.training for name, m in model.named_modules()}
+    calibrate_masks(model, batches())
+    assert modes == {name: m.training for name, m in model.named_modules()}
+
+
+def test_a_config_object_reused_for_another_model_is_planned_afresh():
+    """The per-module counts a strategy chose belong to that model: they go into the adapter's own copy of the
+    config, so the same config object on a second model ranks that model's weights, not the first one's split."""
+    config = APETConfig.delta(num_trainable_params=300, mask_strategy="magnitude", selection_scope="global",
+                              task_type="SEQ_CLS")
+    first = get_peft_model(tiny_bert(), config)
+    other = tiny_bert()
+    with torch.no_grad():
+        other.bert.encoder.layer[1].output.dense.weight.mul_(10)  # the global top-k should move there
+    expected = masked(get_peft_model(copy.deepcopy(other), APETConfig.delta(
+        num_trainable_params=300, mask_strategy="magnitude", selection_scope="global", task_type="SEQ_CLS")))
+    second = masked(get_peft_model(other, config))
+    assert {n: chosen_flat(w) for n, w in second.items()} == {n: chosen_flat(w) for n, w in expected.items()}
+    assert second["bert.encoder.layer.1.output.dense"].num_entries == 300
+    assert config.parts[0].mask_counts is None
+    assert first.peft_config["default"].parts[0].mask_counts["bert.encoder.layer.1.output.dense"] < 300
+
+
+def test_two_adapters_given_one_config_object_keep_their_own_counts(tmp_path):
+    config = APETConfig.delta(num_trainable_params=200, mask_strategy="sam", selection_scope="global",
+                              task_type="SEQ_CLS")
+    model = peft_bert(config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        model.add_adapter("b", config)
+    calibrate_masks(model, batches(n=2))
+    counts = {n: w.num_entries for n, w in masked(model).items()}
+    calibrate_masks(model, [model_inputs("bert", batch=4, length=7, seed=99, labels=True)], adapter_name="b")
+    assert model.peft_config["default"].parts[0].mask_counts == counts
+    model.save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(tiny_bert(), tmp_path)
+    assert {n: w.num_entries for n, w in masked(reloaded).items()} == counts
+
+
+def test_mask_strategies_refuse_merged_adapters_and_change_nothing(tmp_path):
+    """Strategies score the pre-trained weights, and a mask cannot change under a merged delta (unmerging would
+    subtract the new one): calibrating, or adding a magnitude adapter, while an adapter is merged is refused."""
+    base = tiny_bert()
+    model = peft_bert(APETConfig.delta(num_trainable_params=300, mask_strategy="magnitude", task_type="SEQ_CLS"))
+    with torch.no_grad():
+        for w in masked(model).values():
+            w.values.add_(0.5)
+    model.save_pretrained(tmp_path)
+    model.merge_adapter()
+    merged = {n: p.clone() for n, p in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"calibrate_masks: APET adapters \['default'\] are merged.*unmerge_adapter"):
+        calibrate_masks(model)
+    with pytest.raises(ValueError, match=r"data-free mask_strategy.*\['default'\] are merged"):
+        model.add_adapter("b", APETConfig.delta(num_trainable_params=30, mask_strategy="magnitude",
+                                                task_type="SEQ_CLS"))
+    assert "b" not in model.peft_config
+    assert all(torch.equal(p, merged[n]) for n, p in model.state_dict().items())
+    model.load_adapter(tmp_path, adapter_name="saved")  # a saved adapter's masks come from its file: allowed
+    model.unmerge_adapter()
+    originals = dict(base.named_modules())
+    for name, module in model.base_model.model.named_modules():
+        if isinstance(module, APETLayer):
+            # merge -> unmerge rounds in float32 (as PEFT's does); a corrupted unmerge would be off by the 0.5s
+            torch.testing.assert_close(module.get_base_layer().weight, originals[name].weight, rtol=0, atol=1e-6)
 
 
 def test_a_data_driven_adapter_warns_that_its_masks_are_placeholders():
@@ -470,7 +578,7 @@ def test_global_masks_reload_in_a_fresh_process_without_calibration_or_registrat
         task_type="SEQ_CLS", selection_scope="global")
     tiny_bert().save_pretrained(tmp_path / "base")
     model = calibrate_masks(peft_bert(config), batches())
-    counts = config.part("delta").mask_counts
+    counts = model.peft_config["default"].part("delta").mask_counts
     assert len(set(counts.values())) > 1  # uneven: the shapes do not follow from the budget split alone
     with torch.no_grad():
         for name, p in model.named_parameters():

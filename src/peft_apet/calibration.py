@@ -6,7 +6,10 @@ a zero vector that requires grad to its output, so the output joins the autograd
 `G` of the loss with respect to that output in backward. With the module input `X`, example n's contribution to
 the weight gradient is `G_n^T X_n` (summed over its tokens), and to the bias gradient the sum of `G_n` over tokens.
 The loss is taken to be the mean over the `B` examples of a batch (as Hugging Face models compute it), so the
-gradient of example n's own loss is `g_n = B · G_n^T X_n`. Over the `N` calibration examples:
+gradient of example n's own loss is `g_n = B · G_n^T X_n`; with token labels (causal and masked LMs, seq2seq,
+token classification) Hugging Face averages over the batch's `T` labelled tokens instead, and example n's own loss
+(the mean over its `T_n` tokens) has `g_n = (T / T_n) · G_n^T X_n`, so padded batches weigh every example alike.
+Over the `N` calibration examples:
 `g = (1/N) Σ g_n` (the gradient of the mean calibration loss) and `F = (1/N) Σ g_n ⊙ g_n` (the diagonal of the
 empirical Fisher, as Sung et al.'s FISH mask). Per-example weight gradients are formed a few examples at a time
 (`_CHUNK_ELEMENTS`) and squared into the running sum, never stored for the batch. Rankings do not depend on the
@@ -33,7 +36,9 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+from .checks import check_nothing_merged
 from .config import APETConfig, APETPart
 from .modules import base_layer_of
 from .plan import plan_adapter, record_mask_counts
@@ -77,10 +82,11 @@ class _OutputProbe:
         self.name = name
         self.stats = stats
         self.batch_size: int | None = None
+        self.weights: torch.Tensor | None = None  # `(batch,)`: see `_example_weights`; None: `batch` for each
         self.calls = 0
 
-    def start_batch(self, batch_size: int | None) -> None:
-        self.batch_size = batch_size
+    def start_batch(self, batch_size: int | None, weights: torch.Tensor | None) -> None:
+        self.batch_size, self.weights = batch_size, weights
         self.calls = 0
 
     def __call__(self, module: nn.Module, args: tuple, output: Any) -> torch.Tensor:
@@ -101,8 +107,10 @@ class _OutputProbe:
 
     def _accumulate(self, inputs: torch.Tensor | None, grad: torch.Tensor) -> None:
         batch = grad.shape[0]
-        # The loss is the mean over the batch: example n's own gradient is `batch` times its share.
-        g = grad.detach().float().reshape(batch, -1, grad.shape[-1]) * batch
+        # The loss is the mean over the batch: example n's own gradient is `batch` times its share (or, for a mean
+        # over tokens, `_example_weights`).
+        g = grad.detach().float().reshape(batch, -1, grad.shape[-1])
+        g = g * (batch if self.weights is None else self.weights.to(g.device).view(-1, 1, 1))
         for role, stats in self.stats.items():
             if role == "bias":
                 per_token = g.sum(1)
@@ -117,6 +125,18 @@ class _OutputProbe:
 def _batch_size(batch: Any) -> int | None:
     values = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (list, tuple)) else [batch]
     return next((v.shape[0] for v in values if isinstance(v, torch.Tensor) and v.dim() > 0), None)
+
+
+def _example_weights(batch: Any, shifted: bool) -> torch.Tensor | None:
+    """Per-example factors `(batch,)` that turn the gradient of the batch's loss into each example's own: None
+    (`batch` each) where the loss is a mean over examples. Hugging Face models average a loss over token labels
+    over the batch's `T` labelled tokens (`labels != -100`; a causal LM's `shifted` by one), so example n, with
+    `T_n` of them, has its own mean-over-its-tokens loss's gradient at `T / T_n` times its share (0 where `T_n = 0`)."""
+    labels = batch.get("labels") if isinstance(batch, Mapping) else None
+    if not isinstance(labels, torch.Tensor) or labels.dim() < 2 or labels.is_floating_point():
+        return None
+    counts = (labels[:, 1:] if shifted else labels).ne(-100).flatten(1).sum(1).float()
+    return (counts.sum() / counts).nan_to_num(posinf=0.0) * (counts > 0)
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:
@@ -150,11 +170,13 @@ def _limited(data: Iterable, max_batches: int | None) -> Iterator:
 
 def _collect_statistics(model: nn.Module, probes: dict[str, _OutputProbe], data: Iterable, max_batches: int | None,
                         loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None) -> None:
-    """Run the calibration batches with adapters disabled, eval mode, every parameter frozen; restore all after."""
+    """Run the calibration batches with adapters disabled, eval mode, every parameter frozen; restore all after
+    (every module's training mode and every parameter's `requires_grad`)."""
     inner = model.base_model.model
+    shifted = type(inner).__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()  # labels[:, 1:] predict
     handles = [base_layer_of(inner, name).register_forward_hook(probe) for name, probe in probes.items()]
     trainable = {p: p.requires_grad for p in model.parameters()}
-    was_training = model.training
+    modes = {m: m.training for m in model.modules()}  # per module: a user may keep some in eval mode
     device = next(iter(trainable)).device
     batches = 0
     try:
@@ -163,8 +185,9 @@ def _collect_statistics(model: nn.Module, probes: dict[str, _OutputProbe], data:
         with model.disable_adapter(), torch.enable_grad():
             for batch in _limited(data, max_batches):
                 batch = _to_device(batch, device)
+                weights = _example_weights(batch, shifted) if loss_fn is None else None
                 for probe in probes.values():
-                    probe.start_batch(_batch_size(batch))
+                    probe.start_batch(_batch_size(batch), weights)
                 loss = loss_fn(model, batch) if loss_fn is not None else _default_loss(model, batch)
                 if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
                     raise ValueError(f"the calibration loss must be a scalar tensor, got {loss!r}.")
@@ -177,7 +200,8 @@ def _collect_statistics(model: nn.Module, probes: dict[str, _OutputProbe], data:
             handle.remove()
         for param, flag in trainable.items():
             param.requires_grad_(flag)
-        model.train(was_training)
+        for module, mode in modes.items():
+            module.training = mode
     if batches == 0:
         raise ValueError("calibration got no batches: the dataloader is empty.")
 
@@ -252,10 +276,13 @@ def calibrate_masks(
     Scores are taken at the pre-trained model (adapters disabled), in eval mode, deterministically for a fixed
     model and data order. Each part keeps its exact budget: per module, or across modules with
     `config.selection_scope == "global"`. The chosen masks replace the part's index buffers, its values are reset to
-    their initial values, and the per-module counts are written to `part.mask_counts` (saved with the adapter, so
-    `PeftModel.from_pretrained` reloads it without calibrating). Returns `model`.
+    their initial values, and the per-module counts are written to `part.mask_counts` of the adapter's config,
+    `model.peft_config[adapter_name]` (saved with the adapter, so `PeftModel.from_pretrained` reloads it without
+    calibrating; the config object given to `get_peft_model` is not changed). Every adapter must be unmerged
+    (ValueError otherwise, before anything changes). Returns `model`.
     """
     config, adapter_name = _adapter_config(model, adapter_name)
+    check_nothing_merged(model, "calibrate_masks")
     scored = [p for p in config.parts if p.mask_strategy != "random"]
     if not scored:
         raise ValueError(f"APET adapter {adapter_name!r} has no part with a mask_strategy to calibrate (all parts are "

@@ -277,3 +277,14 @@ def check_merge_is_finite(model: nn.Module, adapter_names: list[str]) -> None:
     if broken:
         raise ValueError(f"NaNs or infs detected while merging APET adapters {adapter_names} into {_names(broken)}; "
                          "the adapter seems broken. No base weight was changed.")
+
+
+def check_nothing_merged(model: nn.Module, action: str) -> None:
+    """Raise ValueError if any APET adapter is merged into `model`'s base weights. Mask strategies score the
+    pre-trained weights, and a mask cannot change under a merged delta (unmerging would subtract the new one), so
+    `action` (e.g. "calibrate_masks") needs every adapter unmerged; nothing is changed."""
+    merged = sorted({a for module in model.modules() if isinstance(module, APETLayer) for a in module.merged_adapters})
+    if merged:
+        raise ValueError(f"{action}: APET adapters {merged} are merged into the base weights, which mask strategies "
+                         "would score instead of the pre-trained ones. Call `model.unmerge_adapter()` first (and "
+                         "`merge_adapter()` after); nothing was changed.")

@@ -79,11 +79,15 @@ class APETLayer(BaseTunerLayer):
 
     def replace_mask(self, adapter_name: str, tensor: TensorPlan, init_weights: bool = True) -> None:
         """Give tensor `tensor.role` of `adapter_name` the mask `tensor.index` (chosen by a strategy) with
-        `tensor.num_entries` entries, and initial values; same device, dtype and trainability as before."""
+        `tensor.num_entries` entries, and initial values; same device, dtype, trainability and training mode as
+        before."""
         old = self.apet_weights[adapter_name][tensor.role]
         new = MaskedWeight(tensor, init_weights).to(device=old.values.device, dtype=old.values.dtype)
         new.values.requires_grad_(old.values.requires_grad)
+        new.train(old.training)
         self.apet_weights[adapter_name][tensor.role] = new
+        if is_bnb_quantized(self.get_base_layer()):  # as `update_layer` does: index arrays made now, not in forward
+            prepare_layouts([new], input_gradients=quantization_of(self.get_base_layer()) != BNB_4BIT)
 
     def operations(self, adapter_name: str) -> list[str]:
         """Operations `adapter_name` has on this layer, e.g. `["delta", "lora"]`."""

@@ -5,11 +5,13 @@ Injection follows PEFT's `BaseTuner.inject_adapter`; APET adds one step before a
 the masks of data-free strategies; `ValueError` on bad targets or budgets), checks an adapter folder being loaded
 against the plan (`peft_apet.checks.check_checkpoint_fits_plan`), and keeps the plan in `building_plan`; each matched
 module is then wrapped once, with its final masks, from its `ModulePlan`. After injection the chosen per-module
-counts are recorded in the config (`peft_apet.plan.record_mask_counts`).
+counts are recorded in the adapter's config (`peft_apet.plan.record_mask_counts`); for a config with mask strategies
+that is a copy, so the object the user passed can be reused on another model or adapter.
 """
 
 from __future__ import annotations
 
+import copy
 import warnings
 from typing import Any
 
@@ -17,7 +19,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
-from .checks import check_checkpoint_fits_plan, check_merge_is_finite, check_state_fits_model
+from .checks import check_checkpoint_fits_plan, check_merge_is_finite, check_nothing_merged, check_state_fits_model
 from .config import APETConfig
 from .export import modules_gaining_a_bias, warn_new_biases
 from .layer import APETLayer, Linear, OutputLayer, PromptEmbedding
@@ -27,7 +29,7 @@ from .packing import is_packed_key, pack_entries
 from .plan import AdapterPlan, ModulePlan, TensorPlan, plan_adapter, record_mask_counts, summary_table
 from .prompt import prepend_prompt
 from .quantized import check_quantized_mergeable
-from .strategies import is_data_driven
+from .strategies import data_free_score_fn, is_data_driven
 from .tokens import TOKENS_ROLE, token_layers
 
 
@@ -94,6 +96,10 @@ class APETModel(BaseTuner):
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs: Any) -> None:
         config = self.peft_config[adapter_name]
+        if any(p.mask_strategy != "random" for p in config.parts):
+            # The counts recorded below (and by calibrate_masks) belong to this model and adapter: record them in the
+            # adapter's own copy, so that a config object reused for another model or adapter is planned afresh.
+            config = self.peft_config[adapter_name] = copy.deepcopy(config)
         for part in config.parts:
             if is_data_driven(part.mask_strategy) and part.mask_counts is None:
                 warnings.warn(f"APET part '{part.operation}' uses mask_strategy={part.mask_strategy!r}: its masks are "
@@ -118,8 +124,11 @@ class APETModel(BaseTuner):
 
     def _prepare_model(self, peft_config: APETConfig, model: nn.Module) -> None:
         # Runs before PEFT matches or replaces any module: every target, budget and checkpoint error surfaces here.
+        folder = adapter_folder_being_loaded()
+        if folder is None and any(data_free_score_fn(p.mask_strategy) is not None for p in peft_config.parts):
+            check_nothing_merged(model, "adding an adapter whose masks a data-free mask_strategy chooses")
         plan = plan_adapter(model, peft_config)
-        check_checkpoint_fits_plan(adapter_folder_being_loaded(), plan, model)
+        check_checkpoint_fits_plan(folder, plan, model)
         self.prompt_ids = _prompt_token_ids(peft_config)
         self.building_plan = plan
 

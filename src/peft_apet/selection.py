@@ -22,14 +22,16 @@ Data-driven strategies (`gradient`, `fisher`, `sam`) are scored by `peft_apet.ca
 states the per-example gradients, the Fisher estimate and SAM's Hessian approximation.
 
 Budgets. `selection_scope="module"` (default) keeps every module's planned number of entries and ranks entries
-within each module (lines, by their summed scores, for adjacent masks). `"global"` ranks all entries of a part
-across its modules (the paper's setting): the part keeps its exact total, and the per-module counts the scores
-earn are recorded in `part.mask_counts`, so that `PeftModel.from_pretrained` rebuilds those shapes (the masks
-themselves are in the checkpoint) without recalibrating. Ties are broken by position: module order, then flat
-index. The global k-th largest score is found by bisection on float32 bit patterns (at most 32 counting passes),
-so scores are never concatenated or sorted. Memory: scores of a part are one float32 tensor per targeted tensor;
-calibration holds at most two per targeted tensor (`sam`: the summed gradient, what `.grad` would hold in full
-fine-tuning, and one running sum of squares) and the inputs of the targeted modules for one batch.
+within each module (lines, by their summed scores, for adjacent masks: the `ceil(k / L)` best lines, of which the
+highest-numbered holds the `k mod L` remainder as its first entries, the adjacent format's one partial line).
+`"global"` ranks all entries of a part across its modules (the paper's setting): the part keeps its exact total, and
+the per-module counts the scores earn are recorded in `part.mask_counts`, so that `PeftModel.from_pretrained`
+rebuilds those shapes (the masks themselves are in the checkpoint) without recalibrating. Ties are broken by
+position: module order, then flat index. The global k-th largest score is found by bisection on float32 bit patterns
+(at most 32 counting passes), so scores are never concatenated or sorted. Memory: scores of a part are one float32
+tensor per targeted tensor; calibration holds at most two per targeted tensor (`sam`: the summed gradient, what
+`.grad` would hold in full fine-tuning, and one running sum of squares) and the inputs of the targeted modules for
+one batch.
 
 Lifecycle. Data-free strategies choose their masks while the adapter is planned (`peft_apet.plan.plan_adapter`,
 from the base weights, before any module is replaced: an error leaves the model as it was); the plan carries the
