@@ -70,13 +70,20 @@ def _require(module: str, install: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def _dedupe(split: Split, exclude: frozenset[str] | set[str] = frozenset()) -> Split:
-    """Drop repeated texts (keeping the first) and texts in ``exclude``, so that splits never share a text."""
+def same_words(text: str) -> str:
+    """`text` with its whitespace collapsed: two copies of an article that differ only in line breaks are one text."""
+    return " ".join(text.split())
+
+
+def _dedupe(split: Split, exclude: frozenset[str] | set[str] = frozenset(),
+            key: Callable[[str], str] = lambda text: text) -> Split:
+    """Drop repeated texts (keeping the first; compared by ``key``) and texts in ``exclude``, so that splits never
+    share a text."""
     seen = set(exclude)
     texts, labels = [], []
     for text, label in zip(*split):
-        if text not in seen:
-            seen.add(text)
+        if key(text) not in seen:
+            seen.add(key(text))
             texts.append(text)
             labels.append(label)
     return texts, labels
@@ -302,8 +309,8 @@ def build_dataset_dict(splits: dict[str, Split], label_names: Sequence[str], des
 def _loaded_task(name: str) -> dict[str, Split]:
     """Run a registry loader and de-duplicate texts, also removing from the train pool any text of the test split."""
     raw = TASKS[name].loader()
-    if "test" not in raw:
-        return {"all": _dedupe(raw["all"])}
+    if "test" not in raw:  # one pool, split here: copies that differ in whitespace would land in two splits
+        return {"all": _dedupe(raw["all"], key=same_words)}
     test = _dedupe(raw["test"])
     return {"train": _dedupe(raw["train"], exclude=set(test[0])), "test": test}
 

@@ -232,6 +232,9 @@ class MethodArguments:
                                  f"'1e-3,1e-2'), got {self.lr_search!r}")
         if not 0 < self.lr_search_fraction <= 1:
             raise ValueError(f"--lr_search_fraction must be in (0, 1], got {self.lr_search_fraction}")
+        if self.method in ("prompt", "full") and self.target_modules is not None:
+            raise ValueError(f"--target_modules does not apply to --method {self.method} (a prompt is prepended at the "
+                             "input embedding; full fine-tuning trains every module): drop it.")
         if self.method == "full":
             if self.num_trainable_params is not None or self.mask not in (None, "none"):
                 raise ValueError("--method full trains every parameter: drop --num_trainable_params and --mask.")
@@ -332,8 +335,8 @@ def apet_config(method_args: MethodArguments, task_type: str, seed: int) -> APET
     targets = _csv(method_args.target_modules)
     if method_args.method != "prompt":
         common["target_modules"] = targets
-    if method_args.method in ("prompt", "lora", "adapter", "delta"):
-        common["mask_axis"] = method_args.mask_axis
+    if method_args.method in ("prompt", "lora", "adapter", "delta") or method_args.mask_axis != 0:
+        common["mask_axis"] = method_args.mask_axis  # bitfit: the preset refuses any axis but 0, naming it
     preset = {
         "prompt": lambda: APETConfig.prompt(num_virtual_tokens=method_args.num_virtual_tokens, **common),
         "lora": lambda: APETConfig.lora(r=method_args.lora_r, lora_alpha=method_args.lora_alpha, **common),
@@ -418,14 +421,15 @@ class GenerationFormat:
                              "--label_words with other words.")
         self.first_token_ids = first
         self.choices = choices
+        # tokens left for the prompt's head and text, once the tail, the longest answer and EOS fit
+        self.room = self.max_length - len(self.tail_ids) - max(len(w) for w in self.word_ids) - 1
+        if self.room < 1:
+            raise ValueError(f"--max_seq_length {self.max_length} leaves no room for the text after the template.")
 
     def prompt_ids(self, text: str, text_pair: str | None = None) -> list[int]:
         """Prompt tokens; the text is cut so that prompt + the longest answer fit in `max_length`."""
         body = self.tokenizer(self.head.format(text=text, text_pair=text_pair, choices=self.choices))["input_ids"]
-        room = self.max_length - len(self.tail_ids) - max(len(w) for w in self.word_ids) - 1
-        if room < 1:
-            raise ValueError(f"--max_seq_length {self.max_length} leaves no room for the text after the template.")
-        return body[:room] + self.tail_ids
+        return body[:self.room] + self.tail_ids
 
     def answer_ids(self, label: int) -> list[int]:
         eos = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
@@ -545,8 +549,10 @@ def planned_steps(training_args: TrainingArguments, train_rows: int) -> int:
     """Optimizer steps of the run: `--max_steps`, or epochs x the batches of an epoch (as Trainer counts them)."""
     if training_args.max_steps > 0:
         return training_args.max_steps
-    batches = math.ceil(train_rows / (training_args.train_batch_size * training_args.world_size))
-    per_epoch = max(batches // training_args.gradient_accumulation_steps, 1)
+    rows_per_batch = training_args.train_batch_size * training_args.world_size
+    batches = train_rows // rows_per_batch if training_args.dataloader_drop_last else math.ceil(
+        train_rows / rows_per_batch)
+    per_epoch = max(math.ceil(batches / training_args.gradient_accumulation_steps), 1)  # a last partial one counts
     return math.ceil(training_args.num_train_epochs * per_epoch)
 
 
@@ -637,6 +643,13 @@ def main(args: Sequence[str] | None = None) -> dict[str, Any]:
 
         if training_args.output_dir == AUTO_OUTPUT_DIR:
             training_args.output_dir = default_output_dir(data_args, method_args)
+        saved = [f for f in ("adapter_config.json", "results.json") if (Path(training_args.output_dir) / f).exists()]
+        if saved and not training_args.do_train:
+            raise ValueError(f"--do_train false evaluates a new, untrained adapter, and {training_args.output_dir} "
+                             f"holds a saved run ({', '.join(saved)}) whose results and model card it would "
+                             "overwrite: give another --output_dir (a saved adapter is evaluated by loading it with "
+                             "PeftModel.from_pretrained).")
+        resume = resume_checkpoint(training_args) if training_args.do_train else None
         if not (torch.cuda.is_available() or torch.backends.mps.is_available()):
             training_args.dataloader_pin_memory = False  # pinning needs an accelerator; on CPU it only warns
         # Everything that can be wrong with the arguments or the data fails here, before any training.
@@ -723,7 +736,7 @@ def main(args: Sequence[str] | None = None) -> dict[str, Any]:
         results["lr_search"] = search
     if training_args.do_train:
         start, cpu_start = time.perf_counter(), time.process_time()
-        output = trainer.train(resume_from_checkpoint=resume_checkpoint(training_args))
+        output = trainer.train(resume_from_checkpoint=resume)
         results["train_time_s"] = round(time.perf_counter() - start, 1)
         # CPU seconds of this process (all its threads): less sensitive than wall time to other jobs on the machine.
         results["train_cpu_time_s"] = round(time.process_time() - cpu_start, 1)
@@ -754,7 +767,7 @@ def main(args: Sequence[str] | None = None) -> dict[str, Any]:
         with open(Path(training_args.output_dir) / "results.json", "w") as handle:
             json.dump(results, handle, indent=2)
     if training_args.push_to_hub:
-        trainer.push_to_hub(finetuned_from=model_args.model_name_or_path, tags=["apet", method_args.method],
+        trainer.push_to_hub(finetuned_from=model_name, tags=["apet", method_args.method],
                             dataset=data_args.dataset_name)
     elif isinstance(model, PeftModel):
         model.create_or_update_model_card(training_args.output_dir)  # the card carries the metrics now

@@ -243,6 +243,9 @@ def _no_model_loading(monkeypatch):
         (["--lr_search", "auto", "--do_train", "false"], "needs --do_train"),
         (["--method", "lora", "--mask", "discrete", "--num_trainable_params", "100", "--resume_from_checkpoint",
           "last"], "no --resume_from_checkpoint"),
+        (["--method", "bitfit", "--resume_from_checkpoint", "last"], "--resume_from_checkpoint last: no checkpoint"),
+        (["--method", "prompt", "--target_modules", "query"], "--target_modules does not apply to --method prompt"),
+        (["--method", "full", "--target_modules", "query"], "--target_modules does not apply to --method full"),
     ],
 )
 def test_bad_arguments_fail_before_loading_anything(tmp_path, monkeypatch, args, message):
@@ -250,6 +253,40 @@ def test_bad_arguments_fail_before_loading_anything(tmp_path, monkeypatch, args,
     with pytest.raises(ValueError, match=message):
         run_apet.main([*TINY, *args, "--output_dir", str(tmp_path / "run")])
     assert not (tmp_path / "run").exists()
+
+
+def test_an_evaluation_without_training_never_overwrites_a_saved_run(tmp_path, monkeypatch):
+    _no_model_loading(monkeypatch)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "results.json").write_text('{"test_accuracy": 0.8}')
+    with pytest.raises(ValueError, match=r"--do_train false evaluates a new, untrained adapter.*results\.json"):
+        run_apet.main([*TINY, "--method", "bitfit", "--do_train", "false", "--output_dir", str(run)])
+    assert [p.name for p in run.iterdir()] == ["results.json"]
+    assert (run / "results.json").read_text() == '{"test_accuracy": 0.8}'
+
+
+def test_bitfit_refuses_a_mask_axis_it_cannot_use(tmp_path, monkeypatch):
+    monkeypatch.setattr(run_apet.Trainer, "train", lambda *a, **k: pytest.fail("training started"))
+    with pytest.raises(ValueError, match="mask_axis"):
+        run_apet.main(["--method", "bitfit", "--mask", "adjacent", "--num_trainable_params", "500", "--mask_axis",
+                       "1", *TINY, "--output_dir", str(tmp_path / "run")])
+
+
+@pytest.mark.parametrize("rows,batch,accumulation,drop_last,steps", [
+    (16, 4, 3, False, 2),  # 4 batches: one full accumulation and a partial one, which Trainer steps on too
+    (18, 4, 3, False, 2),  # 5 batches
+    (18, 4, 3, True, 2),  # 4 full batches
+    (16, 4, 1, False, 4),
+])
+def test_planned_steps_count_as_the_trainer_does(tmp_path, rows, batch, accumulation, drop_last, steps):
+    from transformers import TrainingArguments
+
+    args = TrainingArguments(str(tmp_path), per_device_train_batch_size=batch, num_train_epochs=1,
+                             gradient_accumulation_steps=accumulation, dataloader_drop_last=drop_last)
+    assert run_apet.planned_steps(args, rows) == steps
+    batches = rows // batch if drop_last else -(-rows // batch)
+    assert steps == max(batches // accumulation + int(batches % accumulation > 0), 1)  # transformers' formula
 
 
 @pytest.mark.parametrize("flag", ["--method", "--mask", "--task_type"])
@@ -364,6 +401,13 @@ def test_decoder_lr_search_scores_candidates_by_generation(tmp_path, tiny_decode
     assert picked["validation_accuracy"] == max(c["validation_accuracy"] for c in candidates)
     assert results["eval_accuracy"] == picked["validation_accuracy"]  # the run trained like its candidate
     assert all(c["validation_loss"] is None for c in candidates)  # scored by generation: no loss to break ties
+
+
+def test_a_sequence_length_without_room_for_the_text_is_a_usage_error(tmp_path, tiny_decoder, monkeypatch):
+    monkeypatch.setattr(run_apet.Trainer, "train", lambda *a, **k: pytest.fail("training started"))
+    with pytest.raises(run_apet.UsageError, match="--max_seq_length 3 leaves no room"):
+        run_apet.main(["--model_name_or_path", tiny_decoder, "--method", "bitfit", *TINY, "--max_seq_length", "3",
+                       "--output_dir", str(tmp_path / "run")])
 
 
 def test_sft_refuses_an_encoder(tmp_path, monkeypatch):

@@ -133,6 +133,8 @@ def test_script_push_to_hub_uploads_the_trained_adapter_with_its_card(tmp_path, 
     assert card.count(SECTION_START) == 1 and LOAD_LINE in card
     assert "| delta | default | 36 | discrete | 400 |" in card  # 6 layers x (q, k, v, attn out, ffn in, ffn out)
     assert f"| test_accuracy | {results['test_accuracy']:.4f} |" in card
+    # the base model is named by its Hub id, never by this machine's folder of the offline weights
+    assert "sentence-transformers/all-MiniLM-L6-v2" in card and str(Path(minilm_path()).parent) not in card
 
     # The uploaded folder, in a fresh process, gives the accuracy the script reported.
     repo = tmp_path / "repo"
