@@ -192,3 +192,38 @@ def test_a_key_matching_two_modules_that_share_a_weight_is_refused():
     config = APETConfig.combine(APETConfig.delta(mask="discrete"), num_trainable_params=500, task_type=task_type,
                                 trainable_token_indices={"shared": [3, 4]})
     assert get_peft_model(factory(), config).get_nb_trainable_parameters()[0] == 500
+
+
+@pytest.mark.parametrize("first,second", [([5, 6], None), (None, [5, 6])])
+def test_adapters_of_one_model_with_rows_on_different_modules_are_refused(first, second):
+    """PEFT cannot save such a pair (KeyError in `get_peft_model_state_dict`, for its own LoRA too): refused when
+    the second adapter is added, before it changes the model, instead of at save time after training."""
+    model = get_peft_model(tiny_llama(), APETConfig.lora(r=2, task_type="CAUSAL_LM", trainable_token_indices=first))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"adapter 'other' trains token rows \(`trainable_token_indices`\) of "
+                                         r".*other adapters \['default'\].*PEFT cannot save"):
+        model.add_adapter("other", APETConfig.lora(r=2, task_type="CAUSAL_LM", trainable_token_indices=second))
+    assert list(model.peft_config) == ["default"]
+    assert {k: v for k, v in model.state_dict().items()}.keys() == before.keys()
+
+
+def test_adapters_with_rows_on_the_same_module_save_and_reload(tmp_path):
+    inputs = model_inputs("llama")
+    model = get_peft_model(tiny_llama(), APETConfig.lora(r=2, task_type="CAUSAL_LM", trainable_token_indices=[5, 6],
+                                                         init_weights=False))
+    model.add_adapter("other", APETConfig.lora(r=2, task_type="CAUSAL_LM", trainable_token_indices=[7],
+                                               init_weights=False))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "trainable_tokens_delta" in name:
+                p.add_(0.5)
+    expected = {}
+    for adapter in ("default", "other"):
+        model.set_adapter(adapter)
+        expected[adapter] = model_output(model, inputs)
+    model.save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    reloaded.load_adapter(tmp_path / "other", adapter_name="other")
+    for adapter in ("default", "other"):
+        reloaded.set_adapter(adapter)
+        torch.testing.assert_close(model_output(reloaded, inputs), expected[adapter], rtol=0, atol=0)

@@ -30,7 +30,7 @@ from .plan import AdapterPlan, ModulePlan, TensorPlan, plan_adapter, record_mask
 from .prompt import prepend_prompt
 from .quantized import check_quantized_mergeable
 from .strategies import data_free_score_fn, is_data_driven
-from .tokens import TOKENS_ROLE, token_layers
+from .tokens import TOKENS_ROLE, check_token_rows_match_other_adapters, token_layers
 
 
 def _prompt_token_ids(config: APETConfig) -> list[int] | None:
@@ -93,6 +93,7 @@ class APETModel(BaseTuner):
     # `_prepare_model`, read by `_create_and_replace`, None otherwise.
     building_plan: AdapterPlan | None = None
     prompt_ids: list[int] | None = None
+    injecting: str | None = None  # the name of that adapter
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs: Any) -> None:
         config = self.peft_config[adapter_name]
@@ -106,10 +107,11 @@ class APETModel(BaseTuner):
                               "random placeholders until `peft_apet.calibrate_masks(model, batches)` chooses them.",
                               stacklevel=3)
         try:
+            self.injecting = adapter_name
             super().inject_adapter(model, adapter_name, **kwargs)  # plans in `_prepare_model`, then builds layers
             record_mask_counts(config, self.building_plan)
         finally:
-            self.building_plan = self.prompt_ids = None
+            self.building_plan = self.prompt_ids = self.injecting = None
         self._warn_unlearnable(adapter_name)
 
     def replace_masks(self, adapter_name: str, chosen: list[tuple[str, TensorPlan]]) -> None:
@@ -128,6 +130,8 @@ class APETModel(BaseTuner):
         if folder is None and any(data_free_score_fn(p.mask_strategy) is not None for p in peft_config.parts):
             check_nothing_merged(model, "adding an adapter whose masks a data-free mask_strategy chooses")
         plan = plan_adapter(model, peft_config)
+        check_token_rows_match_other_adapters(model, self.injecting, plan.tokens,
+                                              [a for a in self.peft_config if a != self.injecting])
         check_checkpoint_fits_plan(folder, plan, model)
         self.prompt_ids = _prompt_token_ids(peft_config)
         self.building_plan = plan

@@ -158,3 +158,22 @@ def token_layers(model: nn.Module, adapter_name: str) -> list[tuple[str, Trainab
     return [(name, module.token_adapter) for name, module in model.named_modules()
             if isinstance(module, TrainableTokensWrapper) and module.token_adapter.tied_adapter is None
             and adapter_name in module.token_adapter.trainable_tokens_delta]
+
+
+def check_token_rows_match_other_adapters(model: nn.Module, new_adapter: str, new_rows: dict[str, TokenPlan],
+                                          other_adapters: list[str]) -> None:
+    """Refuse an adapter whose token rows are on other modules than those of the model's other adapters.
+
+    PEFT's token wrappers are per module, and saving reads every wrapper for every adapter, so an adapter without
+    rows in a wrapper another adapter made cannot be saved (`KeyError` in `get_peft_model_state_dict`, for PEFT's
+    LoRA too): found after training, that would lose the run. Raised before the model changes."""
+    wrapped = sorted(name for name, module in model.named_modules()
+                     if isinstance(module, TrainableTokensWrapper) and module.token_adapter.tied_adapter is None
+                     and set(module.token_adapter.trainable_tokens_delta) & set(other_adapters))
+    if other_adapters and sorted(new_rows) != wrapped:
+        raise ValueError(
+            f"adapter {new_adapter!r} trains token rows (`trainable_token_indices`) of {sorted(new_rows)}, and the "
+            f"model's other adapters {other_adapters} of {wrapped}. PEFT cannot save adapters of one model whose "
+            "token rows are on different modules (a KeyError at save_pretrained). Give every adapter of the model "
+            "rows on the same modules (the ids may differ), or put this adapter on its own copy of the base model."
+        )
