@@ -206,3 +206,11 @@ def test_model_card_survives_a_round_trip_and_counts_token_rows(tmp_path):
     model.save_pretrained(tmp_path / "two")
     card = (tmp_path / "two" / "README.md").read_text()
     assert 'subfolder="other", adapter_name="other"' in card and card.count("subfolder=") == 1
+
+    # saving some adapters: the card describes those only (and offers export only for the LoRA-shaped ones saved)
+    model.save_pretrained(tmp_path / "one", selected_adapters=["other"])
+    card = (tmp_path / "one" / "README.md").read_text()
+    assert "### Adapter `other`" in card and "### Adapter `default`" not in card and "LoRA-shaped" not in card
+    model.save_pretrained(tmp_path / "lora-only", True, ["default"])  # safe_serialization, selected_adapters
+    card = (tmp_path / "lora-only" / "README.md").read_text()
+    assert "### Adapter `default`" in card and "### Adapter `other`" not in card and "LoRA-shaped" in card

@@ -9,7 +9,9 @@ the exact trainable count, metrics (see `set_card_metrics`) and how to load the 
 
 from __future__ import annotations
 
+import contextvars
 import functools
+import inspect
 import os
 from collections import defaultdict
 
@@ -26,6 +28,9 @@ SECTION_END = "<!-- peft-apet:end -->"
 TAGS = ("apet", "peft-apet")
 LOAD_LINE = "Loading this adapter needs `pip install peft-apet` and `import peft_apet` (which registers the APET type)."
 _METRICS_ATTRIBUTE = "apet_card_metrics"
+# `save_pretrained(selected_adapters=...)` while it runs: the card then describes those adapters only.
+_SAVED_ADAPTERS: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("apet_saved_adapters",
+                                                                                  default=None)
 _AUTO_CLASS = {"SEQ_CLS": "AutoModelForSequenceClassification", "CAUSAL_LM": "AutoModelForCausalLM",
                "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM", "TOKEN_CLS": "AutoModelForTokenClassification",
                "QUESTION_ANS": "AutoModelForQuestionAnswering", "FEATURE_EXTRACTION": "AutoModel"}
@@ -37,7 +42,10 @@ def set_card_metrics(model: PeftModel, metrics: dict[str, float]) -> None:
 
 
 def _apet_adapters(model: PeftModel) -> list[str]:
-    return [name for name, config in model.peft_config.items() if isinstance(config, APETConfig)]
+    """The APET adapters a card describes: all of `model`'s, or those `save_pretrained` was asked to save."""
+    selected = _SAVED_ADAPTERS.get()
+    return [name for name, config in model.peft_config.items()
+            if isinstance(config, APETConfig) and (selected is None or name in selected)]
 
 
 def _entries_by_operation(model: PeftModel, adapter_name: str) -> tuple[dict[str, int], dict[str, int]]:
@@ -166,7 +174,8 @@ def install_model_card_hook() -> None:
 
     Two places: `create_or_update_model_card` (called by `save_pretrained` and the `Trainer`), and the upload
     step of `push_to_hub`, because transformers' `push_to_hub` overwrites the saved README.md with a card of its
-    own between saving and uploading.
+    own between saving and uploading. `save_pretrained` is wrapped too, only to pass its `selected_adapters` on:
+    the card describes the adapters saved.
     """
     original_card = PeftModel.create_or_update_model_card
     if getattr(original_card, "_apet_hook", False):
@@ -178,6 +187,17 @@ def install_model_card_hook() -> None:
         update_model_card(self, output_dir)
 
     original_upload = PeftModel._upload_modified_files
+    original_save = PeftModel.save_pretrained
+    save_signature = inspect.signature(original_save)
+
+    @functools.wraps(original_save)
+    def save_pretrained(self: PeftModel, *args, **kwargs):
+        selected = save_signature.bind(self, *args, **kwargs).arguments.get("selected_adapters")
+        token = _SAVED_ADAPTERS.set(list(selected) if selected is not None else None)
+        try:
+            return original_save(self, *args, **kwargs)
+        finally:
+            _SAVED_ADAPTERS.reset(token)
 
     @functools.wraps(original_upload)
     def _upload_modified_files(self: PeftModel, working_dir: str, *args, **kwargs):
@@ -187,3 +207,4 @@ def install_model_card_hook() -> None:
     create_or_update_model_card._apet_hook = True
     PeftModel.create_or_update_model_card = create_or_update_model_card
     PeftModel._upload_modified_files = _upload_modified_files
+    PeftModel.save_pretrained = save_pretrained
