@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from . import routes
+from .modules import storage_key
 from .sparse_kernels import SparseLayout, add_g_w, add_x_wt, values_grad
 
 if TYPE_CHECKING:  # annotations only: this module imports nothing of the package but its kernels and routes
@@ -166,7 +167,7 @@ _PATCH_LOCKS_GUARD = threading.Lock()
 def _patch_lock(flat: torch.Tensor) -> threading.Lock:
     """The lock of the storage `flat` lives in (one per storage address and device, kept for the process: a lock
     per patched weight, reused if the address is)."""
-    key = (str(flat.device), flat.untyped_storage().data_ptr())
+    key = storage_key(flat)
     with _PATCH_LOCKS_GUARD:
         return _PATCH_LOCKS.setdefault(key, threading.Lock())
 

@@ -24,6 +24,7 @@ from .config import APETConfig
 from .export import modules_gaining_a_bias, warn_new_biases
 from .layer import APETLayer, Linear, OutputLayer, PromptEmbedding
 from .loading import adapter_folder_being_loaded
+from .modules import storage_key
 from .operations import OPERATION_OF_ROLE
 from .packing import is_packed_key, pack_entries
 from .plan import AdapterPlan, ModulePlan, TensorPlan, plan_adapter, record_mask_counts, summary_table
@@ -52,16 +53,6 @@ def _prompt_token_ids(config: APETConfig) -> list[int] | None:
     n = part.num_virtual_tokens
     return (ids * (n // len(ids) + 1))[:n]
 
-
-def _storage_key(tensor: torch.Tensor) -> tuple[str, int] | None:
-    """Where `tensor`'s data lives (device, storage address), or None where that says nothing (meta tensors, or
-    tensor subclasses without one storage)."""
-    if tensor.device.type == "meta":
-        return None
-    try:
-        return str(tensor.device), tensor.untyped_storage().data_ptr()
-    except (RuntimeError, NotImplementedError, TypeError):
-        return None
 
 LAYER_CLASSES = {"linear": Linear, "output": OutputLayer, "embedding": PromptEmbedding}
 
@@ -215,7 +206,7 @@ class APETModel(BaseTuner):
                 )
         owners: dict[tuple[str, int], list[str]] = {}  # a weight's storage -> the parameters that hold it
         for param_name, param in self.model.named_parameters(remove_duplicate=False):
-            storage = _storage_key(param)
+            storage = storage_key(param)
             if storage is not None:
                 owners.setdefault(storage, []).append(param_name)
         for key, module in self.model.named_modules():
@@ -230,7 +221,7 @@ class APETModel(BaseTuner):
             weight = getattr(module.get_base_layer(), "weight", None)
             if weight is not None and any(OPERATION_OF_ROLE[role].merges_into == "weight"
                                           for weights in merging for role in weights):
-                sharing = owners.get(_storage_key(weight), [])
+                sharing = owners.get(storage_key(weight), [])
                 if len(sharing) > 1:
                     raise ValueError(
                         f"cannot merge into '{key}': its weight is tied to {sharing} (one tensor), so merging would "

@@ -66,3 +66,14 @@ def base_layer_of(model: nn.Module, name: str) -> nn.Module:
     """The module `name` of `model` as it was before APET (or any PEFT tuner) wrapped it."""
     module = model.get_submodule(name)
     return module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+
+
+def storage_key(tensor: torch.Tensor) -> tuple[str, int] | None:
+    """Where `tensor`'s data lives (device, storage address), or None where that says nothing (meta tensors, or
+    tensor subclasses without one storage)."""
+    if tensor.device.type == "meta":
+        return None
+    try:
+        return str(tensor.device), tensor.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError, TypeError):
+        return None
