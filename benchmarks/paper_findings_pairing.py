@@ -36,16 +36,18 @@ def _share(members: list[dict], learnable: dict) -> float | None:
 
 def analyse_pairing(records: list[dict], plan: dict, learnable: dict) -> dict[tuple[str, str], list[dict]]:
     """Per (model, task): one row per (structure, mask, budget, pairing) with the test Point over seeds, the mean
-    validation curve, the steps to 90 % of its gain and the learnable share. Delta rows: the main sweep's runs at
-    the same budgets and lr (pairing "—")."""
+    validation curve, the steps to 90 % of its gain and the learnable share. Delta rows: the runs of any part at
+    the same model, task, budgets, lr, steps and seeds as the paired runs (pairing "—"); models and tasks without
+    paired runs get no rows."""
     keys = set(plan.get("pairing_runs", []))
     paired = [r for r in records if r["key"] in keys]
     if not paired:
         return {}
     budgets, lrs = {r["budget"] for r in paired}, {r["lr"] for r in paired}
     steps = {r["steps"] for r in paired}
+    settings = {(p["model"], p["task"], p["seed"]) for p in paired}
     delta = [r for r in records if r["method"] == "apet" and r["structure"] == "delta" and r["budget"] in budgets
-             and r["lr"] in lrs and r["steps"] in steps and r.get("seed") in {p["seed"] for p in paired}]
+             and r["lr"] in lrs and r["steps"] in steps and (r["model"], r["task"], r.get("seed")) in settings]
     out = {}
     for (model, task), rs in _group(paired + delta, "model", "task").items():
         rows = []
@@ -111,7 +113,8 @@ def markdown(analysis: dict, plan: dict, meta: dict) -> str:
                          f"{_pct(al and al['learnable_share'])} | {row['steps_to_90'] or '—'} / "
                          f"{(al and al['steps_to_90']) or '—'} |")
         lines += ["", "### Structures and masks at equal budget, per pairing (findings 5 and 6)", "",
-                  "Delta has no pairing: its runs (seed 0, from the main sweep) stand in both blocks.", "",
+                  "Delta has no pairing: its runs at the same budget, lr and steps (from any part of the sweep; seeds "
+                  "as in the by-seed columns above) stand in both blocks; cells average the seeds.", "",
                   "| budget | pairing | " + " | ".join(f"{s} {m}" for s in STRUCTURES for m in MASKS) +
                   " | spread of the six | adjacent − discrete (delta / lora / adapter) |", "|---" * 10 + "|"]
         for budget in sorted({r["budget"] for r in rows}):

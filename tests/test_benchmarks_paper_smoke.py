@@ -143,7 +143,8 @@ def test_pairing_learnable_counts_all_for_aligned_and_fewer_for_independent_adja
 
 
 def test_pairing_report_plots_no_model_whose_runs_are_deltas_only(pairing, tmp_path):
-    """A model with delta runs only (MPNet's sizes part) has nothing to pair: it gets table rows but no figure."""
+    """A model with delta runs only (MPNet's sizes part) has nothing to pair: no rows, no figure; and the paired
+    model's delta rows take only the seeds its paired runs have (a delta run of another seed is left out)."""
     from benchmarks.paper_findings_pairing import pairing_report
 
     plan = json.loads((pairing / "plan.json").read_text())
@@ -155,7 +156,12 @@ def test_pairing_report_plots_no_model_whose_runs_are_deltas_only(pairing, tmp_p
     meta = json.loads((pairing / "pairing.json").read_text())["meta"]
     pngs = pairing_report(tmp_path, "test", records + deltas, plan, meta)
     assert [p.name for p in pngs] == ["fig6_pairing_tiny-bert_rotten_tomatoes.png"]
-    assert "delta-only/rotten_tomatoes" in json.loads((tmp_path / "pairing.json").read_text())["rows"]
+    rows = json.loads((tmp_path / "pairing.json").read_text())["rows"]
+    assert "delta-only/rotten_tomatoes" not in rows
+    other_seed = [{**r, "seed": 7, "key": f"{r['key']}-s7", "test": {**r["test"], "accuracy": 0.0}} for r in deltas]
+    pairing_report(tmp_path, "test", records + [{**r, "model": "tiny-bert"} for r in other_seed], plan, meta)
+    rows = json.loads((tmp_path / "pairing.json").read_text())["rows"]["tiny-bert/rotten_tomatoes"]
+    assert rows and all(row["by_seed"] and "7" not in row["by_seed"] for row in rows)
 
 
 def test_main_figures_leave_out_aligned_runs(pairing):
