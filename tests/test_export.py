@@ -255,6 +255,20 @@ def test_merging_new_biases_warns_and_the_config_flags_make_them_load(tmp_path, 
         lora_only.merge_and_unload()
 
 
+def test_unloading_a_merged_bias_part_warns_as_merge_and_unload_does():
+    """`unload()` keeps what `merge_adapter()` merged, biases it created included: the same warning."""
+    model = get_peft_model(tiny_llama(), APETConfig.bitfit(task_type="CAUSAL_LM", init_weights=False))
+    model.merge_adapter()
+    with pytest.warns(UserWarning, match=r"gave layers without a bias one"):
+        model.unload()
+    unmerged = get_peft_model(tiny_llama(), APETConfig.bitfit(task_type="CAUSAL_LM", init_weights=False))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing merged: unload gives the base model back, no new bias
+        unmerged.unload()
+
+
 def test_readme_serving_example_runs(tmp_path):
     import re
     from pathlib import Path

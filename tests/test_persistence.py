@@ -174,3 +174,30 @@ def test_safetensors_roundtrip_helper_is_exact(tmp_path):
     t = torch.randn(3, 4)
     save_file({"t": t}, tmp_path / "t.safetensors")
     assert torch.equal(load_file(tmp_path / "t.safetensors")["t"], t)
+
+
+@pytest.mark.parametrize("name", ["bias", "delta", "lora_A", "index", "values", "query", "0", "model", "weight"])
+def test_adapter_names_that_are_part_of_the_keys_are_refused(name):
+    """PEFT's save_pretrained drops, from every other adapter's file, each key containing '.<name>.': an adapter
+    named 'bias' cut every bias entry out of a combined adapter's file, which then did not load."""
+    factory, task_type = MODELS["bert"]
+    model = get_peft_model(factory(), APETConfig.combine(APETConfig.lora(mask="discrete"), APETConfig.bitfit(),
+                                                         num_trainable_params=2000, task_type=task_type))
+    with pytest.raises(ValueError, match=rf"adapter name '{name}' is also a part of this model's parameter names"):
+        model.add_adapter(name, APETConfig.bitfit(task_type=task_type))
+    assert list(model.peft_config) == ["default"]
+
+
+def test_a_state_dict_missing_adapter_tensors_is_not_saved(tmp_path, monkeypatch):
+    """The safety net behind the name check: if PEFT's adapter state dict lacks some of the adapter's tensors,
+    saving raises instead of writing a file that cannot be loaded back."""
+    import peft_apet.model as apet_model
+
+    factory, task_type = MODELS["bert"]
+    model = get_peft_model(factory(), APETConfig.combine(APETConfig.lora(mask="discrete"), APETConfig.bitfit(),
+                                                         num_trainable_params=2000, task_type=task_type))
+    monkeypatch.setattr(apet_model, "check_adapter_name", lambda *args: None)  # as before the name check
+    model.add_adapter("bias", APETConfig.bitfit(task_type=task_type))
+    with pytest.raises(ValueError, match=r"saving APET adapter 'default': PEFT's state dict holds \d+ of its \d+"):
+        model.save_pretrained(tmp_path)
+    assert not (tmp_path / "adapter_model.safetensors").exists()

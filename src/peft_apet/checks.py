@@ -288,3 +288,34 @@ def check_nothing_merged(model: nn.Module, action: str) -> None:
         raise ValueError(f"{action}: APET adapters {merged} are merged into the base weights, which mask strategies "
                          "would score instead of the pre-trained ones. Call `model.unmerge_adapter()` first (and "
                          "`merge_adapter()` after); nothing was changed.")
+
+
+def check_adapter_name(model: nn.Module, adapter_name: str, roles: Iterable[str]) -> None:
+    """Refuse an adapter name that is also a component of the model's state-dict keys (a module or parameter name,
+    an APET role, `values`/`index`). PEFT's `save_pretrained` drops, from every other adapter's file, each key that
+    contains `.<name>.` or ends in `.<name>`: such a name would silently cut tensors out of the other adapters."""
+    components = {"base_model", "model", "apet_weights", "values", "index", *roles}
+    for name, _ in model.named_modules():
+        components.update(name.split("."))
+    for name, _ in model.named_parameters():
+        components.add(name.rsplit(".", 1)[-1])
+    if adapter_name in components:
+        raise ValueError(
+            f"adapter name {adapter_name!r} is also a part of this model's parameter names (a module, parameter or "
+            f"APET tensor name): PEFT's save_pretrained drops every key containing '.{adapter_name}.' from the other "
+            "adapters' files, which would lose their tensors. Choose another adapter name."
+        )
+
+
+def check_every_tensor_is_saved(model: nn.Module, adapter_name: str, entries: Mapping[str, torch.Tensor]) -> None:
+    """Raise ValueError if PEFT's adapter state dict of `adapter_name` (`entries`) holds fewer of the adapter's APET
+    tensors than `model` has, rather than write a file that cannot be loaded back. Counted, not matched by name, so
+    that wrappers which prefix the keys (DDP, FSDP) do not matter."""
+    expected = sum(len(module.apet_weights[adapter_name]) for module in model.modules()
+                   if isinstance(module, APETLayer) and adapter_name in module.apet_weights)
+    marker = f".apet_weights.{adapter_name}."
+    found = sum(1 for key in entries if marker in key and key.endswith(".values"))
+    if found < expected:
+        raise ValueError(f"saving APET adapter {adapter_name!r}: PEFT's state dict holds {found} of its {expected} "
+                         "tensors, most likely because another adapter's name is part of their keys (PEFT drops keys "
+                         "containing '.<other adapter>.'). Nothing was written.")

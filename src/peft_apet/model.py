@@ -19,7 +19,14 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
-from .checks import check_checkpoint_fits_plan, check_merge_is_finite, check_nothing_merged, check_state_fits_model
+from .checks import (
+    check_adapter_name,
+    check_checkpoint_fits_plan,
+    check_every_tensor_is_saved,
+    check_merge_is_finite,
+    check_nothing_merged,
+    check_state_fits_model,
+)
 from .config import APETConfig
 from .export import modules_gaining_a_bias, warn_new_biases
 from .layer import APETLayer, Linear, OutputLayer, PromptEmbedding
@@ -87,6 +94,7 @@ class APETModel(BaseTuner):
     injecting: str | None = None  # the name of that adapter
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs: Any) -> None:
+        check_adapter_name(model, adapter_name, OPERATION_OF_ROLE)
         config = self.peft_config[adapter_name]
         if any(p.mask_strategy != "random" for p in config.parts):
             # The counts recorded below (and by calibrate_masks) belong to this model and adapter: record them in the
@@ -170,6 +178,7 @@ class APETModel(BaseTuner):
         """As PEFT's, with the adapter's APET tensors packed (`peft_apet.packing`): every save path goes through here,
         including DeepSpeed ZeRO-3's consolidated state dict (raw int32 indices, collected module by module)."""
         entries = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        check_every_tensor_is_saved(model, adapter_name, entries)
         return pack_entries(entries, adapter_name, model.get_submodule)
 
     def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
@@ -262,7 +271,10 @@ class APETModel(BaseTuner):
                                      adapter_names: list[str] | None = None) -> nn.Module:
         if merge:
             self._check_before_merge(adapter_names or self.active_adapters, safe_merge)
-        new_biases = modules_gaining_a_bias(self.model, adapter_names or self.active_adapters) if merge else []
+        # without merge, `unload` keeps what `merge_adapter` merged before, biases it created included
+        new_biases = modules_gaining_a_bias(self.model, adapter_names or self.active_adapters) if merge else [
+            name for name, module in self.model.named_modules() if isinstance(module, APETLayer) and
+            module._created_bias]
         model = super()._unload_and_optionally_merge(merge=merge, progressbar=progressbar, safe_merge=safe_merge,
                                                      adapter_names=adapter_names)
         if new_biases:
