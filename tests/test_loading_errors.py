@@ -422,3 +422,39 @@ def test_a_folder_with_both_weight_files_says_which_is_loaded(tmp_path):
     with pytest.warns(UserWarning, match=r"both adapter_model.safetensors and adapter_model.bin \(the newer is "
                                          r"adapter_model.bin\)"):
         PeftModel.from_pretrained(tiny_bert(), tmp_path)
+
+
+def test_transformers_own_load_adapter_is_refused_before_the_model_changes(tmp_path):
+    """transformers' `load_adapter` loads weights past PEFT's loader: on an APET folder it left every tensor at its
+    initial value (and took a truncated file). Refused, pointing to PeftModel.from_pretrained."""
+    from conftest import tiny_llama
+
+    model = get_peft_model(tiny_llama(), APETConfig.delta(num_trainable_params=300, task_type="CAUSAL_LM",
+                                                          init_weights=False))
+    model.save_pretrained(tmp_path)
+    base = tiny_llama()
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    with pytest.raises(ValueError, match=r"transformers' `model.load_adapter\(...\)`.*PeftModel.from_pretrained"):
+        base.load_adapter(str(tmp_path))
+    assert base.state_dict().keys() == before.keys()
+    assert all(torch.equal(v, before[k]) for k, v in base.state_dict().items())
+    assert not any(isinstance(m, APETLayer) for m in base.modules())
+
+
+def test_loading_values_into_a_merged_adapter_is_refused(tmp_path):
+    """The masks and values would change under the merged delta, and unmerging would then subtract the new one from
+    the base weights: refused until the adapter is unmerged."""
+    model = get_peft_model(tiny_bert(), APETConfig.delta(num_trainable_params=300, task_type="SEQ_CLS",
+                                                         init_weights=False))
+    model.save_pretrained(tmp_path / "a")
+    other = get_peft_model(tiny_bert(), APETConfig.delta(num_trainable_params=300, task_type="SEQ_CLS", seed=1,
+                                                         init_weights=False))
+    other.save_pretrained(tmp_path / "b")
+    model.merge_adapter()
+    with pytest.raises(ValueError, match=r"adapter 'default' is merged into the base weights.*No value was loaded"):
+        model.load_adapter(tmp_path / "b", adapter_name="default")
+    model.unmerge_adapter()
+    originals = dict(tiny_bert().named_modules())
+    for name, module in model.base_model.model.named_modules():
+        if isinstance(module, APETLayer):
+            torch.testing.assert_close(module.get_base_layer().weight, originals[name].weight, rtol=0, atol=1e-6)

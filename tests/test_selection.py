@@ -624,3 +624,14 @@ def test_benchmark_smoke_mode_runs(tmp_path):
     assert all(r["trainable_apet"] == r["budget"] for r in records)  # every strategy trains exactly its budget
     assert (tmp_path / "results.md").read_text().count("|") > 10
     assert (tmp_path / "accuracy_vs_budget.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_strategy_masks_on_tensors_beyond_int32_positions_are_refused():
+    """As random masks are: a chosen position >= 2**31 would wrap in the int32 index (no huge tensor allocated: the
+    top-k positions are given)."""
+    from peft_apet.plan import TensorPlan
+    from peft_apet.selection import ScoredTensor, _chosen
+
+    plan = TensorPlan(role="delta", shape=(131072, 32768), mask="discrete", axis=0, num_entries=3, seed=0)
+    with pytest.raises(ValueError, match=r"lm_head: tensor with 4294967296 entries is too large for int32 indices"):
+        _chosen(ScoredTensor("lm_head", None, plan), torch.tensor([7, 2**31 + 5, 2**32 - 11]), 3)

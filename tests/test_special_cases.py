@@ -184,6 +184,24 @@ def test_prompt_initialised_from_text_embeddings(tmp_path):
     torch.testing.assert_close(table, words[[7, 8, 9, 7, 8, 9]])  # the text's tokens, repeated to length (PEFT)
 
 
+def test_a_saved_text_initialised_prompt_loads_without_its_tokenizer(tmp_path):
+    """The rows are in the file: loading reads no tokenizer (as PEFT's prompt tuning), e.g. on another machine."""
+    import shutil
+
+    from peft import PeftModel
+
+    factory, task_type = MODELS["llama"]
+    config = APETConfig.prompt(num_virtual_tokens=6, prompt_init="text", prompt_init_text="classify the review",
+                               tokenizer_name_or_path=_tiny_tokenizer(tmp_path / "tok"), task_type=task_type)
+    model = get_peft_model(factory(), config)
+    inputs = model_inputs("llama")
+    expected = model_output(model, inputs)
+    model.save_pretrained(tmp_path / "adapter")
+    shutil.rmtree(tmp_path / "tok")
+    torch.testing.assert_close(model_output(PeftModel.from_pretrained(factory(), tmp_path / "adapter"), inputs),
+                               expected, rtol=0, atol=0)
+
+
 def test_a_prompt_tokenizer_that_cannot_load_is_a_value_error_before_any_change(tmp_path):
     factory, task_type = MODELS["llama"]
     config = APETConfig.prompt(num_virtual_tokens=6, prompt_init="text", prompt_init_text="classify the review",

@@ -258,6 +258,11 @@ def check_state_fits_model(model: nn.Module, adapter_name: str,
     Runs after injection: when `PeftModel.from_pretrained` is given `config=` (not read from the folder), it is the
     only check, and a refused checkpoint leaves the (empty) APET layers in the base model.
     """
+    merged = [name for name, module in model.named_modules()
+              if isinstance(module, APETLayer) and adapter_name in module.merged_adapters]
+    if merged:  # the masks and values would change under the merged delta, which unmerging then fails to remove
+        raise ValueError(f"adapter '{adapter_name}' is merged into the base weights ({_names(merged)}): unmerge it "
+                         "(`model.unmerge_adapter()`) before loading values into it. No value was loaded.")
     expected = adapter_tensors(model, adapter_name)
     source, outcome = f"loaded into adapter '{adapter_name}'", "No value was loaded."
     state_dict = _unpacked(state_dict, expected, source, outcome)

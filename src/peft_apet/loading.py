@@ -26,6 +26,20 @@ from .config import APETConfig
 from .layer import APETLayer
 
 _FOLDER: ContextVar[str | None] = ContextVar("peft_apet_adapter_folder", default=None)
+# True while transformers' own `load_adapter` runs: it reads adapter weights itself, past PEFT's loader, so it would
+# never unpack (or check) an APET file; the tuner refuses to inject then (`check_not_loaded_by_transformers`).
+_TRANSFORMERS_LOADING: ContextVar[bool] = ContextVar("peft_apet_transformers_loading", default=False)
+
+
+def check_not_loaded_by_transformers() -> None:
+    """Raise ValueError inside transformers' `model.load_adapter`, before an APET adapter is injected."""
+    if _TRANSFORMERS_LOADING.get():
+        raise ValueError(
+            "transformers' `model.load_adapter(...)` (also used by `AutoModel*.from_pretrained` on an adapter folder) "
+            "loads adapter weights without PEFT's loader, so it cannot read APET's packed weights and would leave the "
+            "adapter at its initial values. Load APET adapters with PEFT: `PeftModel.from_pretrained(model, folder)` "
+            "(or `peft_model.load_adapter(folder, adapter_name=...)`). Nothing was changed."
+        )
 
 
 def adapter_folder_being_loaded() -> str | None:
@@ -110,3 +124,20 @@ def install_from_pretrained_hook() -> None:
     from_pretrained._apet_hook = True
     PeftModel.from_pretrained = classmethod(from_pretrained)
     PeftModel.load_adapter = load_adapter
+    _install_transformers_load_adapter_hook()
+
+
+def _install_transformers_load_adapter_hook() -> None:
+    from transformers.integrations.peft import PeftAdapterMixin
+
+    original = PeftAdapterMixin.load_adapter
+
+    @functools.wraps(original)
+    def load_adapter(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        token = _TRANSFORMERS_LOADING.set(True)
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            _TRANSFORMERS_LOADING.reset(token)
+
+    PeftAdapterMixin.load_adapter = load_adapter

@@ -30,7 +30,7 @@ from .checks import (
 from .config import APETConfig
 from .export import modules_gaining_a_bias, warn_new_biases
 from .layer import APETLayer, Linear, OutputLayer, PromptEmbedding
-from .loading import adapter_folder_being_loaded
+from .loading import adapter_folder_being_loaded, check_not_loaded_by_transformers
 from .modules import storage_key
 from .operations import OPERATION_OF_ROLE
 from .packing import is_packed_key, pack_entries
@@ -94,6 +94,7 @@ class APETModel(BaseTuner):
     injecting: str | None = None  # the name of that adapter
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs: Any) -> None:
+        check_not_loaded_by_transformers()
         check_adapter_name(model, adapter_name, OPERATION_OF_ROLE)
         config = self.peft_config[adapter_name]
         if any(p.mask_strategy != "random" for p in config.parts):
@@ -132,7 +133,8 @@ class APETModel(BaseTuner):
         check_token_rows_match_other_adapters(model, self.injecting, plan.tokens,
                                               [a for a in self.peft_config if a != self.injecting])
         check_checkpoint_fits_plan(folder, plan, model)
-        self.prompt_ids = _prompt_token_ids(peft_config)
+        # a loaded adapter's prompt rows come from its file: its tokenizer need not be at hand (as PEFT's prompts)
+        self.prompt_ids = _prompt_token_ids(peft_config) if folder is None and not peft_config.inference_mode else None
         self.building_plan = plan
 
     def _check_target_module_exists(self, peft_config: APETConfig, key: str) -> bool:

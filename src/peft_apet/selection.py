@@ -147,6 +147,9 @@ def data_free_scores(part: APETPart, targets: list[ScoredTensor]) -> list[torch.
 
 
 def _chosen(target: ScoredTensor, index: torch.Tensor, num_entries: int) -> ScoredTensor:
+    if index.numel() and int(index.max()) >= 2**31:  # as `peft_apet.masks.discrete_mask` refuses such tensors
+        raise ValueError(f"{target.name}: tensor with {math.prod(target.tensor.shape)} entries is too large for int32 "
+                         "indices")
     return ScoredTensor(target.name, target.base_layer,
                         replace(target.tensor, index=index.to(INDEX_DTYPE), num_entries=num_entries))
 
