@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import model_inputs, tiny_gpt2, tiny_llama, tiny_t5
-from peft import get_peft_model
+from peft import PromptTuningConfig, get_peft_model
 
 from peft_apet import APETConfig
 
@@ -91,3 +91,67 @@ def test_sequence_bias_moves_exactly_the_biased_token(name):
     expected = plain.clone()
     expected[:, token] -= 1.0
     torch.testing.assert_close(biased, expected)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+@pytest.mark.parametrize("lengths", [{"max_length": 12}, {"max_new_tokens": 6, "min_length": 11, "eos_token_id": None},
+                                     {}])
+def test_length_limits_count_the_real_tokens_as_peft_prompt_tuning_does(name, lengths):
+    """A decoder's ids carry the virtual tokens: max_length / min_length (given or the config's default) would count
+    them and stop n tokens early. The outputs equal PEFT's prompt tuning with the same table."""
+    model, inputs = prompted(name)
+    reference = get_peft_model(BUILDERS[name](), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    table = next(p for p in model.parameters() if p.requires_grad).detach()
+    with torch.no_grad():
+        reference.prompt_encoder["default"].embedding.weight.copy_(table.view(4, -1))
+    # PEFT without its cache (with it, its prompt tuning departs from its own uncached run on these models)
+    expected = reference.eval().generate(**inputs, do_sample=False, use_cache=False, **lengths)
+    torch.testing.assert_close(model.generate(**inputs, do_sample=False, **lengths), expected, rtol=0, atol=0)
+
+
+def test_generation_callbacks_see_the_real_tokens_only():
+    from transformers import LogitsProcessor, StoppingCriteria
+
+    model, inputs = prompted("llama")
+    seen: dict[str, list] = {"streamer": [], "prefix": [], "processor": [], "criterion": []}
+
+    class Streamer:
+        def put(self, value):
+            seen["streamer"].append(value.clone())
+
+        def end(self):
+            pass
+
+    class Processor(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            seen["processor"].append(input_ids.clone())
+            return scores
+
+    class Criterion(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            seen["criterion"].append(input_ids.clone())
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+    def allowed(batch_id, ids):
+        seen["prefix"].append(ids.clone())
+        return list(range(model.get_base_model().config.vocab_size))
+
+    single = {k: v[:1] for k, v in inputs.items()}  # streamers take one sequence
+    out = model.generate(**single, max_new_tokens=2, do_sample=False, streamer=Streamer(),
+                         prefix_allowed_tokens_fn=allowed, logits_processor=[Processor()],
+                         stopping_criteria=[Criterion()])
+    real = single["input_ids"]
+    assert torch.equal(seen["streamer"][0].view(1, -1), real)
+    assert torch.equal(seen["prefix"][0], real[0])
+    assert torch.equal(seen["processor"][0], real) and torch.equal(seen["criterion"][-1], out)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_min_length_holds_off_eos_for_the_real_tokens(name):
+    model, inputs = prompted(name)
+    length = inputs["input_ids"].shape[1]
+    out = model.generate(**inputs, do_sample=False, max_new_tokens=6, min_length=length + 6, output_scores=True,
+                         return_dict_in_generate=True)
+    eos = model.get_base_model().generation_config.eos_token_id
+    eos = eos if isinstance(eos, int) else eos[0]
+    assert len(out.scores) == 6 and all(bool(torch.isinf(step[:, eos]).all()) for step in out.scores)

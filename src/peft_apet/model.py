@@ -35,7 +35,7 @@ from .modules import storage_key
 from .operations import OPERATION_OF_ROLE
 from .packing import is_packed_key, pack_entries
 from .plan import AdapterPlan, ModulePlan, TensorPlan, plan_adapter, record_mask_counts, summary_table
-from .prompt import prepend_prompt
+from .prompt import prepend_prompt, real_tokens_only
 from .quantized import check_quantized_mergeable
 from .strategies import data_free_score_fn, is_data_driven
 from .tokens import TOKENS_ROLE, check_token_rows_match_other_adapters, token_layers
@@ -317,6 +317,8 @@ class APETModel(BaseTuner):
         prompted, n, strip = self._with_prompt(args, kwargs, for_generate=True)
         if prompted is None:
             return self.model.generate(*args, **kwargs)
+        if strip:
+            prompted = real_tokens_only(prompted, n, self.model.generation_config)
         output = self.model.generate(**self._encoder_penalty_on_real_tokens(prompted, n))
         if not strip:
             return output
