@@ -214,3 +214,12 @@ def test_model_card_survives_a_round_trip_and_counts_token_rows(tmp_path):
     model.save_pretrained(tmp_path / "lora-only", True, ["default"])  # safe_serialization, selected_adapters
     card = (tmp_path / "lora-only" / "README.md").read_text()
     assert "### Adapter `default`" in card and "### Adapter `other`" not in card and "LoRA-shaped" in card
+
+
+def test_model_card_names_the_task_given_as_peft_task_type(tmp_path):
+    from peft import TaskType
+
+    factory, _ = MODELS["bert"]
+    get_peft_model(factory(), APETConfig.bitfit(task_type=TaskType.SEQ_CLS)).save_pretrained(tmp_path)
+    card = (tmp_path / "README.md").read_text()
+    assert "- task type: `SEQ_CLS`" in card and "AutoModelForSequenceClassification.from_pretrained" in card

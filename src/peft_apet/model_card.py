@@ -78,11 +78,12 @@ def card_section(model: PeftModel, adapter_names: list[str] | None = None) -> st
     for name in adapter_names or _apet_adapters(model):
         config = model.peft_config[name]
         entries, modules = _entries_by_operation(model, name)
-        auto_class = _AUTO_CLASS.get(str(config.task_type), "AutoModel")
+        task_type = getattr(config.task_type, "value", config.task_type)  # peft.TaskType or its string
+        auto_class = _AUTO_CLASS.get(task_type, "AutoModel")
         where = " (a local folder when trained)" if _is_local_path(base_name) else ""
         lines += [f"### Adapter `{name}`", "",
                   f"- base model: `{base_name}`{where}",
-                  f"- task type: `{config.task_type}`",
+                  f"- task type: `{task_type}`",
                   f"- exact trainable adapter entries: {sum(entries.values()):,}",
                   f"- modules trained in full besides the adapter (`modules_to_save`): "
                   f"{', '.join(sorted(set(config.modules_to_save or []))) or 'none'}", "",

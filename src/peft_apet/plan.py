@@ -40,7 +40,10 @@ from .strategies import data_free_score_fn
 from .targets import ALL_LINEAR, ALL_WITH_BIAS, default_target_modules
 from .tokens import TOKENS_ROLE, TokenPlan, plan_trainable_tokens
 
-SEQ_CLS_HEADS = ("classifier", "score")  # as in peft.PeftModelForSequenceClassification
+# The heads PEFT's task classes train in full (`PeftModelForSequenceClassification`, `...ForTokenClassification`,
+# `...ForQuestionAnswering` add them to `modules_to_save`): never a part's target.
+TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"), "QUESTION_ANS": ("qa_outputs",)}
+SEQ_CLS_HEADS = TASK_HEADS["SEQ_CLS"]
 
 
 @dataclass(frozen=True)
@@ -153,9 +156,11 @@ def _output_head_names(model: nn.Module, candidates: list[tuple[str, nn.Module]]
 def prompt_embedding_name(model: nn.Module, candidates: list[tuple[str, nn.Module]]) -> str:
     """Name of the input embedding that soft prompts go through (the encoder's, for encoder-decoders)."""
     embedding = None
-    if getattr(getattr(model, "config", None), "is_encoder_decoder", False) and hasattr(model, "get_encoder"):
+    try:  # an encoder's own embedding where there is one (T5, also T5EncoderModel, whose `shared` it only ties to)
         embedding = model.get_encoder().get_input_embeddings()
-    elif hasattr(model, "get_input_embeddings"):
+    except (AttributeError, NotImplementedError, TypeError):  # BertEncoder has none; some models no get_encoder
+        pass
+    if embedding is None and hasattr(model, "get_input_embeddings"):
         embedding = model.get_input_embeddings()
     if isinstance(embedding, BaseTunerLayer):
         embedding = embedding.get_base_layer()
@@ -273,8 +278,7 @@ def plan_adapter(model: nn.Module, config: APETConfig, adapter_name: str = "defa
             yet (the per-module split by capacity that calibration ranks within).
     """
     modules_to_save = list(config.modules_to_save or [])
-    if config.task_type == "SEQ_CLS":  # PeftModelForSequenceClassification trains these heads in full
-        modules_to_save += [m for m in SEQ_CLS_HEADS if m not in modules_to_save]
+    modules_to_save += [m for m in TASK_HEADS.get(config.task_type, ()) if m not in modules_to_save]
     candidates = candidate_modules(model, modules_to_save)
     per_part: dict[str, list[tuple[str, nn.Module, dict[str, tuple[int, ...]]]]] = {}
     kinds: dict[str, str] = {}
