@@ -201,3 +201,12 @@ def test_a_state_dict_missing_adapter_tensors_is_not_saved(tmp_path, monkeypatch
     with pytest.raises(ValueError, match=r"saving APET adapter 'default': PEFT's state dict holds \d+ of its \d+"):
         model.save_pretrained(tmp_path)
     assert not (tmp_path / "adapter_model.safetensors").exists()
+
+
+def test_an_empty_state_dict_saves_as_for_peft(tmp_path):
+    """transformers' Trainer saves `state_dict={}` under DeepSpeed ZeRO-3 without gathered weights (then writes the
+    DeepSpeed checkpoint): the completeness check must not refuse that placeholder."""
+    factory, task_type = MODELS["llama"]  # no modules_to_save head (PEFT itself needs its tensors then)
+    model = get_peft_model(factory(), APETConfig.delta(num_trainable_params=100, task_type=task_type))
+    model.save_pretrained(tmp_path, state_dict={})
+    assert (tmp_path / "adapter_config.json").exists()

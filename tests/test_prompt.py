@@ -155,3 +155,28 @@ def test_min_length_holds_off_eos_for_the_real_tokens(name):
     eos = model.get_base_model().generation_config.eos_token_id
     eos = eos if isinstance(eos, int) else eos[0]
     assert len(out.scores) == 6 and all(bool(torch.isinf(step[:, eos]).all()) for step in out.scores)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_a_custom_processor_replaces_the_built_one_as_for_peft(name):
+    """transformers lets a user's processor replace the one it builds of the same type: still so with a prompt."""
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    model, inputs = prompted(name)
+    reference = get_peft_model(BUILDERS[name](), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    table = next(p for p in model.parameters() if p.requires_grad).detach()
+    with torch.no_grad():
+        reference.prompt_encoder["default"].embedding.weight.copy_(table.view(4, -1))
+    custom = {"repetition_penalty": 1.2, "logits_processor": [RepetitionPenaltyLogitsProcessor(3.0)]}
+    expected = first_step_scores(reference.eval(), inputs, use_cache=False, **custom)
+    torch.testing.assert_close(first_step_scores(model, inputs, **custom), expected)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_the_models_own_max_length_counts_the_real_tokens_under_a_given_generation_config(name):
+    from transformers import GenerationConfig
+
+    model, inputs = prompted(name)
+    model.get_base_model().generation_config.max_length = 13  # as many Hub models ship one
+    out = model.generate(**inputs, generation_config=GenerationConfig(do_sample=False))
+    assert out.shape[1] == 13

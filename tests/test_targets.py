@@ -63,7 +63,9 @@ def test_unknown_model_type_names_the_known_ones():
 
 @pytest.mark.parametrize("task_type,head", [("TOKEN_CLS", "classifier"), ("QUESTION_ANS", "qa_outputs")])
 @pytest.mark.parametrize("make", [lambda t: APETConfig.bitfit(task_type=t),
-                                  lambda t: APETConfig.lora(target_modules="all-linear", task_type=t)])
+                                  lambda t: APETConfig.lora(target_modules="all-linear", task_type=t),
+                                  lambda t: APETConfig.delta(num_trainable_params=200, mask_strategy="magnitude",
+                                                             task_type=t, modules_to_save=["pooler"])])
 def test_task_heads_peft_trains_in_full_are_never_targets(task_type, head, make):
     """PEFT's token-classification and QA models add their head to `modules_to_save`, as for SEQ_CLS: a part on it
     crashed ("modules_to_save cannot be applied to modules of type peft_apet.layer.Linear")."""
@@ -78,6 +80,7 @@ def test_task_heads_peft_trains_in_full_are_never_targets(task_type, head, make)
     trained = {n for n, p in model.named_parameters() if p.requires_grad and head in n}
     assert trained == {f"base_model.model.{head}.modules_to_save.default.{p}" for p in ("weight", "bias")}
     model.train()(**model_inputs("bert"))
+    assert head in model.peft_config["default"].modules_to_save  # what the saved config records
 
 
 def test_a_prompt_on_a_t5_encoder_alone_equals_peft_prompt_tuning():

@@ -34,8 +34,16 @@ from .loading import adapter_folder_being_loaded, check_not_loaded_by_transforme
 from .modules import storage_key
 from .operations import OPERATION_OF_ROLE
 from .packing import is_packed_key, pack_entries
-from .plan import AdapterPlan, ModulePlan, TensorPlan, plan_adapter, record_mask_counts, summary_table
-from .prompt import prepend_prompt, real_tokens_only
+from .plan import (
+    TASK_HEADS,
+    AdapterPlan,
+    ModulePlan,
+    TensorPlan,
+    plan_adapter,
+    record_mask_counts,
+    summary_table,
+)
+from .prompt import custom_callbacks_on_real_tokens, prepend_prompt, real_tokens_only
 from .quantized import check_quantized_mergeable
 from .strategies import data_free_score_fn, is_data_driven
 from .tokens import TOKENS_ROLE, check_token_rows_match_other_adapters, token_layers
@@ -101,6 +109,11 @@ class APETModel(BaseTuner):
             # The counts recorded below (and by calibrate_masks) belong to this model and adapter: record them in the
             # adapter's own copy, so that a config object reused for another model or adapter is planned afresh.
             config = self.peft_config[adapter_name] = copy.deepcopy(config)
+            # PEFT's token-classification and QA models add their heads to the config they were given only after
+            # this injection: give the copy those heads now (as for SEQ_CLS, which adds them before)
+            heads = TASK_HEADS.get(config.task_type, ())
+            if heads:
+                config.modules_to_save = list(dict.fromkeys([*(config.modules_to_save or []), *heads]))
         for part in config.parts:
             if is_data_driven(part.mask_strategy) and part.mask_counts is None:
                 warnings.warn(f"APET part '{part.operation}' uses mask_strategy={part.mask_strategy!r}: its masks are "
@@ -180,7 +193,8 @@ class APETModel(BaseTuner):
         """As PEFT's, with the adapter's APET tensors packed (`peft_apet.packing`): every save path goes through here,
         including DeepSpeed ZeRO-3's consolidated state dict (raw int32 indices, collected module by module)."""
         entries = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
-        check_every_tensor_is_saved(model, adapter_name, entries)
+        if state_dict:  # an empty one is the Trainer's placeholder save under ZeRO-3 without gathered weights
+            check_every_tensor_is_saved(model, adapter_name, entries)
         return pack_entries(entries, adapter_name, model.get_submodule)
 
     def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
@@ -318,8 +332,10 @@ class APETModel(BaseTuner):
         if prompted is None:
             return self.model.generate(*args, **kwargs)
         if strip:
-            prompted = real_tokens_only(prompted, n, self.model.generation_config)
-        output = self.model.generate(**self._encoder_penalty_on_real_tokens(prompted, n))
+            with custom_callbacks_on_real_tokens(self.model, n):
+                output = self.model.generate(**real_tokens_only(prompted, n, self.model.generation_config))
+        else:
+            output = self.model.generate(**self._encoder_penalty_on_real_tokens(prompted, n))
         if not strip:
             return output
         if isinstance(output, torch.Tensor):

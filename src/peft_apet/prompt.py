@@ -9,6 +9,8 @@ concatenated directly.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -90,27 +92,48 @@ class _RealTokensStreamer:
 def real_tokens_only(kwargs: dict[str, Any], n: int, default_config: Any) -> dict[str, Any]:
     """`generate` kwargs of a decoder-only model whose `input_ids` start with `n` virtual prompt tokens, adjusted so
     that generation behaves as PEFT's prompt tuning does, where the prompt is not part of the ids: `max_length` and
-    `min_length` (given, or from the generation config, when no `*_new_tokens` replaces them) count real tokens
-    only, and the user's streamer, `prefix_allowed_tokens_fn`, logits processors and stopping criteria see the real
-    ids. `default_config`: the model's generation config, used where no `generation_config` is given."""
-    from transformers.generation.logits_process import LogitsProcessorList
-    from transformers.generation.stopping_criteria import StoppingCriteriaList
-
+    `min_length` (given, from the `generation_config` given, else from the model's, when no `*_new_tokens`
+    replaces them) count real tokens only, and the user's streamer and `prefix_allowed_tokens_fn` see the real ids
+    (logits processors and stopping criteria: `custom_callbacks_on_real_tokens`). `default_config`: the model's
+    generation config, which transformers uses for every field the given one leaves unset."""
     kwargs = dict(kwargs)
-    config = kwargs.get("generation_config") or default_config
+    given = kwargs.get("generation_config")
+
+    def effective(name: str) -> Any:
+        for source in (kwargs, vars(given) if given is not None else {}, vars(default_config)):
+            if source.get(name) is not None:
+                return source[name]
+        return None
+
     for length, new_tokens in (("max_length", "max_new_tokens"), ("min_length", "min_new_tokens")):
-        value = kwargs.get(length, getattr(config, length, None))
-        if kwargs.get(new_tokens, getattr(config, new_tokens, None)) is None and value:
+        value = effective(length)
+        if effective(new_tokens) is None and value:
             kwargs[length] = value + n
     if kwargs.get("streamer") is not None:
         kwargs["streamer"] = _RealTokensStreamer(kwargs["streamer"], n)
     allowed = kwargs.get("prefix_allowed_tokens_fn")
     if allowed is not None:
         kwargs["prefix_allowed_tokens_fn"] = lambda batch_id, ids: allowed(batch_id, ids[n:])
-    if kwargs.get("logits_processor"):
-        kwargs["logits_processor"] = LogitsProcessorList(_RealTokensProcessor(p, n)
-                                                        for p in kwargs["logits_processor"])
-    if kwargs.get("stopping_criteria"):
-        kwargs["stopping_criteria"] = StoppingCriteriaList(_RealTokensCriterion(c, n)
-                                                          for c in kwargs["stopping_criteria"])
     return kwargs
+
+
+@contextmanager
+def custom_callbacks_on_real_tokens(model: Any, n: int) -> Iterator[None]:
+    """While `model.generate` runs: the user's logits processors and stopping criteria get the ids after the `n`
+    virtual prompt tokens. They are wrapped after transformers merges them with the ones it builds, so that a
+    user's processor still replaces a built one of its type (transformers compares types)."""
+    from transformers.generation.stopping_criteria import StoppingCriteriaList
+
+    original = model._merge_criteria_processor_list
+
+    def merge(default_list: Any, custom_list: Any) -> Any:
+        merged = original(default_list, custom_list)
+        custom = {id(c) for c in custom_list or ()}
+        wrap = _RealTokensCriterion if isinstance(merged, StoppingCriteriaList) else _RealTokensProcessor
+        return type(merged)(wrap(p, n) if id(p) in custom else p for p in merged)
+
+    model._merge_criteria_processor_list = merge
+    try:
+        yield
+    finally:
+        del model._merge_criteria_processor_list
