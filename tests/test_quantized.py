@@ -62,6 +62,7 @@ def parts() -> dict[str, APETConfig]:
         "lora_discrete": APETConfig.lora(r=4, mask="discrete", num_trainable_params=300, **t, task_type="CAUSAL_LM"),
         "adapter": APETConfig.adapter(bottleneck=8, **t, task_type="CAUSAL_LM"),
         "bias": APETConfig.bitfit(**t, task_type="CAUSAL_LM"),
+        "bias_discrete": APETConfig.bitfit(mask="discrete", num_trainable_params=100, **t, task_type="CAUSAL_LM"),
         "delta_discrete": APETConfig.delta(mask="discrete", num_trainable_params=600, **t, task_type="CAUSAL_LM"),
         "delta_adjacent": APETConfig.delta(mask="adjacent", num_trainable_params=600, **t, task_type="CAUSAL_LM"),
         "delta_unmasked": APETConfig.delta(mask=None, **t, task_type="CAUSAL_LM"),
@@ -71,7 +72,8 @@ def parts() -> dict[str, APETConfig]:
     }
 
 
-MERGEABLE = ("lora", "lora_discrete", "bias", "delta_discrete", "delta_adjacent", "delta_unmasked", "combine")
+MERGEABLE = ("lora", "lora_discrete", "bias", "bias_discrete", "delta_discrete", "delta_adjacent", "delta_unmasked",
+             "combine")
 
 
 @pytest.fixture(scope="module")
@@ -575,6 +577,52 @@ def test_data_driven_masks_on_quantized_base(llama_dir, strategy):
     chosen = {n: m.apet_weights["default"]["delta"] for n, m in model.named_modules() if isinstance(m, APETLayer)}
     assert sum(d.num_entries for d in chosen.values()) == 500
     assert any(not torch.equal(d.flat_indices(), random_masks[n]) for n, d in chosen.items())
+
+
+@pytest.mark.parametrize("quant", ["nf4", "int8"])
+def test_calibration_leaves_the_base_as_it_was_and_scores_as_the_float_model(llama_dir, quant):
+    """In eval mode bitsandbytes layers change what they compute (8-bit: quantized activations; 4-bit on CPUs with
+    AVX512-BF16: a permanent repack of layer 0's weights for an inference kernel without autograd). Calibration
+    keeps them as training sees them: the base is unchanged and SAM picks what it picks on a float model holding
+    the dequantized weights."""
+    from peft_apet import calibrate_masks
+
+    config = dict(mask="discrete", num_trainable_params=500, mask_strategy="sam", selection_scope="global",
+                  target_modules=TARGETS, task_type="CAUSAL_LM")
+    data = [batch(seed=s) for s in range(2)]
+    base = load(llama_dir, quant)
+    floats = AutoModelForCausalLM.from_pretrained(llama_dir)
+    with torch.no_grad():
+        for name, layer in quantized_layers(base).items():
+            floats.get_submodule(name).weight.copy_(dequantized_weight(layer))
+    layers = nn.ModuleDict({n.replace(".", "_"): m for n, m in quantized_layers(base).items()})  # stay these objects
+    before = raw_weights(layers)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, reference = get_peft_model(base, APETConfig.delta(**config)), get_peft_model(
+            floats, APETConfig.delta(**config))
+    calibrate_masks(model, data)
+    calibrate_masks(reference, data)
+    assert_same(raw_weights(layers), before)
+    chosen = {n: m.apet_weights["default"]["delta"].flat_indices() for n, m in model.named_modules()
+              if isinstance(m, APETLayer)}
+    for name, m in reference.named_modules():
+        if isinstance(m, APETLayer):
+            assert torch.equal(m.apet_weights["default"]["delta"].flat_indices(), chosen[name]), name
+
+
+def test_a_low_cpu_mem_usage_reload_keeps_float32_values_on_bf16_compute(llama_dir, tmp_path):
+    """bitsandbytes layers report their compute dtype; PEFT's device move cast the loaded values to it (bf16)."""
+    config = APETConfig.delta(mask="discrete", num_trainable_params=600, target_modules=TARGETS,
+                              task_type="CAUSAL_LM", init_weights=False)
+    model = get_peft_model(load(llama_dir, "nf4-dq-bf16"), config)
+    inputs = batch()
+    expected = logits(model, inputs)
+    model.save_pretrained(tmp_path)
+    for low_cpu_mem_usage in (False, True):
+        reloaded = PeftModel.from_pretrained(load(llama_dir, "nf4-dq-bf16"), tmp_path,
+                                             low_cpu_mem_usage=low_cpu_mem_usage)
+        torch.testing.assert_close(logits(reloaded, inputs), expected, rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------------------------------------- other quantizers

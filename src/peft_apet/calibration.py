@@ -42,6 +42,7 @@ from .checks import check_nothing_merged
 from .config import APETConfig, APETPart
 from .modules import base_layer_of
 from .plan import plan_adapter, record_mask_counts
+from .quantized import is_bnb_quantized
 from .selection import ScoredTensor, checked_scores, choose_masks, targets_of_part
 from .strategies import check_mask_strategy, data_free_score_fn, is_data_driven, registered_score_fn
 
@@ -182,6 +183,12 @@ def _collect_statistics(model: nn.Module, probes: dict[str, _OutputProbe], data:
     try:
         model.requires_grad_(False)
         model.eval()
+        for module in model.modules():
+            # bitsandbytes layers have no dropout, but eval mode changes them: Linear8bitLt multiplies quantized
+            # activations, and Linear4bit on CPUs with AVX512-BF16 repacks its weight for an inference kernel
+            # (permanently, and without autograd). Scores must see the layers as training does.
+            if is_bnb_quantized(module):
+                module.training = True
         with model.disable_adapter(), torch.enable_grad():
             for batch in _limited(data, max_batches):
                 batch = _to_device(batch, device)

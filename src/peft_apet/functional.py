@@ -394,8 +394,9 @@ def prepare_layouts(deltas: list[MaskedWeight], input_gradients: bool = True) ->
     product: for 4-bit layers, whose training steps add the delta to the dequantized weight instead (made on first
     use where a side path does need them, e.g. one-token training inputs)."""
     for delta in deltas:
-        if delta.mask != "discrete" or delta.index.is_meta or delta.index.device.type != "cpu":
-            continue
+        if (delta.mask != "discrete" or len(delta.shape) != 2 or delta.index.is_meta
+                or delta.index.device.type != "cpu"):
+            continue  # side paths are 2-D weight deltas; a bias part's vector has none
         layout = layout_of(delta)
         if layout.strictly_sorted:
             layout.csr  # noqa: B018 - a cached property, computed here

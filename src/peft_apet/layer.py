@@ -77,6 +77,20 @@ class APETLayer(BaseTunerLayer):
                             input_gradients=quantization_of(self.get_base_layer()) != BNB_4BIT)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: torch.device | None = None) -> None:
+        """PEFT's, except on bitsandbytes layers: they report their compute dtype (e.g. bf16), and casting there
+        would round float32 values; PEFT casts them back at creation, but not after a `low_cpu_mem_usage` load, so
+        such a reload lost precision. On those layers only the device follows the base layer."""
+        base = self.get_base_layer()
+        if not is_bnb_quantized(base):
+            return super()._move_adapter_to_device_of_base_layer(adapter_name, device)
+        target = device if device is not None else self._get_base_layer_device_and_dtype(base)[0]
+        if target is None or adapter_name not in self.apet_weights:
+            return
+        weights = self.apet_weights[adapter_name]
+        if not any(p.is_meta for p in weights.parameters()):
+            self.apet_weights[adapter_name] = weights.to(target)
+
     def replace_mask(self, adapter_name: str, tensor: TensorPlan, init_weights: bool = True) -> None:
         """Give tensor `tensor.role` of `adapter_name` the mask `tensor.index` (chosen by a strategy) with
         `tensor.num_entries` entries, and initial values; same device, dtype, trainability and training mode as
