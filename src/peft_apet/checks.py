@@ -33,7 +33,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from .index_codec import stored_positions
-from .layer import APETLayer
+from .layer import APETLayer, merged_layers
 from .masks import line_length, num_lines
 from .packing import is_packed_key, unpack
 from .plan import AdapterPlan, TensorPlan
@@ -258,8 +258,7 @@ def check_state_fits_model(model: nn.Module, adapter_name: str,
     Runs after injection: when `PeftModel.from_pretrained` is given `config=` (not read from the folder), it is the
     only check, and a refused checkpoint leaves the (empty) APET layers in the base model.
     """
-    merged = [name for name, module in model.named_modules()
-              if isinstance(module, APETLayer) and adapter_name in module.merged_adapters]
+    merged = merged_layers(model, adapter_name)
     if merged:  # the masks and values would change under the merged delta, which unmerging then fails to remove
         raise ValueError(f"adapter '{adapter_name}' is merged into the base weights ({_names(merged)}): unmerge it "
                          "(`model.unmerge_adapter()`) before loading values into it. No value was loaded.")

@@ -25,7 +25,7 @@ from torch import nn
 
 from .checks import _APET_KEY, PEFT_PREFIX
 from .config import APETConfig
-from .layer import APETLayer
+from .layer import APETLayer, merged_layers
 from .modules import is_conv1d
 from .operations import MERGEABLE_OPERATIONS
 from .packing import is_packed_key
@@ -64,8 +64,7 @@ def check_lora_exportable(peft_model: PeftModel, adapter_name: str = "default") 
             hint += " Adapter and prompt parts cannot be merged either: serve such adapters with peft-apet installed."
         raise ValueError(f"cannot export APET adapter {adapter_name!r} as LoRA: its parts {other} are not LoRA "
                          f"structures (only {list(LORA_EXPRESSIBLE)} parts are). {hint} Nothing was written.")
-    merged = [name for name, module in peft_model.named_modules()
-              if isinstance(module, APETLayer) and adapter_name in module.merged_adapters]
+    merged = merged_layers(peft_model, adapter_name)
     if merged:
         raise ValueError(f"APET adapter {adapter_name!r} is merged into the base weights of {merged[:3]}: exporting "
                          "it would apply it twice. Call `unmerge_adapter()` first. Nothing was written.")

@@ -72,10 +72,14 @@ class APETLayer(BaseTunerLayer):
             if dropout is not None:
                 self.apet_dropout[adapter_name] = dropout
         self._move_adapter_to_device_of_base_layer(adapter_name)
-        if is_bnb_quantized(self.get_base_layer()):
-            prepare_layouts(list(self.apet_weights[adapter_name].values()),
-                            input_gradients=quantization_of(self.get_base_layer()) != BNB_4BIT)
+        self._prepare_quantized_layouts(list(self.apet_weights[adapter_name].values()))
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    def _prepare_quantized_layouts(self, weights: list[MaskedWeight]) -> None:
+        """On bitsandbytes layers, build the index arrays of `weights` now, not in forward (`prepare_layouts`)."""
+        base = self.get_base_layer()
+        if is_bnb_quantized(base):
+            prepare_layouts(weights, input_gradients=quantization_of(base) != BNB_4BIT)
 
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: torch.device | None = None) -> None:
         """PEFT's, except on bitsandbytes layers: they report their compute dtype (e.g. bf16), and casting there
@@ -100,8 +104,7 @@ class APETLayer(BaseTunerLayer):
         new.values.requires_grad_(old.values.requires_grad)
         new.train(old.training)
         self.apet_weights[adapter_name][tensor.role] = new
-        if is_bnb_quantized(self.get_base_layer()):  # as `update_layer` does: index arrays made now, not in forward
-            prepare_layouts([new], input_gradients=quantization_of(self.get_base_layer()) != BNB_4BIT)
+        self._prepare_quantized_layouts([new])
 
     def operations(self, adapter_name: str) -> list[str]:
         """Operations `adapter_name` has on this layer, e.g. `["delta", "lora"]`."""
@@ -254,6 +257,12 @@ class APETLayer(BaseTunerLayer):
             if op.merges_into == "weight":
                 op.add_to_base(delta, weights, self.apet_settings[adapter_name], 1.0)
         return delta
+
+
+def merged_layers(model: nn.Module, adapter_name: str) -> list[str]:
+    """Names of `model`'s APET layers into whose base weights `adapter_name` is merged."""
+    return [name for name, module in model.named_modules()
+            if isinstance(module, APETLayer) and adapter_name in module.merged_adapters]
 
 
 class _WrappedLayer(nn.Module, APETLayer):

@@ -287,10 +287,8 @@ class APETModel(BaseTuner):
                                      adapter_names: list[str] | None = None) -> nn.Module:
         if merge:
             self._check_before_merge(adapter_names or self.active_adapters, safe_merge)
-        # without merge, `unload` keeps what `merge_adapter` merged before, biases it created included
-        new_biases = modules_gaining_a_bias(self.model, adapter_names or self.active_adapters) if merge else [
-            name for name, module in self.model.named_modules() if isinstance(module, APETLayer) and
-            module._created_bias]
+        # without merge, `unload` keeps what `merge_adapter` merged before: the biases it created (no adapter names)
+        new_biases = modules_gaining_a_bias(self.model, (adapter_names or self.active_adapters) if merge else [])
         model = super()._unload_and_optionally_merge(merge=merge, progressbar=progressbar, safe_merge=safe_merge,
                                                      adapter_names=adapter_names)
         if new_biases:
@@ -331,13 +329,10 @@ class APETModel(BaseTuner):
         prompted, n, strip = self._with_prompt(args, kwargs, for_generate=True)
         if prompted is None:
             return self.model.generate(*args, **kwargs)
-        if strip:
-            with custom_callbacks_on_real_tokens(self.model, n):
-                output = self.model.generate(**real_tokens_only(prompted, n, self.model.generation_config))
-        else:
-            output = self.model.generate(**self._encoder_penalty_on_real_tokens(prompted, n))
         if not strip:
-            return output
+            return self.model.generate(**self._encoder_penalty_on_real_tokens(prompted, n))
+        with custom_callbacks_on_real_tokens(self.model, n):
+            output = self.model.generate(**real_tokens_only(prompted, n, self.model.generation_config))
         if isinstance(output, torch.Tensor):
             return output[:, n:]
         output.sequences = output.sequences[:, n:]

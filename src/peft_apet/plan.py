@@ -43,7 +43,6 @@ from .tokens import TOKENS_ROLE, TokenPlan, plan_trainable_tokens
 # The heads PEFT's task classes train in full (`PeftModelForSequenceClassification`, `...ForTokenClassification`,
 # `...ForQuestionAnswering` add them to `modules_to_save`): never a part's target.
 TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"), "QUESTION_ANS": ("qa_outputs",)}
-SEQ_CLS_HEADS = TASK_HEADS["SEQ_CLS"]
 
 
 @dataclass(frozen=True)

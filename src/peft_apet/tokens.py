@@ -167,10 +167,10 @@ def check_token_rows_match_other_adapters(model: nn.Module, new_adapter: str, ne
     PEFT's token wrappers are per module, and saving reads every wrapper for every adapter, so an adapter without
     rows in a wrapper another adapter made cannot be saved (`KeyError` in `get_peft_model_state_dict`, for PEFT's
     LoRA too): found after training, that would lose the run. Raised before the model changes."""
-    wrapped = sorted(name for name, module in model.named_modules()
-                     if isinstance(module, TrainableTokensWrapper) and module.token_adapter.tied_adapter is None
-                     and set(module.token_adapter.trainable_tokens_delta) & set(other_adapters))
-    if other_adapters and sorted(new_rows) != wrapped:
+    if not other_adapters:
+        return
+    wrapped = sorted({name for adapter in other_adapters for name, _ in token_layers(model, adapter)})
+    if sorted(new_rows) != wrapped:
         raise ValueError(
             f"adapter {new_adapter!r} trains token rows (`trainable_token_indices`) of {sorted(new_rows)}, and the "
             f"model's other adapters {other_adapters} of {wrapped}. PEFT cannot save adapters of one model whose "
