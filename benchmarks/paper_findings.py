@@ -414,7 +414,7 @@ def lr_pick_specs(model_name: str, task_name: str, mode: Mode) -> list[RunSpec]:
 
 def sweep(mode: Mode, out: Path, log: Callable[[str], None], command: str = "", part: str = "paper",
           device: str = "cpu", run_models: tuple[str, ...] | None = None,
-          run_seeds: tuple[int, ...] | None = None) -> dict:
+          run_seeds: tuple[int, ...] | None = None, run_masks: tuple[str, ...] | None = None) -> dict:
     """Run one part of the sweep (resuming from `<out>/runs/`); returns the plan, also written to `<out>/plan.json`.
 
     Part "paper" plans `runs` (the lr pick, then Figures 5-7); parts "pairing" and "sizes" plan `pairing_runs` /
@@ -426,7 +426,8 @@ def sweep(mode: Mode, out: Path, log: Callable[[str], None], command: str = "", 
 
     def to_run(specs: list[RunSpec]) -> list[RunSpec]:
         return [s for s in specs if (run_models is None or s.model in run_models)
-                and (run_seeds is None or s.seed in run_seeds)]
+                and (run_seeds is None or s.seed in run_seeds)
+                and (run_masks is None or s.mask in run_masks)]
 
     def get_task(model: str, task: str) -> Task:
         if (model, task) not in tasks:
@@ -489,6 +490,9 @@ def main(argv: list[str] | None = None) -> int:
                              "report keep every run, so two processes can share a sweep")
     parser.add_argument("--run-seeds", default=None, type=lambda v: tuple(int(s) for s in v.split(",")),
                         help="comma-separated seeds (e.g. 1): run only their runs of the part, like --run-models")
+    parser.add_argument("--run-masks", default=None, type=lambda v: tuple(v.split(",")),
+                        help=f"comma-separated masks ({', '.join(MASKS)}): run only the masked runs with these masks "
+                             "(unmasked runs such as head and full are skipped), like --run-models")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is visible to torch here (torch.cuda.is_available() is False)")
@@ -503,7 +507,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.report_only:
         log(f"start {command} ({mode.name})")
         run_models = tuple(args.run_models.split(",")) if args.run_models else None
-        sweep(mode, out, log, command, args.part, args.device, run_models, args.run_seeds)
+        if args.run_masks and not set(args.run_masks) <= set(MASKS):
+            parser.error(f"--run-masks: {','.join(args.run_masks)} is not a subset of {', '.join(MASKS)}")
+        sweep(mode, out, log, command, args.part, args.device, run_models, args.run_seeds, args.run_masks)
     records = Store(out).all()
     meta = report(out, command, records)
     plan = json.loads((out / "plan.json").read_text()) if (out / "plan.json").exists() else {}

@@ -221,9 +221,15 @@ def test_run_models_and_run_seeds_split_a_sweep(smoke, tmp_path):
     for other in (["--run-seeds", "1"], ["--run-models", "another-model"]):  # the smoke sizes runs are seed 0
         assert paper_findings.main(["--smoke", "--part", "sizes", "--out", str(out), "--threads", "1", *other]) == 0
         assert stored() == set()
+    by_mask = {r["key"]: r["mask"] for r in _records(smoke) if r["key"] in sizes}
+    assert paper_findings.main(["--smoke", "--part", "sizes", "--out", str(out), "--threads", "1", "--run-seeds",
+                                "0", "--run-models", "tiny-bert", "--run-masks", "discrete"]) == 0
+    assert stored() == {k for k, m in by_mask.items() if m == "discrete"} != set()
     assert paper_findings.main(["--smoke", "--part", "sizes", "--out", str(out), "--threads", "1", "--run-seeds",
                                 "0", "--run-models", "tiny-bert"]) == 0
     assert stored() == set(sizes)
+    with pytest.raises(SystemExit):
+        paper_findings.main(["--smoke", "--part", "sizes", "--out", str(out), "--run-masks", "dense"])
 
 
 def _record(model: str, method: str, accuracy: float, budget: int | None = None, mask: str | None = None,
