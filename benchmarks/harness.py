@@ -397,6 +397,37 @@ class SavedForBackward:
         self._hooks.__exit__(*exc)
 
 
+class TensorPeak:
+    """Context manager (when `on`): `peak` is the largest number of tensor bytes allocated inside the block and not
+    yet freed, from the torch profiler's memory events (CPU tensors): what the block itself needs at its worst
+    moment, independent of the allocator, where RSS also counts what glibc keeps after a free (None when off or
+    where the profiler gives no memory events). Reads the profiler's `kineto_results`, a private attribute."""
+
+    def __init__(self, on: bool = True):
+        self.on, self.peak = on, None
+
+    def __enter__(self) -> TensorPeak:
+        if self.on:
+            from torch.profiler import ProfilerActivity, profile
+
+            self._prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+            self._prof.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if not self.on:
+            return
+        self._prof.__exit__(*exc)
+        events = getattr(self._prof.profiler, "kineto_results", None)
+        memory = sorted((e.start_ns(), e.nbytes()) for e in (events.events() if events else ()) if
+                        e.name() == "[memory]")
+        live = peak = 0
+        for _, nbytes in memory:
+            live += nbytes
+            peak = max(peak, live)
+        self.peak = peak if memory else None
+
+
 class PeakSampler:
     """Context manager: `peak` is the largest RSS (bytes) seen every `interval` seconds inside the block."""
 

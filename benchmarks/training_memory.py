@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import equal_k, harness
-from benchmarks.harness import PeakSampler, SavedForBackward, current_rss, trim_memory
+from benchmarks.harness import PeakSampler, SavedForBackward, TensorPeak, current_rss, trim_memory
 
 METHODS = ("head", "full", "sparta", "lora", "apet-discrete", "apet-adjacent")
 BUDGETS = {"default": (22_700, 227_000), "smoke": (500,)}
@@ -50,36 +50,6 @@ def build(method: str, k: int, task: harness.Task) -> tuple[torch.nn.Module, lis
         apet_mask = method.removeprefix("apet-") if method.startswith("apet-") else "discrete"
         model, _ = equal_k.build(method.split("-")[0], k, task, seed=0, mask=apet_mask)
     return model, [p for p in model.parameters() if p.requires_grad]
-
-
-class TensorPeak:
-    """Context manager (when `on`): `peak` is the largest number of tensor bytes allocated inside the block and not
-    yet freed, from the torch profiler's memory events: what the step itself needs at its worst moment, independent
-    of the allocator (None when off or where the profiler gives no memory events)."""
-
-    def __init__(self, on: bool):
-        self.on, self.peak = on, None
-
-    def __enter__(self) -> TensorPeak:
-        if self.on:
-            from torch.profiler import ProfilerActivity, profile
-
-            self._prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
-            self._prof.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if not self.on:
-            return
-        self._prof.__exit__(*exc)
-        events = getattr(self._prof.profiler, "kineto_results", None)
-        memory = sorted((e.start_ns(), e.nbytes()) for e in (events.events() if events else ()) if
-                        e.name() == "[memory]")
-        live = peak = 0
-        for _, nbytes in memory:
-            live += nbytes
-            peak = max(peak, live)
-        self.peak = peak if memory else None
 
 
 def index_array_bytes() -> int:

@@ -43,6 +43,8 @@ def test_every_method_at_equal_k(smoke):
             assert len(r["step_s"]) == len(r["tokens_per_step"]) == quantized.SETTINGS["smoke"].steps
             assert all(t >= quantized.SETTINGS["smoke"].batch_size for t in r["tokens_per_step"])
             assert 0.0 <= r["test"]["generation_accuracy"] <= 1.0
+            # the profiled step's live tensors include at least what autograd saved for its backward
+            assert r["tensor_peak_bytes"] >= r["saved_for_backward_bytes"] > 0
     rows = results["summary"]
     assert {r["method"] for r in rows if r["method"] == "qlora" and r["step_ratio"] == 1.0} == {"qlora"}
 
@@ -53,6 +55,10 @@ def test_report(smoke):
         assert text.count(f"| {method} |") == 2
     assert text.count(f"| {quantized.SAME_LAYERS} |") == 1
     assert "Target: APET discrete delta" in text
+    assert "| tensor peak MiB | tensor peak ratio |" in text and "with the tensor peak (" in text
+    # the reference's own row: ratios of exactly 1 (step, RSS peak, tensor peak, saved, state)
+    row = next(line for line in text.splitlines() if line.startswith("| 200 | qlora |"))
+    assert row.split(" | ")[5:10:2] == ["1.00", "1.00", "1.00"]
 
 
 def test_isolated_run_in_a_fresh_process():

@@ -4,7 +4,7 @@ Every part trains, reloads in a fresh process with identical logits, is switched
 `disable_adapter()`, and merges like PEFT's QLoRA: merged logits within the requantization error of PEFT LoRA's
 merge on the same base in the same test, unmerge restoring the quantized weights bit for bit. Logits are taken in
 train mode under `no_grad` (the tiny models have no dropout): in eval mode bitsandbytes repacks CPU 4-bit weights for
-its AVX512-BF16 kernel, which `test_merge_after_cpu_repacking` covers on its own.
+its AVX512-BF16 kernel, which `test_merge_after_cpu_repacking` and the two training-after-evaluation tests cover.
 """
 
 from __future__ import annotations
@@ -330,6 +330,67 @@ def test_merge_after_cpu_repacking(llama_dir):
     assert float((merged - unmerged).abs().max()) < effect / 4
     model.unmerge_adapter()
     assert_same(raw, raw_weights(model))
+
+
+@pytest.mark.parametrize("quant", ["nf4", "fp4-dq"])
+def test_training_after_an_evaluation_gets_every_gradient(llama_dir, quant):
+    """An eval-mode forward repacks CPU 4-bit weights for bitsandbytes' AVX512-BF16 kernel, for good (by hand here
+    where this CPU has no such kernel, as `Linear4bit.forward` would), and its training op on repacked weights has
+    no autograd: without `train()` unpacking them, none of the 4 delta tensors got a gradient. After `train()` every
+    4-bit layer, targeted or not, is back in the standard storage holding the weight the kernel used, and a step
+    gets the gradients it got before the evaluation, up to the bf16 rounding of the scales."""
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu
+
+    inputs = batch(seed=4)
+    model = get_peft_model(load(llama_dir, quant), APETConfig.delta(
+        mask="discrete", num_trainable_params=600, target_modules=TARGETS, init_weights=False, task_type="CAUSAL_LM"))
+
+    def gradients() -> dict[str, torch.Tensor | None]:
+        model.zero_grad(set_to_none=True)
+        model(**inputs).loss.backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    model.train()
+    before = gradients()
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=inputs["input_ids"])
+    layers = {n: m for n, m in quantized_layers(model).items() if isinstance(m, bnb.nn.Linear4bit)}
+    assert len(layers) == 14  # 7 projections in each of 2 layers, 2 of them adapted per layer
+    for m in layers.values():
+        if not m.weight.quant_state.packing_format_for_cpu:
+            m.weight.data, m.weight.quant_state = _convert_weight_packed_for_cpu(m.weight.data, m.weight.quant_state)
+    used = {n: dequantized_weight(m) for n, m in layers.items()}
+    model.train()
+    assert not [n for n, m in layers.items() if m.weight.quant_state.packing_format_for_cpu]
+    for name, m in layers.items():
+        assert m.weight.dtype == torch.uint8 and m.weight.quant_state.absmax.dtype == torch.float32, name
+        torch.testing.assert_close(bnb.functional.dequantize_4bit(m.weight.data, m.weight.quant_state), used[name],
+                                   rtol=0, atol=0)
+    after = gradients()
+    for name, grad in after.items():
+        assert grad is not None and grad.abs().max() > 0, name
+        assert float((grad - before[name]).norm() / before[name].norm()) < 0.05, name
+
+
+def test_peft_lora_loses_gradients_after_an_evaluation_on_a_repacking_cpu(llama_dir):
+    """Why APET's `train()` unpacks: PEFT's own QLoRA, whose model does not, gets no gradient for any of its 8 LoRA
+    tensors after one eval-mode forward where bitsandbytes repacks (as on this project's CPU and CI): every adapted
+    projection's output reaches the loss only through repacked layers (o_proj, the MLP). Where bitsandbytes does not
+    repack, nothing is lost."""
+    inputs = batch(seed=4)
+    model = get_peft_model(load(llama_dir, "nf4"), LoraConfig(r=2, target_modules=TARGETS, init_lora_weights=False))
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=inputs["input_ids"])
+    repacked = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight.quant_state
+    model.train()
+    model(**inputs).loss.backward()
+    missing = sorted(n for n, p in model.named_parameters() if p.requires_grad and p.grad is None)
+    if getattr(repacked, "packing_format_for_cpu", False):
+        assert len(missing) == 8, missing
+    else:
+        assert missing == []
 
 
 # ---------------------------------------------------------------------------------------------- other settings

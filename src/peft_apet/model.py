@@ -44,7 +44,7 @@ from .plan import (
     summary_table,
 )
 from .prompt import custom_callbacks_on_real_tokens, prepend_prompt, real_tokens_only
-from .quantized import check_quantized_mergeable
+from .quantized import check_quantized_mergeable, unpack_cpu_repacked_4bit_
 from .strategies import data_free_score_fn, is_data_driven
 from .tokens import TOKENS_ROLE, check_token_rows_match_other_adapters, token_layers
 
@@ -317,6 +317,16 @@ class APETModel(BaseTuner):
         strip = for_generate and kwargs.get("input_ids") is not None and not getattr(
             self.model.config, "is_encoder_decoder", False)
         return kwargs, embedding.prompt_table(name).shape[0], strip
+
+    def train(self, mode: bool = True) -> APETModel:
+        """`nn.Module.train`; entering training mode also returns 4-bit weights that bitsandbytes repacked for its
+        CPU inference kernel during an evaluation to the storage its training path needs
+        (`quantized.unpack_cpu_repacked_4bit_`): without this, gradients stop flowing through them (the Trainer
+        calls `train()` before every step, so evaluation between epochs is safe)."""
+        super().train(mode)
+        if mode:
+            unpack_cpu_repacked_4bit_(self.model)
+        return self
 
     def forward(self, *args: Any, **kwargs: Any):
         prompted, _, _ = self._with_prompt(args, kwargs, for_generate=False)

@@ -126,21 +126,50 @@ def dequantized_weight(module: nn.Module) -> torch.Tensor:
     if quantization_of(module) == BNB_4BIT:
         state = getattr(weight, "quant_state", None) or module.quant_state
         data = weight.data
-        if getattr(state, "packing_format_for_cpu", False):
-            # bitsandbytes repacks CPU weights for its AVX512-BF16 inference kernel; unpack a copy (its own
-            # state_dict does the same in place)
-            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
-
-            packed_absmax = state.absmax  # (in / blocksize, out) bf16 in the packed layout
-            data, state = _convert_weight_packed_for_cpu_inverse(data, copy.copy(state))
-            # bitsandbytes' inverse leaves a plain absmax in the packed layout (wrong unless out == blocksize) and
-            # requantizes a double-quantized one: use the packed values, in row-major block order, instead
-            state.absmax, state.nested = packed_absmax.T.reshape(-1).float(), False
+        if getattr(state, "packing_format_for_cpu", False):  # unpack a copy
+            data, state = _unpacked_4bit(data, state)
         return bnb.functional.dequantize_4bit(data, state)
     if weight.is_floating_point():  # has_fp16_weights=True: a plain weight
         return weight.detach().clone()
     scb = weight.SCB if getattr(weight, "SCB", None) is not None else module.state.SCB
     return bnb.functional.int8_vectorwise_dequant(weight.data, scb.to(weight.device)).float()
+
+
+def _unpacked_4bit(data: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any]:
+    """The standard 4-bit storage and a new quantization state for weight storage `data` that bitsandbytes repacked
+    for its CPU AVX512-BF16 inference kernel (`state.packing_format_for_cpu`); `data` and `state` are not changed.
+
+    bitsandbytes' own inverse leaves a plain absmax in the packed layout (wrong unless out == blocksize) and
+    requantizes a double-quantized one: the packed absmax values (bf16, the ones its kernel multiplies by) are kept
+    instead, in row-major block order, unquantized, so the unpacked weight dequantizes to what the kernel used."""
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+    packed_absmax = state.absmax  # (in / blocksize, out) bf16 in the packed layout
+    data, state = _convert_weight_packed_for_cpu_inverse(data, copy.copy(state))
+    state.absmax, state.nested = packed_absmax.T.reshape(-1).float(), False
+    return data, state
+
+
+def unpack_cpu_repacked_4bit_(model: nn.Module) -> list[str]:
+    """Return every bitsandbytes 4-bit layer of `model` that bitsandbytes repacked for its CPU inference kernel to
+    the standard storage, in place; returns their names.
+
+    On CPUs with AVX512-BF16 `Linear4bit.forward` repacks its weight, for good, at the first eval-mode forward of an
+    input that needs no gradient; a later training forward then multiplies through bitsandbytes' inference op, which
+    has no autograd: gradients no longer flow back through the layer (`tests/test_quantized.py`: after one
+    evaluation no adapter tensor of a two-layer Llama got a gradient, with PEFT's own QLoRA as with APET).
+    Unpacked, the layer trains as before the evaluation, on the weight the kernel used (its absmax rounded to bf16
+    by the repacking), and repacks at the next evaluation."""
+    unpacked = []
+    for name, module in model.named_modules():
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        if getattr(state, "packing_format_for_cpu", False) and quantization_of(module) == BNB_4BIT:
+            data, state = _unpacked_4bit(module.weight.data, state)
+            module.weight.data, module.weight.quant_state = data, state
+            if hasattr(module, "quant_state"):
+                module.quant_state = state
+            unpacked.append(name)
+    return unpacked
 
 
 @torch.no_grad()
