@@ -419,8 +419,8 @@ def sweep(mode: Mode, out: Path, log: Callable[[str], None], command: str = "", 
 
     Part "paper" plans `runs` (the lr pick, then Figures 5-7); parts "pairing" and "sizes" plan `pairing_runs` /
     `sizes_runs` and keep what the plan file already says about the other parts. All pick the lr first (runs
-    already stored are reused). `run_models` / `run_seeds` run only those models' / seeds' runs of the part (the plan
-    still lists every run), so processes can share a sweep by model and seed."""
+    already stored are reused). `run_models` / `run_seeds` / `run_masks` run only those models' / seeds' / masks'
+    runs of the part (not the lr pick's; the plan still lists every run), so processes can share a sweep."""
     store = Store(out)
     tasks: dict[tuple[str, str], Task] = {}
 
@@ -496,6 +496,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is visible to torch here (torch.cuda.is_available() is False)")
+    if args.run_masks and not set(args.run_masks) <= set(MASKS):
+        parser.error(f"--run-masks: {','.join(args.run_masks)} is not a subset of {', '.join(MASKS)}")
     mode = MODES["full" if args.full else "smoke" if args.smoke else "default"]
     if args.with_lm:
         if mode.name != "default":
@@ -507,8 +509,6 @@ def main(argv: list[str] | None = None) -> int:
     if not args.report_only:
         log(f"start {command} ({mode.name})")
         run_models = tuple(args.run_models.split(",")) if args.run_models else None
-        if args.run_masks and not set(args.run_masks) <= set(MASKS):
-            parser.error(f"--run-masks: {','.join(args.run_masks)} is not a subset of {', '.join(MASKS)}")
         sweep(mode, out, log, command, args.part, args.device, run_models, args.run_seeds, args.run_masks)
     records = Store(out).all()
     meta = report(out, command, records)

@@ -197,13 +197,13 @@ def run_method(method: str, k: int, task: Task, settings: Settings, log) -> dict
     # The forward and backward of one more batch under the torch profiler, after the RSS sampler (which would count
     # the profiler's own memory) and before evaluation (an eval-mode pass repacks bitsandbytes' CPU weights): its
     # tensor peak, allocator-independent. No optimizer step, so the evaluated model is the run's.
+    saved = saved_for_backward_bytes(model, harness.collate(next(stream), task), task)
     profiled = harness.collate(next(stream), task)
     with TensorPeak() as live:
         loss, _ = harness.loss_and_scores(vocab_logits(model, profiled, task, False), profiled["labels"], task)
         loss.backward()
     optimizer.zero_grad(set_to_none=False)
     state = harness.trainable_state_bytes(params, optimizer)
-    saved = saved_for_backward_bytes(model, harness.collate(next(stream), task), task)
     test = evaluate(model, task.splits["test"], task, False, batch_size=16)
     record = {"method": method, "k": k, "trainable": sum(p.numel() for p in params), "qlora": description,
               "inject_s": inject_s, "step_s": times[settings.warmup:], "warmup_step_s": times[:settings.warmup],

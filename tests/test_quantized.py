@@ -373,6 +373,36 @@ def test_training_after_an_evaluation_gets_every_gradient(llama_dir, quant):
         assert float((grad - before[name]).norm() / before[name].norm()) < 0.05, name
 
 
+@pytest.mark.parametrize("quant", ["nf4", "fp4-dq"])
+def test_a_checkpoint_after_an_evaluation_keeps_the_weights_the_kernel_used(llama_dir, quant, tmp_path):
+    """The Trainer saves a checkpoint after an evaluation, before its next `train()`: bitsandbytes' own state dict
+    would unpack the repacked weights with its faulty inverse (the absmax left in the packed layout: the MLP's down
+    projection, 128 inputs wide, changed by up to 0.04), for good. APET's pre-hook unpacks them correctly first, on
+    every 4-bit layer, adapted or not; the quantization state stays one object per layer (a bias-only merge keeps
+    the live weight and its state, and unmerging must find them as they are)."""
+    inputs = batch(seed=5)
+    config = APETConfig.bitfit(target_modules=["down_proj"], task_type="CAUSAL_LM")
+    model = get_peft_model(load(llama_dir, quant), config)
+    model.merge_adapter()
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=inputs["input_ids"])
+    layers = {n: m for n, m in quantized_layers(model).items() if isinstance(m, bnb.nn.Linear4bit)}
+    if not any(m.weight.quant_state.packing_format_for_cpu for m in layers.values()):
+        pytest.fail("this CPU has no AVX512-BF16 kernel: bitsandbytes did not repack (CI runs on one that does)")
+    used = {n: dequantized_weight(m) for n, m in layers.items()}
+    model.save_pretrained(tmp_path)
+    model.train()
+    for name, m in layers.items():
+        assert not m.weight.quant_state.packing_format_for_cpu, name
+        assert getattr(m, "quant_state", None) in (None, m.weight.quant_state), name
+        torch.testing.assert_close(bnb.functional.dequantize_4bit(m.weight.data, m.weight.quant_state), used[name],
+                                   rtol=0, atol=0)
+    model.unmerge_adapter()
+    for name, m in layers.items():
+        assert m.weight.quant_state is getattr(m, "quant_state", m.weight.quant_state), name
+
+
 def test_peft_lora_loses_gradients_after_an_evaluation_on_a_repacking_cpu(llama_dir):
     """Why APET's `train()` unpacks: PEFT's own QLoRA, whose model does not, gets no gradient for any of its 8 LoRA
     tensors after one eval-mode forward where bitsandbytes repacks (as on this project's CPU and CI): every adapted

@@ -44,7 +44,7 @@ from .plan import (
     summary_table,
 )
 from .prompt import custom_callbacks_on_real_tokens, prepend_prompt, real_tokens_only
-from .quantized import check_quantized_mergeable, unpack_cpu_repacked_4bit_
+from .quantized import check_quantized_mergeable, guard_cpu_repacking, unpack_cpu_repacked_4bit_
 from .strategies import data_free_score_fn, is_data_driven
 from .tokens import TOKENS_ROLE, check_token_rows_match_other_adapters, token_layers
 
@@ -123,6 +123,7 @@ class APETModel(BaseTuner):
             self.injecting = adapter_name
             super().inject_adapter(model, adapter_name, **kwargs)  # plans in `_prepare_model`, then builds layers
             record_mask_counts(config, self.building_plan)
+            guard_cpu_repacking(model)
         finally:
             self.building_plan = self.prompt_ids = self.injecting = None
         self._warn_unlearnable(adapter_name)
@@ -322,7 +323,8 @@ class APETModel(BaseTuner):
         """`nn.Module.train`; entering training mode also returns 4-bit weights that bitsandbytes repacked for its
         CPU inference kernel during an evaluation to the storage its training path needs
         (`quantized.unpack_cpu_repacked_4bit_`): without this, gradients stop flowing through them (the Trainer
-        calls `train()` before every step, so evaluation between epochs is safe)."""
+        calls `train()` before every step). A state dict taken in between (a checkpoint after an evaluation) unpacks
+        them the same way first (`quantized.guard_cpu_repacking`)."""
         super().train(mode)
         if mode:
             unpack_cpu_repacked_4bit_(self.model)

@@ -145,9 +145,42 @@ def _unpacked_4bit(data: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any]:
     from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
 
     packed_absmax = state.absmax  # (in / blocksize, out) bf16 in the packed layout
-    data, state = _convert_weight_packed_for_cpu_inverse(data, copy.copy(state))
+    state = copy.copy(state)
+    state.original_nested = False  # so that the inverse does not requantize the absmax replaced below
+    data, state = _convert_weight_packed_for_cpu_inverse(data, state)
     state.absmax, state.nested = packed_absmax.T.reshape(-1).float(), False
     return data, state
+
+
+def _unpack_in_place(module: nn.Module) -> bool:
+    """Return a repacked 4-bit layer's weight to the standard storage (`_unpacked_4bit`), updating its quantization
+    state object in place (as bitsandbytes' repacking does), so every holder of that object sees the change;
+    whether it was repacked."""
+    state = getattr(getattr(module, "weight", None), "quant_state", None)
+    if not getattr(state, "packing_format_for_cpu", False) or quantization_of(module) != BNB_4BIT:
+        return False
+    data, unpacked = _unpacked_4bit(module.weight.data, state)
+    module.weight.data = data
+    state.__dict__.update(unpacked.__dict__)
+    return True
+
+
+def _unpack_before_saving(module: nn.Module, prefix: str, keep_vars: bool) -> None:
+    """State-dict pre-hook: bitsandbytes' own save unpacks a repacked weight in place with its faulty inverse (the
+    absmax left in the packed layout, a double-quantized one requantized), corrupting the weight for good; unpack it
+    correctly first."""
+    _unpack_in_place(module)
+
+
+def guard_cpu_repacking(model: nn.Module) -> None:
+    """Give every bitsandbytes 4-bit layer of `model` (adapted or not) a state-dict pre-hook that unpacks a
+    repacked weight correctly before bitsandbytes' save does it wrongly (`_unpack_before_saving`); once per layer.
+    Not covered: bitsandbytes' `Params4bit.cuda()`, which also unpacks with that inverse: move a model to the GPU
+    before evaluating it on a CPU, or after `train()`."""
+    for module in model.modules():
+        if quantization_of(module) == BNB_4BIT and not getattr(module, "_apet_unpacks_before_saving", False):
+            module.register_state_dict_pre_hook(_unpack_before_saving)
+            module._apet_unpacks_before_saving = True
 
 
 def unpack_cpu_repacked_4bit_(model: nn.Module) -> list[str]:
@@ -160,16 +193,7 @@ def unpack_cpu_repacked_4bit_(model: nn.Module) -> list[str]:
     evaluation no adapter tensor of a two-layer Llama got a gradient, with PEFT's own QLoRA as with APET).
     Unpacked, the layer trains as before the evaluation, on the weight the kernel used (its absmax rounded to bf16
     by the repacking), and repacks at the next evaluation."""
-    unpacked = []
-    for name, module in model.named_modules():
-        state = getattr(getattr(module, "weight", None), "quant_state", None)
-        if getattr(state, "packing_format_for_cpu", False) and quantization_of(module) == BNB_4BIT:
-            data, state = _unpacked_4bit(module.weight.data, state)
-            module.weight.data, module.weight.quant_state = data, state
-            if hasattr(module, "quant_state"):
-                module.quant_state = state
-            unpacked.append(name)
-    return unpacked
+    return [name for name, module in model.named_modules() if _unpack_in_place(module)]
 
 
 @torch.no_grad()
