@@ -378,13 +378,20 @@ def load_model(model_args: ModelArguments, task_type: str, label_names: list[str
     return model
 
 
+def parameter_count(model: torch.nn.Module) -> int:
+    """All parameters of `model`, a bitsandbytes 4-bit weight counted as the entries it holds (two per byte of its
+    storage, whose `numel` counts bytes), as PEFT's `get_nb_trainable_parameters` counts them."""
+    return sum(p.numel() * (2 * p.element_size() if type(p).__name__ == "Params4bit" else 1)
+               for p in model.parameters())
+
+
 def count_parameters(model: torch.nn.Module, adapter_entries: int | None) -> dict[str, int]:
     """Trainable adapter entries (exact), the rest of what trains (the new head), and all parameters."""
     if isinstance(model, PeftModel):
         trainable, total = model.get_nb_trainable_parameters()
     else:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in model.parameters())
+        total = parameter_count(model)
     adapter = trainable if adapter_entries is None else adapter_entries
     return {"trainable_adapter_params": adapter, "trainable_head_params": trainable - adapter,
             "trainable_params": trainable, "all_params": total}
@@ -685,7 +692,7 @@ def main(args: Sequence[str] | None = None) -> dict[str, Any]:
 
         model = fresh_model()
         tokenizer.name_or_path = model_name
-        base_params = sum(p.numel() for p in model.parameters())
+        base_params = parameter_count(model)
         peft_config, adapter_entries = None, None
         if method_args.method != "full":
             peft_config = apet_config(method_args, task_type, training_args.seed)

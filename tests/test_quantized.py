@@ -337,8 +337,9 @@ def test_training_after_an_evaluation_gets_every_gradient(llama_dir, quant):
     """An eval-mode forward repacks CPU 4-bit weights for bitsandbytes' AVX512-BF16 kernel, for good (by hand here
     where this CPU has no such kernel, as `Linear4bit.forward` would), and its training op on repacked weights has
     no autograd: without `train()` unpacking them, none of the 4 delta tensors got a gradient. After `train()` every
-    4-bit layer, targeted or not, is back in the standard storage holding the weight the kernel used, and a step
-    gets the gradients it got before the evaluation, up to the bf16 rounding of the scales."""
+    4-bit layer, targeted or not, is back in the standard storage: bit for bit what it was before the evaluation
+    where the evaluation repacked it (its state kept just before), and a step gets exactly the gradients it got then.
+    A layer repacked by hand (no kernel here) comes back with the repacking's bf16 scales."""
     from bitsandbytes.functional import _convert_weight_packed_for_cpu
 
     inputs = batch(seed=4)
@@ -352,52 +353,62 @@ def test_training_after_an_evaluation_gets_every_gradient(llama_dir, quant):
 
     model.train()
     before = gradients()
+    layers = {n: m for n, m in quantized_layers(model).items() if isinstance(m, bnb.nn.Linear4bit)}
+    assert len(layers) == 14  # 7 projections in each of 2 layers, 2 of them adapted per layer
+    stored = {n: (m.weight.data.clone(), m.weight.quant_state.as_dict(packed=True)) for n, m in layers.items()}
+    original = {n: dequantized_weight(m) for n, m in layers.items()}
     model.eval()
     with torch.no_grad():
         model(input_ids=inputs["input_ids"])
-    layers = {n: m for n, m in quantized_layers(model).items() if isinstance(m, bnb.nn.Linear4bit)}
-    assert len(layers) == 14  # 7 projections in each of 2 layers, 2 of them adapted per layer
-    for m in layers.values():
-        if not m.weight.quant_state.packing_format_for_cpu:
-            m.weight.data, m.weight.quant_state = _convert_weight_packed_for_cpu(m.weight.data, m.weight.quant_state)
+    by_hand = [n for n, m in layers.items() if not m.weight.quant_state.packing_format_for_cpu]
+    for name in by_hand:
+        m = layers[name]
+        m.weight.data, m.weight.quant_state = _convert_weight_packed_for_cpu(m.weight.data, m.weight.quant_state)
     used = {n: dequantized_weight(m) for n, m in layers.items()}
     model.train()
     assert not [n for n, m in layers.items() if m.weight.quant_state.packing_format_for_cpu]
     for name, m in layers.items():
-        assert m.weight.dtype == torch.uint8 and m.weight.quant_state.absmax.dtype == torch.float32, name
-        torch.testing.assert_close(bnb.functional.dequantize_4bit(m.weight.data, m.weight.quant_state), used[name],
-                                   rtol=0, atol=0)
+        weight = bnb.functional.dequantize_4bit(m.weight.data, m.weight.quant_state)
+        if name in by_hand:
+            torch.testing.assert_close(weight, used[name], rtol=0, atol=0)
+            continue
+        assert torch.equal(weight, original[name]), name
+        data, state = stored[name]
+        assert torch.equal(m.weight.data, data), name
+        now = m.weight.quant_state.as_dict(packed=True)
+        assert now.keys() == state.keys() and all(torch.equal(now[k], state[k]) for k in state), name
     after = gradients()
     for name, grad in after.items():
         assert grad is not None and grad.abs().max() > 0, name
+        if not by_hand:
+            assert torch.equal(grad, before[name]), name
         assert float((grad - before[name]).norm() / before[name].norm()) < 0.05, name
 
 
 @pytest.mark.parametrize("quant", ["nf4", "fp4-dq"])
-def test_a_checkpoint_after_an_evaluation_keeps_the_weights_the_kernel_used(llama_dir, quant, tmp_path):
+def test_a_checkpoint_after_an_evaluation_keeps_the_weights(llama_dir, quant, tmp_path):
     """The Trainer saves a checkpoint after an evaluation, before its next `train()`: bitsandbytes' own state dict
     would unpack the repacked weights with its faulty inverse (the absmax left in the packed layout: the MLP's down
-    projection, 128 inputs wide, changed by up to 0.04), for good. APET's pre-hook unpacks them correctly first, on
-    every 4-bit layer, adapted or not; the quantization state stays one object per layer (a bias-only merge keeps
-    the live weight and its state, and unmerging must find them as they are)."""
+    projection, 128 inputs wide, changed by up to 0.04), for good. APET's pre-hook unpacks them first, on every 4-bit
+    layer, adapted or not, to what they were before the evaluation; the quantization state stays one object per
+    layer (a bias-only merge keeps the live weight and its state, and unmerging must find them as they are)."""
     inputs = batch(seed=5)
     config = APETConfig.bitfit(target_modules=["down_proj"], task_type="CAUSAL_LM")
     model = get_peft_model(load(llama_dir, quant), config)
     model.merge_adapter()
+    original = {n: dequantized_weight(m) for n, m in quantized_layers(model).items()}
     model.eval()
     with torch.no_grad():
         model(input_ids=inputs["input_ids"])
     layers = {n: m for n, m in quantized_layers(model).items() if isinstance(m, bnb.nn.Linear4bit)}
     if not any(m.weight.quant_state.packing_format_for_cpu for m in layers.values()):
         pytest.fail("this CPU has no AVX512-BF16 kernel: bitsandbytes did not repack (CI runs on one that does)")
-    used = {n: dequantized_weight(m) for n, m in layers.items()}
     model.save_pretrained(tmp_path)
-    model.train()
-    for name, m in layers.items():
+    for name, m in layers.items():  # unpacked by the save
         assert not m.weight.quant_state.packing_format_for_cpu, name
         assert getattr(m, "quant_state", None) in (None, m.weight.quant_state), name
-        torch.testing.assert_close(bnb.functional.dequantize_4bit(m.weight.data, m.weight.quant_state), used[name],
-                                   rtol=0, atol=0)
+        assert torch.equal(bnb.functional.dequantize_4bit(m.weight.data, m.weight.quant_state), original[name]), name
+    model.train()
     model.unmerge_adapter()
     for name, m in layers.items():
         assert m.weight.quant_state is getattr(m, "quant_state", m.weight.quant_state), name
@@ -750,6 +761,16 @@ def test_other_quantized_layers_refused_at_get_peft_model(stand_in, label, part)
 
 
 # ---------------------------------------------------------------------------------------------- the example script
+@pytest.mark.parametrize("quant", ["nf4", "nf4-dq-bf16", "int8"])
+def test_example_script_counts_a_quantized_base_as_the_float_one(llama_dir, quant):
+    """`base_model_params` in the script's results: a 4-bit weight's `numel` counts its bytes (two entries each)."""
+    sys.path.insert(0, str(Path(__file__).parents[1] / "examples"))
+    import run_apet
+
+    floats = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(llama_dir).parameters())
+    assert run_apet.parameter_count(load(llama_dir, quant)) == floats
+
+
 @pytest.mark.slow  # ~50 s per flag: MiniLM quantized on load, Rotten Tomatoes read from its sdist
 @pytest.mark.parametrize("flag", ["--load_in_4bit", "--load_in_8bit"])
 def test_example_script_on_a_quantized_base(tmp_path, flag):
@@ -765,6 +786,9 @@ def test_example_script_on_a_quantized_base(tmp_path, flag):
                              "--max_steps", "2", "--per_device_train_batch_size", "8", "--max_seq_length", "24",
                              "--save_strategy", "no", "--disable_tqdm", "true", "--output_dir", str(out)])
     assert results["trainable_adapter_params"] == 501 and results["train_steps"] == 2
+    # the base counted as PEFT counts it (a 4-bit weight's numel counts bytes, two entries each): the whole model
+    # less what trains (the adapter and the head's trainable copy)
+    assert results["base_model_params"] == results["all_params"] - results["trainable_params"]
     assert 0.0 <= results["test_accuracy"] <= 1.0
     assert (out / "adapter_model.safetensors").exists()
     with pytest.raises(ValueError, match="--method full cannot train quantized"):

@@ -153,16 +153,34 @@ def _unpacked_4bit(data: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any]:
 
 
 def _unpack_in_place(module: nn.Module) -> bool:
-    """Return a repacked 4-bit layer's weight to the standard storage (`_unpacked_4bit`), updating its quantization
-    state object in place (as bitsandbytes' repacking does), so every holder of that object sees the change;
-    whether it was repacked."""
+    """Return a repacked 4-bit layer's weight to the standard storage, updating its quantization state object in
+    place (as bitsandbytes' repacking does), so every holder of that object sees the change; whether it was
+    repacked. The 4-bit codes come back unchanged; the state is the one `_keep_state_before_repacking` kept, so the
+    layer is bit for bit what it was before the evaluation. Without one (repacked before APET was attached), the
+    absmax stays the repacking's bf16 values (`_unpacked_4bit`)."""
     state = getattr(getattr(module, "weight", None), "quant_state", None)
     if not getattr(state, "packing_format_for_cpu", False) or quantization_of(module) != BNB_4BIT:
         return False
     data, unpacked = _unpacked_4bit(module.weight.data, state)
+    kept = module.__dict__.pop("_apet_state_before_repacking", None)
     module.weight.data = data
-    state.__dict__.update(unpacked.__dict__)
+    state.__dict__.clear()
+    state.__dict__.update((kept or unpacked).__dict__)
+    state.packing_format_for_cpu = False  # as bitsandbytes' inverse leaves it (some of its code reads it directly)
     return True
+
+
+def _keep_state_before_repacking(module: nn.Module, args: tuple) -> None:
+    """Forward pre-hook: where bitsandbytes' `Linear4bit.forward` is about to repack the weight for its CPU kernel
+    (its own conditions), keep a shallow copy of the quantization state first: the repacking replaces the absmax (and
+    a double-quantized one's nested state) with bf16 values in another layout, in place, and only this copy lets
+    `_unpack_in_place` restore the original. A few small tensors per layer, held while the weight is repacked."""
+    state = getattr(module.weight, "quant_state", None)
+    x = args[0] if args else None
+    if (state is not None and not getattr(state, "packing_format_for_cpu", False) and not module.training
+            and getattr(module, "support_avx512bf16_for_cpu", False) and isinstance(x, torch.Tensor)
+            and x.device.type == "cpu" and not x.requires_grad):
+        module._apet_state_before_repacking = copy.copy(state)
 
 
 def _unpack_before_saving(module: nn.Module, prefix: str, keep_vars: bool) -> None:
@@ -173,14 +191,16 @@ def _unpack_before_saving(module: nn.Module, prefix: str, keep_vars: bool) -> No
 
 
 def guard_cpu_repacking(model: nn.Module) -> None:
-    """Give every bitsandbytes 4-bit layer of `model` (adapted or not) a state-dict pre-hook that unpacks a
-    repacked weight correctly before bitsandbytes' save does it wrongly (`_unpack_before_saving`); once per layer.
-    Not covered: bitsandbytes' `Params4bit.cuda()`, which also unpacks with that inverse: move a model to the GPU
-    before evaluating it on a CPU, or after `train()`."""
+    """Give every bitsandbytes 4-bit layer of `model` (adapted or not), once, a forward pre-hook that keeps its
+    quantization state before bitsandbytes repacks the weight (`_keep_state_before_repacking`), and a state-dict
+    pre-hook that unpacks a repacked weight correctly before bitsandbytes' save does it wrongly
+    (`_unpack_before_saving`). Not covered: bitsandbytes' `Params4bit.cuda()`, which also unpacks with that
+    inverse: move a model to the GPU before evaluating it on a CPU, or after `train()`."""
     for module in model.modules():
-        if quantization_of(module) == BNB_4BIT and not getattr(module, "_apet_unpacks_before_saving", False):
+        if quantization_of(module) == BNB_4BIT and not getattr(module, "_apet_guards_repacking", False):
+            module.register_forward_pre_hook(_keep_state_before_repacking)
             module.register_state_dict_pre_hook(_unpack_before_saving)
-            module._apet_unpacks_before_saving = True
+            module._apet_guards_repacking = True
 
 
 def unpack_cpu_repacked_4bit_(model: nn.Module) -> list[str]:
@@ -191,8 +211,8 @@ def unpack_cpu_repacked_4bit_(model: nn.Module) -> list[str]:
     input that needs no gradient; a later training forward then multiplies through bitsandbytes' inference op, which
     has no autograd: gradients no longer flow back through the layer (`tests/test_quantized.py`: after one
     evaluation no adapter tensor of a two-layer Llama got a gradient, with PEFT's own QLoRA as with APET).
-    Unpacked, the layer trains as before the evaluation, on the weight the kernel used (its absmax rounded to bf16
-    by the repacking), and repacks at the next evaluation."""
+    Unpacked, the layer is bit for bit what it was before the evaluation (`_unpack_in_place`) and trains as then;
+    it repacks at the next evaluation."""
     return [name for name, module in model.named_modules() if _unpack_in_place(module)]
 
 
