@@ -414,6 +414,29 @@ def test_a_checkpoint_after_an_evaluation_keeps_the_weights(llama_dir, quant, tm
         assert m.weight.quant_state is getattr(m, "quant_state", m.weight.quant_state), name
 
 
+@pytest.mark.parametrize("quant", ["nf4", "fp4-dq"])
+def test_evaluating_merged_and_unmerged_then_training_restores_every_weight(llama_dir, quant):
+    """Evaluate, merge, evaluate again, unmerge, train: each weight (the original and the merged one) is repacked by
+    its own evaluation, and each comes back with its own kept state; every stored weight ends as it began."""
+    inputs = batch(seed=6)
+    model = get_peft_model(load(llama_dir, quant), APETConfig.delta(
+        mask="discrete", num_trainable_params=600, target_modules=TARGETS, init_weights=False, task_type="CAUSAL_LM"))
+    layers = {n: m for n, m in quantized_layers(model).items() if isinstance(m, bnb.nn.Linear4bit)}
+    original = {n: dequantized_weight(m) for n, m in layers.items()}
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=inputs["input_ids"])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model.merge_adapter()
+        model(input_ids=inputs["input_ids"])
+    model.unmerge_adapter()
+    model.train()
+    for name, m in layers.items():
+        assert not m.weight.quant_state.packing_format_for_cpu, name
+        assert torch.equal(dequantized_weight(m), original[name]), name
+
+
 def test_peft_lora_loses_gradients_after_an_evaluation_on_a_repacking_cpu(llama_dir):
     """Why APET's `train()` unpacks: PEFT's own QLoRA, whose model does not, gets no gradient for any of its 8 LoRA
     tensors after one eval-mode forward where bitsandbytes repacks (as on this project's CPU and CI): every adapted

@@ -135,6 +135,11 @@ def dequantized_weight(module: nn.Module) -> torch.Tensor:
     return bnb.functional.int8_vectorwise_dequant(weight.data, scb.to(weight.device)).float()
 
 
+# Attribute of a 4-bit weight's quantization state holding its copy from before bitsandbytes repacked it: kept on the
+# state object, which belongs to one weight (a merge or unmerge swaps weights, and with them their states).
+_KEPT = "_apet_state_before_repacking"
+
+
 def _unpacked_4bit(data: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any]:
     """The standard 4-bit storage and a new quantization state for weight storage `data` that bitsandbytes repacked
     for its CPU AVX512-BF16 inference kernel (`state.packing_format_for_cpu`); `data` and `state` are not changed.
@@ -161,8 +166,8 @@ def _unpack_in_place(module: nn.Module) -> bool:
     state = getattr(getattr(module, "weight", None), "quant_state", None)
     if not getattr(state, "packing_format_for_cpu", False) or quantization_of(module) != BNB_4BIT:
         return False
+    kept = state.__dict__.pop(_KEPT, None)
     data, unpacked = _unpacked_4bit(module.weight.data, state)
-    kept = module.__dict__.pop("_apet_state_before_repacking", None)
     module.weight.data = data
     state.__dict__.clear()
     state.__dict__.update((kept or unpacked).__dict__)
@@ -180,7 +185,8 @@ def _keep_state_before_repacking(module: nn.Module, args: tuple) -> None:
     if (state is not None and not getattr(state, "packing_format_for_cpu", False) and not module.training
             and getattr(module, "support_avx512bf16_for_cpu", False) and isinstance(x, torch.Tensor)
             and x.device.type == "cpu" and not x.requires_grad):
-        module._apet_state_before_repacking = copy.copy(state)
+        state.__dict__.pop(_KEPT, None)
+        setattr(state, _KEPT, copy.copy(state))
 
 
 def _unpack_before_saving(module: nn.Module, prefix: str, keep_vars: bool) -> None:
