@@ -194,10 +194,10 @@ def run_method(method: str, k: int, task: Task, settings: Settings, log) -> dict
             # set_to_none=False keeps the gradients allocated: the state is read below
             losses.append(harness.train_step(model, optimizer, batch, task, set_to_none=False))
             times.append(time.perf_counter() - t)
+    saved = saved_for_backward_bytes(model, harness.collate(next(stream), task), task)
     # The forward and backward of one more batch under the torch profiler, after the RSS sampler (which would count
     # the profiler's own memory) and before evaluation (an eval-mode pass repacks bitsandbytes' CPU weights): its
     # tensor peak, allocator-independent. No optimizer step, so the evaluated model is the run's.
-    saved = saved_for_backward_bytes(model, harness.collate(next(stream), task), task)
     profiled = harness.collate(next(stream), task)
     with TensorPeak() as live:
         loss, _ = harness.loss_and_scores(vocab_logits(model, profiled, task, False), profiled["labels"], task)

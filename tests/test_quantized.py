@@ -4,7 +4,7 @@ Every part trains, reloads in a fresh process with identical logits, is switched
 `disable_adapter()`, and merges like PEFT's QLoRA: merged logits within the requantization error of PEFT LoRA's
 merge on the same base in the same test, unmerge restoring the quantized weights bit for bit. Logits are taken in
 train mode under `no_grad` (the tiny models have no dropout): in eval mode bitsandbytes repacks CPU 4-bit weights for
-its AVX512-BF16 kernel, which `test_merge_after_cpu_repacking` and the two training-after-evaluation tests cover.
+its AVX512-BF16 kernel, which `test_merge_after_cpu_repacking` and the tests after it cover.
 """
 
 from __future__ import annotations
@@ -124,6 +124,10 @@ def train(model: nn.Module, steps: int = 8, lr: float = 1e-2) -> tuple[float, fl
 
 def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))}
+
+
+def four_bit_layers(model: nn.Module) -> dict[str, nn.Module]:
+    return {n: m for n, m in quantized_layers(model).items() if isinstance(m, bnb.nn.Linear4bit)}
 
 
 def raw_weights(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -353,7 +357,7 @@ def test_training_after_an_evaluation_gets_every_gradient(llama_dir, quant):
 
     model.train()
     before = gradients()
-    layers = {n: m for n, m in quantized_layers(model).items() if isinstance(m, bnb.nn.Linear4bit)}
+    layers = four_bit_layers(model)
     assert len(layers) == 14  # 7 projections in each of 2 layers, 2 of them adapted per layer
     stored = {n: (m.weight.data.clone(), m.weight.quant_state.as_dict(packed=True)) for n, m in layers.items()}
     original = {n: dequantized_weight(m) for n, m in layers.items()}
@@ -400,7 +404,7 @@ def test_a_checkpoint_after_an_evaluation_keeps_the_weights(llama_dir, quant, tm
     model.eval()
     with torch.no_grad():
         model(input_ids=inputs["input_ids"])
-    layers = {n: m for n, m in quantized_layers(model).items() if isinstance(m, bnb.nn.Linear4bit)}
+    layers = four_bit_layers(model)
     if not any(m.weight.quant_state.packing_format_for_cpu for m in layers.values()):
         pytest.fail("this CPU has no AVX512-BF16 kernel: bitsandbytes did not repack (CI runs on one that does)")
     model.save_pretrained(tmp_path)
@@ -421,11 +425,13 @@ def test_evaluating_merged_and_unmerged_then_training_restores_every_weight(llam
     inputs = batch(seed=6)
     model = get_peft_model(load(llama_dir, quant), APETConfig.delta(
         mask="discrete", num_trainable_params=600, target_modules=TARGETS, init_weights=False, task_type="CAUSAL_LM"))
-    layers = {n: m for n, m in quantized_layers(model).items() if isinstance(m, bnb.nn.Linear4bit)}
+    layers = four_bit_layers(model)
     original = {n: dequantized_weight(m) for n, m in layers.items()}
     model.eval()
     with torch.no_grad():
         model(input_ids=inputs["input_ids"])
+        if not any(m.weight.quant_state.packing_format_for_cpu for m in layers.values()):
+            pytest.fail("this CPU has no AVX512-BF16 kernel: bitsandbytes did not repack (CI runs on one that does)")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model.merge_adapter()
